@@ -1,0 +1,44 @@
+"""asymlora: asymmetric LoRA (shared A, B bank, task and learned routing) for multimodal LLMs.
+
+Quick use::
+
+    import asymlora
+    config = asymlora.AsymLoraConfig(method="asymlora_moe", r=8, num_experts=4, tasks=["vqa", "ocr"])
+    model = asymlora.get_model(hf_model, config)          # injects layers, freezes the rest
+    out = model(**batch, task_ids=task_ids)               # loss = out.loss + w * model.aux_loss
+    model.save_pretrained("adapter/")                     # every trainable tensor, safetensors
+    model = asymlora.load(fresh_hf_model, "adapter/")     # exact restore
+"""
+
+__version__ = "0.1.0"
+
+from asymlora.config import AsymLoraConfig, LayerSpec  # noqa: E402
+from asymlora.errors import AsymLoraError, CheckpointError, ConfigError, DataError, MissingAssetError  # noqa: E402
+from asymlora.layer import AsymLoraLinear  # noqa: E402
+from asymlora.model import (  # noqa: E402
+    AsymLoraModel,
+    export_peft,
+    find_target_modules,
+    format_param_report,
+    get_model,
+    load,
+    param_report,
+)
+
+__all__ = [
+    "AsymLoraConfig",
+    "AsymLoraError",
+    "AsymLoraLinear",
+    "AsymLoraModel",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "LayerSpec",
+    "MissingAssetError",
+    "export_peft",
+    "find_target_modules",
+    "format_param_report",
+    "get_model",
+    "load",
+    "param_report",
+]

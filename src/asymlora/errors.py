@@ -1,0 +1,26 @@
+"""Exceptions raised for bad user input (configs, data, checkpoints).
+
+Every message names what is wrong (field, file, line) and, where one exists, the fix.
+"""
+
+from __future__ import annotations
+
+
+class AsymLoraError(Exception):
+    """Base class: a user-facing error with a message that says what to fix."""
+
+
+class ConfigError(AsymLoraError, ValueError):
+    """An invalid configuration value. The message names the field and the allowed values."""
+
+
+class CheckpointError(AsymLoraError, ValueError):
+    """An adapter directory that does not match the model it is loaded into."""
+
+
+class DataError(AsymLoraError, ValueError):
+    """A malformed data file. The message names the file and line."""
+
+
+class MissingAssetError(AsymLoraError, FileNotFoundError):
+    """An offline asset (package, model, dataset) is not installed. The message gives the command."""

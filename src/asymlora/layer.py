@@ -1,0 +1,230 @@
+"""The one adapter layer: wraps a frozen ``nn.Linear`` for all four methods.
+
+Semantics (x: one token, W: frozen base weight, s = alpha/r or alpha/sqrt(r) with use_rslora,
+A_bank: (n_A*r, d_in), B_bank: (E, d_out, r), g(x): the gate of :mod:`asymlora.routing`):
+
+- lora          (n_A = 1, E = 1):  y = W x + s * B_0 A x
+- asymlora      (n_A = 1, E):      y = W x + s * sum_e g_e(x) * B_e A x,  g = onehot(task)
+- asymlora_moe  (n_A = 1, E):      y = W x + s * sum_e g_e(x) * B_e A x,  g = dense / topk / hybrid router
+- lora_moe      (n_A = E, E):      y = W x + s * sum_e g_e(x) * B_e A_e x, A_e = rows [e*r, (e+1)*r) of A_bank
+
+Dropout (p = dropout) applies to the x fed to A, never to the base path or the router.
+
+Fused computation for T tokens (no Python loop over experts):
+    codes = dropout(X) A_bank^T                               (T, n_A*r)   one matmul
+    gated = g[:, :, None] * codes.view(T, n_A, r)             (T, E, r)    broadcast over E if n_A = 1
+    delta = gated.reshape(T, E*r) @ B_stacked^T * s           (T, d_out)   one matmul,
+with B_stacked = B_bank.permute(1, 0, 2).reshape(d_out, E*r).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asymlora.config import LayerSpec
+from asymlora.errors import AsymLoraError, ConfigError
+from asymlora.routing import Routing, dense_routing, hybrid_routing, task_gates, topk_routing
+
+if TYPE_CHECKING:
+    from asymlora.model import RoutingContext
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class AsymLoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus the asymmetric-LoRA update (see the module docstring)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        spec: LayerSpec,
+        name: str = "",
+        adapter_dtype: str = "float32",
+        router_init_std: float = 0.02,
+        task_bias_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise ConfigError(f"target_modules: {name!r} is a {type(base_layer).__name__}, not an nn.Linear")
+        self.base_layer = base_layer
+        self.spec = spec
+        self.name = name
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.scaling = spec.scaling
+        weight = base_layer.weight
+        dtype = weight.dtype if adapter_dtype == "auto" else _DTYPES[adapter_dtype]
+        factory = {"device": weight.device, "dtype": dtype}
+        r, experts = spec.r, spec.num_experts
+        self.A_bank = nn.Parameter(torch.empty(spec.num_A * r, self.in_features, **factory))
+        self.B_bank = nn.Parameter(torch.zeros(experts, self.out_features, r, **factory))
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.router: nn.Linear | None = None
+        self.task_bias: nn.Parameter | None = None
+        if spec.has_router:
+            self.router = nn.Linear(self.in_features, experts, device=weight.device, dtype=torch.float32)
+        if spec.has_task_bias:
+            self.task_bias = nn.Parameter(torch.zeros(spec.num_tasks, experts, device=weight.device))
+        self._router_init_std = router_init_std
+        self._task_bias_init = task_bias_init
+        self.reset_adapter_parameters()
+        # Set by asymlora.model.get_model: the per-forward task ids, token mask and loss collector.
+        self.routing_context: RoutingContext | None = None
+        self.merged_task: int | None = None
+        self._base_backup: torch.Tensor | None = None
+
+    def reset_adapter_parameters(self) -> None:
+        """A: kaiming-uniform (as nn.Linear / PEFT); B: zeros; router: N(0, std); task bias: prior."""
+        nn.init.kaiming_uniform_(self.A_bank, a=math.sqrt(5))
+        nn.init.zeros_(self.B_bank)
+        if self.router is not None:
+            nn.init.normal_(self.router.weight, std=self._router_init_std)
+            nn.init.zeros_(self.router.bias)
+        if self.task_bias is not None:
+            with torch.no_grad():
+                self.task_bias.zero_()
+                for task in range(self.spec.num_tasks):
+                    self.task_bias[task, task % self.spec.num_experts] = self._task_bias_init
+
+    @property
+    def weight(self) -> torch.Tensor:  # what code that inspects `module.weight` expects
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"method={s.method}, r={s.r}, E={s.num_experts}, routing={s.routing}, n_A={s.num_A}, "
+                f"scaling={self.scaling:g}, merged_task={self.merged_task}")
+
+    # ------------------------------------------------------------------------------------ routing
+    def _token_task_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-token task ids (T,) from the per-sample ids in the routing context."""
+        ctx = self.routing_context
+        ids = ctx.task_ids if ctx is not None else None
+        if ids is None:
+            if self.spec.needs_task_ids:
+                raise AsymLoraError(
+                    f"{self.name}: routing='task' needs task_ids (one per sample) in the forward call"
+                )
+            return None
+        batch = x.shape[0] if x.dim() >= 2 else 1
+        per_sample = math.prod(x.shape[1:-1]) if x.dim() >= 3 else 1
+        if batch != ids.shape[0]:
+            if ids.shape[0] and batch % ids.shape[0] == 0:  # e.g. beams expanded by generate()
+                ids = ids.repeat_interleave(batch // ids.shape[0])
+            else:
+                raise AsymLoraError(
+                    f"{self.name}: input has batch size {batch} but {ids.shape[0]} task ids were given; "
+                    "task-dependent routing is only defined for layers whose inputs are (batch, seq, features)"
+                )
+        return ids.to(x.device).unsqueeze(1).expand(batch, per_sample).reshape(-1)
+
+    def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        ctx = self.routing_context
+        mask = ctx.token_mask if ctx is not None else None
+        if mask is None or x.dim() != 3 or tuple(mask.shape) != tuple(x.shape[:2]):
+            return None
+        return mask.reshape(-1).to(x.device)
+
+    def route(self, x_flat: torch.Tensor, token_task_ids: torch.Tensor | None) -> Routing | None:
+        """Gates (T, E) for the flattened tokens; None when there is a single expert and no router."""
+        spec = self.spec
+        if self.router is None:
+            if spec.num_experts == 1:
+                return None
+            return Routing(gates=task_gates(token_task_ids, spec.num_experts, x_flat.dtype))
+        with torch.autocast(device_type=x_flat.device.type, enabled=False):
+            logits = self.router(x_flat.to(self.router.weight.dtype))
+        if spec.routing == "dense":
+            return dense_routing(logits)
+        if spec.routing == "topk":
+            return topk_routing(logits, spec.top_k)
+        return hybrid_routing(logits, self.task_bias, token_task_ids)
+
+    # ------------------------------------------------------------------------------------ forward
+    def adapter_delta(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+        """s * sum_e g_e B_e A_(e) dropout(x) for flattened tokens x (T, d_in); see "Semantics"."""
+        spec = self.spec
+        r, experts = spec.r, spec.num_experts
+        x = self.dropout(x).to(self.A_bank.dtype)
+        codes = F.linear(x, self.A_bank)  # (T, n_A * r): A.x computed once
+        if gates is None:  # a single expert: plain LoRA
+            return F.linear(codes, self.B_bank[0]) * self.scaling
+        tokens = codes.shape[0]
+        gated = gates.to(codes.dtype).unsqueeze(-1) * codes.view(tokens, spec.num_A, r)  # (T, E, r)
+        stacked_B = self.B_bank.permute(1, 0, 2).reshape(self.out_features, experts * r)
+        return F.linear(gated.reshape(tokens, experts * r), stacked_B) * self.scaling
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged_task is not None:
+            return result
+        ctx = self.routing_context
+        if ctx is not None and ctx.disabled:
+            return result
+        spec = self.spec
+        x_flat = x.reshape(-1, self.in_features)
+        needs_ids = spec.needs_task_ids or spec.has_task_bias
+        collecting = ctx is not None and ctx.collecting and self.router is not None
+        token_task_ids = self._token_task_ids(x) if needs_ids or (collecting and ctx.collect_stats) else None
+        routing = self.route(x_flat, token_task_ids)
+        if collecting:
+            self._record(routing, self._token_mask(x), token_task_ids)
+        delta = self.adapter_delta(x_flat, None if routing is None else routing.gates)
+        return result + delta.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
+
+    def _record(self, routing: Routing, token_mask: torch.Tensor | None, token_task_ids: torch.Tensor | None) -> None:
+        """Hand this forward's router tensors (with their graph) to the context for the balance loss."""
+        self.routing_context.records.append((self.name, (routing.probs, routing.dispatch, token_mask, token_task_ids)))
+
+    # ------------------------------------------------------------------------------------ merging
+    def delta_weight(self, task: int | None = None) -> torch.Tensor:
+        """s * B_t A_(t) as a (d_out, d_in) matrix, for a layer whose gate is fixed given the task."""
+        spec = self.spec
+        if spec.input_dependent:
+            raise NotImplementedError(
+                f"{self.name}: routing={spec.routing!r} mixes the B heads with gates that depend on each "
+                "token's hidden state (the router), so no single weight matrix reproduces it; merge/export "
+                "is defined for lora and for task routing"
+            )
+        expert = 0
+        if spec.num_experts > 1:
+            if task is None:
+                raise ConfigError(f"task: {self.name} has {spec.num_experts} task experts; name the task to merge")
+            if not 0 <= task < spec.num_experts:
+                raise ConfigError(f"task: id {task} out of range [0, {spec.num_experts}) for {self.name}")
+            expert = task
+        r = spec.r
+        A = self.A_bank[expert * r:(expert + 1) * r] if spec.num_A > 1 else self.A_bank
+        return (self.B_bank[expert].float() @ A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self, task: int | None = None) -> None:
+        """Fold s * B_t A into the base weight (keeping an exact copy of the base for unmerge)."""
+        if self.merged_task is not None:
+            raise AsymLoraError(f"{self.name}: already merged (task {self.merged_task}); unmerge first")
+        delta = self.delta_weight(task)
+        weight = self.base_layer.weight
+        merged = weight.float() + delta.to(weight.device)
+        if not torch.isfinite(merged).all():
+            raise AsymLoraError(f"{self.name}: merged weight has NaN/inf values; the base weight was left unchanged")
+        self._base_backup = weight.detach().to("cpu", copy=True)
+        weight.copy_(merged.to(weight.dtype))
+        self.merged_task = task if task is not None else 0
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact base weight saved by :meth:`merge`."""
+        if self.merged_task is None:
+            return
+        self.base_layer.weight.copy_(self._base_backup.to(self.base_layer.weight.device))
+        self._base_backup = None
+        self.merged_task = None

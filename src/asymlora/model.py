@@ -1,0 +1,488 @@
+"""Attach asymlora layers to a Hugging Face model; task ids, aux loss, save/load, merge, export.
+
+``get_model(model, config)`` replaces the target ``nn.Linear`` modules in place by
+:class:`~asymlora.layer.AsymLoraLinear`, freezes everything else, makes ``modules_to_save``
+trainable and returns an :class:`AsymLoraModel` whose ``forward`` takes ``task_ids`` (one id per
+sample; every token of a sample inherits it) and which exposes ``aux_loss`` after each forward.
+
+The balance loss is computed after the forward from the router tensors that the layers handed to
+the shared :class:`RoutingContext` during that forward. Those tensors carry their autograd graph,
+so ``aux_loss`` keeps its gradient under non-reentrant gradient checkpointing (recomputation
+happens in backward and re-runs exactly the same ops; nothing is collected then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from asymlora import __version__
+from asymlora.config import AsymLoraConfig, LayerSpec
+from asymlora.errors import AsymLoraError, CheckpointError, ConfigError
+from asymlora.families import Family, family_for, resolve_alias
+from asymlora.io import atomic_path, write_json_atomic
+from asymlora.layer import AsymLoraLinear
+from asymlora.routing import balance_loss, routing_entropy
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class RoutingContext:
+    """Per-forward state shared by all adapter layers of one model (never saved)."""
+
+    def __init__(self) -> None:
+        self.task_ids: torch.Tensor | None = None  # (B,) long; -1 = unknown task
+        self.token_mask: torch.Tensor | None = None  # (B, S) bool: tokens counted by the balance loss
+        self.collecting = False
+        self.collect_stats = False
+        self.disabled = False
+        self.records: list[tuple[str, Any]] = []  # (layer name, (probs, dispatch, mask, task ids))
+
+
+class AsymLoraModel(nn.Module):
+    """A Hugging Face model with asymlora layers. Attribute access falls through to the base model."""
+
+    def __init__(self, base_model: nn.Module, config: AsymLoraConfig, family: Family,
+                 layers: dict[str, AsymLoraLinear], saved_modules: list[str], context: RoutingContext) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.asymlora_config = config
+        self.family = family
+        self.routing_context = context
+        # Plain dict (not a ModuleDict) so each parameter is registered exactly once, under base_model.
+        self.__dict__["adapter_layers"] = layers
+        self.saved_modules = saved_modules
+        self.aux_loss: torch.Tensor = torch.zeros(())
+        self.routing_stats: dict[str, dict[str, Any]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------------------------ tasks
+    @property
+    def tasks(self) -> list[str]:
+        return self.asymlora_config.tasks
+
+    def task_ids_for(self, tasks: Sequence[str | int], device: torch.device | str | None = None) -> torch.Tensor:
+        """LongTensor of task ids for task names (or ids); -1 stands for an unknown task."""
+        ids = [t if isinstance(t, int) and t == -1 else self.asymlora_config.task_id(t) for t in tasks]
+        return torch.tensor(ids, dtype=torch.long, device=device)
+
+    def _check_task_ids(self, task_ids: Any) -> torch.Tensor | None:
+        if task_ids is None:
+            return None
+        if not isinstance(task_ids, torch.Tensor):
+            task_ids = self.task_ids_for(list(task_ids))
+        if task_ids.dim() != 1 or task_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+            raise ConfigError(f"task_ids: expected a 1-D integer tensor (one id per sample), got {tuple(task_ids.shape)} "
+                              f"{task_ids.dtype}")
+        if task_ids.numel():
+            low, high = int(task_ids.min()), int(task_ids.max())
+            n = len(self.tasks)
+            if n == 0:  # no task-dependent layer exists (task/hybrid routing require tasks): ids unused
+                return None
+            if high >= max(n, 1) or low < -1:
+                raise ConfigError(f"task_ids: id {high if high >= n else low} is out of range for tasks {self.tasks!r} "
+                                  f"(valid: -1 .. {n - 1})")
+            if low == -1 and any(layer.spec.needs_task_ids for layer in self.adapter_layers.values()):
+                raise ConfigError("task_ids: -1 (unknown task) is not allowed with routing='task'; "
+                                  "use hybrid routing to fall back to the router for unknown tasks")
+        return task_ids.long()
+
+    def _token_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        attention_mask = kwargs.get("attention_mask")
+        labels = kwargs.get("labels")
+        mask = attention_mask.bool() if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        if isinstance(labels, torch.Tensor) and input_ids is not None and labels.shape == input_ids.shape:
+            counted = labels != -100
+            image_token = _image_token_id(self.base_model)
+            if image_token is not None:
+                counted = counted | (input_ids == image_token)
+            mask = counted if mask is None else mask & counted
+        return mask
+
+    @contextlib.contextmanager
+    def _routing_scope(self, task_ids: Any, token_mask: torch.Tensor | None, collect: bool) -> Iterator[None]:
+        ctx = self.routing_context
+        ctx.task_ids = self._check_task_ids(task_ids)
+        ctx.token_mask = token_mask
+        ctx.records = []
+        ctx.collecting = collect
+        try:
+            yield
+        finally:
+            # task_ids and token_mask stay set: non-reentrant checkpointing re-runs layers in backward.
+            ctx.collecting = False
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+        """The base model's forward with ``task_ids`` (LongTensor (B,)); sets ``self.aux_loss``."""
+        ctx = self.routing_context
+        with self._routing_scope(task_ids, self._token_mask(args, kwargs), collect=self.training or ctx.collect_stats):
+            outputs = self.base_model(*args, **kwargs)
+        self.aux_loss = self._balance_loss(outputs)
+        return outputs
+
+    def generate(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+        """``base_model.generate`` with every step routed by ``task_ids``."""
+        with self._routing_scope(task_ids, None, collect=False):
+            return self.base_model.generate(*args, **kwargs)
+
+    def _balance_loss(self, outputs: Any) -> torch.Tensor:
+        ctx = self.routing_context
+        device = outputs.logits.device if hasattr(outputs, "logits") else torch.device("cpu")
+        total = torch.zeros((), device=device)
+        for _, (probs, dispatch, mask, _) in ctx.records:
+            total = total + balance_loss(probs, dispatch, mask).to(device)
+        if ctx.collect_stats:
+            self.routing_stats = _routing_stats(ctx.records, self.asymlora_config)
+        ctx.records = []
+        return total
+
+    @contextlib.contextmanager
+    def collect_routing_stats(self) -> Iterator[dict[str, dict[str, Any]]]:
+        """Within this block every forward also fills ``self.routing_stats`` (expert load, entropy)."""
+        self.routing_context.collect_stats = True
+        try:
+            yield self.routing_stats
+        finally:
+            self.routing_context.collect_stats = False
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the frozen base model alone (adapters, not modules_to_save, are bypassed)."""
+        self.routing_context.disabled = True
+        try:
+            yield
+        finally:
+            self.routing_context.disabled = False
+
+    # ------------------------------------------------------------------------------------ parameters
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor this adapter trains: A and B banks, routers, task biases, modules_to_save, and
+        anything else left with ``requires_grad``; keys are the base model's parameter names."""
+        names = {}
+        for name, param in self.base_model.named_parameters():
+            owner = name.rsplit(".", 1)[0]
+            is_adapter = owner in self.adapter_layers or owner.rsplit(".", 1)[0] in self.adapter_layers
+            in_saved = any(name.startswith(prefix + ".") for prefix in self.saved_modules)
+            if (is_adapter and "base_layer" not in name) or in_saved or param.requires_grad:
+                names[name] = param
+        return names
+
+    def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically, file by file)."""
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.trainable_state_dict().items()}
+        with atomic_path(out / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "asymlora_version": __version__})
+        write_json_atomic(out / CONFIG_NAME, self.adapter_manifest())
+
+    def adapter_manifest(self) -> dict[str, Any]:
+        base_config = getattr(self.base_model, "config", None)
+        return {
+            "asymlora_version": __version__,
+            "config": self.asymlora_config.to_dict(),
+            "base_model": {
+                "class": type(self.base_model).__name__,
+                "model_type": getattr(base_config, "model_type", None),
+                "name_or_path": getattr(base_config, "_name_or_path", None) or None,
+                "family": self.family.name,
+            },
+            "saved_modules": self.saved_modules,
+            "layers": {
+                name: {"in_features": layer.in_features, "out_features": layer.out_features, **asdict(layer.spec)}
+                for name, layer in self.adapter_layers.items()
+            },
+        }
+
+    # ------------------------------------------------------------------------------------ merging
+    def merge(self, task: str | int | None = None) -> None:
+        """Fold W + s B_t A into every base weight. Raises NotImplementedError for router-gated layers."""
+        task_id = None if task is None else self.asymlora_config.task_id(task)
+        layers = list(self.adapter_layers.values())
+        for layer in layers:  # check all first: never leave the model half merged
+            layer.delta_weight(task_id)
+        merged: list[AsymLoraLinear] = []
+        try:
+            for layer in layers:
+                layer.merge(task_id)
+                merged.append(layer)
+        except Exception:
+            for layer in merged:
+                layer.unmerge()
+            raise
+
+    def unmerge(self) -> None:
+        """Restore the exact base weights."""
+        for layer in self.adapter_layers.values():
+            layer.unmerge()
+
+    def export_peft(self, save_directory: str | Path, task: str | int | None = None) -> None:
+        """Write a standard PEFT LoRA adapter reproducing this adapter for one task (A copied, B_t)."""
+        export_peft(self, save_directory, task)
+
+    def param_report(self) -> dict[str, Any]:
+        return param_report(self)
+
+
+def _image_token_id(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _routing_stats(records: list, config: AsymLoraConfig) -> dict[str, dict[str, Any]]:
+    """Detached per-layer statistics: expert load, mean router entropy, per-task expert load."""
+    stats: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        for name, (probs, dispatch, mask, token_tasks) in records:
+            if mask is not None:
+                probs, dispatch = probs[mask], dispatch[mask]
+                token_tasks = token_tasks[mask] if token_tasks is not None else None
+            entry: dict[str, Any] = {
+                "load": dispatch.sum(0).float().cpu(),
+                "entropy": float(routing_entropy(probs, None)) if probs.shape[0] else 0.0,
+                "tokens": int(probs.shape[0]),
+            }
+            if token_tasks is not None and config.tasks:
+                known = token_tasks >= 0
+                task_load = torch.zeros(len(config.tasks), probs.shape[-1], device=dispatch.device)
+                task_load.index_add_(0, token_tasks[known], dispatch[known].float())
+                entry["task_load"] = task_load.cpu()
+            stats[name] = entry
+    return stats
+
+
+# ---------------------------------------------------------------------------------------- injection
+def _is_lm_head(name: str) -> bool:
+    return name == "lm_head" or name.endswith(".lm_head")
+
+
+def find_target_modules(model: nn.Module, config: AsymLoraConfig, family: Family | None = None) -> list[str]:
+    """Names of the nn.Linear modules that ``config.target_modules`` selects (error if a name matches none)."""
+    family = family or family_for(model)
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear or (isinstance(m, nn.Linear)
+               and not isinstance(m, AsymLoraLinear))]
+    saved = [resolve_alias(family, s) for s in config.modules_to_save]
+    linears = [n for n in linears if not any(n == s or n.startswith(s + ".") for s in saved)]
+    in_parts = [n for n in linears if family.part_of(n) in config.target_parts and not _is_lm_head(n)]
+    targets = config.target_modules
+    if targets == "all-linear":
+        found = in_parts
+    elif isinstance(targets, str):
+        found = [n for n in linears if re.fullmatch(targets, n)]
+        if not found:
+            raise ConfigError(f"target_modules: regex {targets!r} matches no nn.Linear module "
+                              f"(e.g. {', '.join(linears[:3])})")
+    else:
+        found = []
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in in_parts})
+        for target in targets:
+            hits = [n for n in in_parts if n == target or n.endswith("." + target)]
+            if not hits:
+                raise ConfigError(
+                    f"target_modules: {target!r} matches no nn.Linear in {config.target_parts} of this "
+                    f"{family.name} model; available names: {kinds}"
+                )
+            found.extend(h for h in hits if h not in found)
+        found.sort(key=in_parts.index)
+    if not found:
+        raise ConfigError(f"target_modules: no nn.Linear found in target_parts {config.target_parts}")
+    return found
+
+
+def get_model(model: nn.Module, config: AsymLoraConfig) -> AsymLoraModel:
+    """Inject asymlora layers into ``model`` in place, freeze the rest; returns the wrapper."""
+    if isinstance(model, AsymLoraModel):
+        raise AsymLoraError("get_model: the model already has asymlora layers")
+    family = family_for(model)
+    targets = find_target_modules(model, config, family)
+    saved_modules = [resolve_alias(family, s) for s in config.modules_to_save]
+    modules = dict(model.named_modules())
+    for name in saved_modules:
+        if name not in modules:
+            raise ConfigError(f"modules_to_save: {name!r} is not a module of this {family.name} model")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    context = RoutingContext()
+    layers: dict[str, AsymLoraLinear] = {}
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        layer = AsymLoraLinear(
+            getattr(parent, child), config.spec_for(name), name=name, adapter_dtype=config.adapter_dtype,
+            router_init_std=config.router_init_std, task_bias_init=config.task_bias_init,
+        )
+        layer.routing_context = context
+        setattr(parent, child, layer)
+        layers[name] = layer
+    for layer in layers.values():
+        for pname, param in layer.named_parameters():
+            param.requires_grad_(not pname.startswith("base_layer."))
+    for name in saved_modules:
+        for param in modules[name].parameters():
+            param.requires_grad_(True)
+    return AsymLoraModel(model, config, family, layers, saved_modules, context)
+
+
+def _layer_manifest(wrapped: AsymLoraModel) -> dict[str, dict[str, Any]]:
+    return wrapped.adapter_manifest()["layers"]
+
+
+def load(model: nn.Module, adapter_dir: str | Path, is_trainable: bool = True) -> AsymLoraModel:
+    """Attach the adapter saved in ``adapter_dir`` to ``model`` and restore every tensor exactly.
+
+    Refuses (CheckpointError) a directory whose target modules or tensor shapes differ from the model's.
+    """
+    adapter_dir = Path(adapter_dir)
+    config_path, weights_path = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing; an asymlora adapter dir holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    manifest = json.loads(config_path.read_text(encoding="utf-8"))
+    config = AsymLoraConfig.from_file(config_path)
+    if isinstance(model, AsymLoraModel):
+        wrapped = model
+    else:
+        try:
+            wrapped = get_model(model, config)
+        except ConfigError as err:
+            raise CheckpointError(f"{config_path}: this adapter does not fit the model: {err}") from None
+    saved_layers = manifest.get("layers", {})
+    current = _layer_manifest(wrapped)
+    missing, extra = sorted(set(saved_layers) - set(current)), sorted(set(current) - set(saved_layers))
+    if missing or extra:
+        raise CheckpointError(
+            f"{config_path}: target modules differ from the model's: in the adapter only: {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}; in the model only: {extra[:5]}{' ...' if len(extra) > 5 else ''}"
+        )
+    for name, saved in saved_layers.items():
+        if saved != current[name]:
+            diff = {k: (saved.get(k), current[name].get(k)) for k in set(saved) | set(current[name])
+                    if saved.get(k) != current[name].get(k)}
+            raise CheckpointError(f"{config_path}: layer {name} differs (adapter, model): {diff}")
+    tensors = load_file(str(weights_path))
+    params = wrapped.trainable_state_dict()
+    missing_t, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing_t or unexpected:
+        raise CheckpointError(f"{weights_path}: tensors missing from the file: {missing_t[:5]}; "
+                              f"not in the model: {unexpected[:5]}")
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(params[key].shape):
+            raise CheckpointError(f"{weights_path}: {key} has shape {tuple(value.shape)}, "
+                                  f"the model expects {tuple(params[key].shape)}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            params[key].copy_(value.to(params[key].dtype))
+    if not is_trainable:
+        for param in wrapped.parameters():
+            param.requires_grad_(False)
+    return wrapped
+
+
+# ---------------------------------------------------------------------------------------- export
+def export_peft(model: AsymLoraModel, save_directory: str | Path, task: str | int | None = None) -> None:
+    """Write a PEFT LoRA adapter (A copied, B_t) for one task; loadable by ``PeftModel.from_pretrained``."""
+    from peft import LoraConfig
+
+    task_id = None if task is None else model.asymlora_config.task_id(task)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks, alphas = {}, {}
+    specs: list[LayerSpec] = []
+    for name, layer in model.adapter_layers.items():
+        layer.delta_weight(task_id)  # raises NotImplementedError / ConfigError where no export exists
+        spec = layer.spec
+        expert = task_id if spec.num_experts > 1 else 0
+        A = layer.A_bank[expert * spec.r:(expert + 1) * spec.r] if spec.num_A > 1 else layer.A_bank
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.B_bank[expert].detach().cpu().contiguous()
+        ranks[name], alphas[name] = spec.r, spec.alpha
+        specs.append(spec)
+    for name in model.saved_modules:
+        for pname, param in model.base_model.get_submodule(name).named_parameters():
+            tensors[f"base_model.model.{name}.{pname}"] = param.detach().cpu().contiguous()
+    first = specs[0]
+    if len({s.use_rslora for s in specs}) > 1:
+        raise NotImplementedError("export_peft: PEFT has one use_rslora flag per adapter; layers differ")
+    base_config = getattr(model.base_model, "config", None)
+    peft_config = LoraConfig(
+        r=first.r, lora_alpha=first.alpha, use_rslora=first.use_rslora, lora_dropout=first.dropout,
+        target_modules=list(model.adapter_layers),
+        rank_pattern={f"^{re.escape(n)}$": r for n, r in ranks.items() if r != first.r},
+        alpha_pattern={f"^{re.escape(n)}$": a for n, a in alphas.items() if a != first.alpha},
+        modules_to_save=list(model.saved_modules) or None,
+        base_model_name_or_path=getattr(base_config, "_name_or_path", None) or None,
+    )
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    peft_json = peft_config.to_dict()
+    peft_json = {k: (sorted(v) if isinstance(v, set) else v) for k, v in peft_json.items()}
+    peft_json["peft_type"] = "LORA"
+    write_json_atomic(out / "adapter_config.json", peft_json)
+
+
+# ---------------------------------------------------------------------------------------- report
+def param_report(model: AsymLoraModel) -> dict[str, Any]:
+    """Trainable parameters by role (A, B, router, task bias, modules_to_save) and by module kind."""
+    by_role: dict[str, int] = defaultdict(int)
+    by_kind: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    by_method: dict[str, int] = defaultdict(int)
+    for name, layer in model.adapter_layers.items():
+        kind = name.rsplit(".", 1)[-1]
+        part = model.family.part_of(name) or "other"
+        for pname, param in layer.named_parameters():
+            if pname.startswith("base_layer."):
+                continue
+            role = pname.split(".")[0]
+            by_role[role] += param.numel()
+            by_kind[f"{part}.{kind}"][role] += param.numel()
+            by_method[layer.spec.method] += param.numel()
+    saved = sum(p.numel() for n in model.saved_modules for p in model.base_model.get_submodule(n).parameters())
+    if saved:
+        by_role["modules_to_save"] = saved
+    trainable = sum(v.numel() for v in model.trainable_state_dict().values())
+    total = sum(p.numel() for p in model.base_model.parameters())
+    return {
+        "trainable": trainable,
+        "total": total,
+        "trainable_percent": 100.0 * trainable / max(total, 1),
+        "by_role": dict(by_role),
+        "by_method": dict(by_method),
+        "by_module_kind": {k: dict(v) for k, v in by_kind.items()},
+        "layers": len(model.adapter_layers),
+    }
+
+
+def format_param_report(report: dict[str, Any]) -> str:
+    """A plain-text table of :func:`param_report`."""
+    lines = [f"trainable {report['trainable']:,} of {report['total']:,} ({report['trainable_percent']:.3f}%) "
+             f"in {report['layers']} adapted layers"]
+    lines += [f"  {role:16s} {n:>12,}" for role, n in report["by_role"].items()]
+    lines.append("by method:")
+    lines += [f"  {m:16s} {n:>12,}" for m, n in report["by_method"].items()]
+    lines.append("by module kind:")
+    for kind, roles in report["by_module_kind"].items():
+        lines.append(f"  {kind:32s} " + "  ".join(f"{r}={n:,}" for r, n in roles.items()))
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""Gates g(x) over the E experts, and the load-balancing loss.
+
+All functions work on flattened tokens: ``logits`` and the returned gates are ``(T, E)``.
+Routers run in float32 (``logits`` are float32), whatever the model's dtype.
+
+Semantics (p = softmax(logits), T tokens, E experts):
+- task:   g_t = onehot(task_t)
+- dense:  g_t = p_t
+- topk:   g_t,e = p_t,e / sum_{j in topk(p_t)} p_t,j  for e in topk(p_t), else 0   (gate values kept in
+          the product, so the router receives the LM loss gradient through them)
+- hybrid: g_t = softmax(logits_t + bias[task_t]); tokens whose task id is -1 use softmax(logits_t)
+- balance loss (Switch Transformer): E * sum_e f_e * P_e, f_e = share of routing slots sent to
+  expert e (argmax for dense/hybrid, the k chosen for topk, each counting 1/k), P_e = mean p_t,e,
+  both over the tokens of ``token_mask`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Routing:
+    """Result of routing the tokens of one layer."""
+
+    gates: torch.Tensor  # (T, E), what multiplies each expert's output
+    probs: torch.Tensor | None = None  # (T, E) router softmax (None for task routing)
+    dispatch: torch.Tensor | None = None  # (T, E) share of each token's slots per expert (no grad)
+
+
+def task_gates(token_task_ids: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot gates from per-token task ids (all ids must be in [0, E))."""
+    if num_experts == 1:
+        return torch.ones(token_task_ids.shape[0], 1, dtype=dtype, device=token_task_ids.device)
+    return F.one_hot(token_task_ids, num_experts).to(dtype)
+
+
+def dense_routing(logits: torch.Tensor) -> Routing:
+    probs = logits.softmax(dim=-1)
+    dispatch = F.one_hot(probs.detach().argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
+    return Routing(gates=probs, probs=probs, dispatch=dispatch)
+
+
+def topk_routing(logits: torch.Tensor, top_k: int) -> Routing:
+    probs = logits.softmax(dim=-1)
+    values, indices = probs.topk(top_k, dim=-1)
+    values = values / values.sum(dim=-1, keepdim=True)
+    gates = torch.zeros_like(probs).scatter(-1, indices, values)
+    dispatch = torch.zeros_like(probs).scatter(-1, indices, 1.0 / top_k).detach()
+    return Routing(gates=gates, probs=probs, dispatch=dispatch)
+
+
+def hybrid_routing(logits: torch.Tensor, task_bias: torch.Tensor, token_task_ids: torch.Tensor | None) -> Routing:
+    """Router logits plus the learned bias of the token's task; task id -1 (or none) = router only."""
+    if token_task_ids is not None:
+        known = token_task_ids >= 0
+        bias = task_bias[token_task_ids.clamp(min=0)] * known.unsqueeze(-1).to(task_bias.dtype)
+        logits = logits + bias
+    return dense_routing(logits)
+
+
+def balance_loss(probs: torch.Tensor, dispatch: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Switch-style load-balancing loss E * sum_e f_e * P_e over the tokens of ``token_mask``."""
+    num_experts = probs.shape[-1]
+    if token_mask is not None:
+        weights = token_mask.to(probs.dtype).unsqueeze(-1)
+        count = weights.sum().clamp(min=1.0)
+        f = (dispatch * weights).sum(0) / count
+        p = (probs * weights).sum(0) / count
+    else:
+        f = dispatch.mean(0)
+        p = probs.mean(0)
+    return num_experts * (f * p).sum()
+
+
+def routing_entropy(probs: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean entropy (nats) of the router distribution over the masked tokens."""
+    ent = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
+    if token_mask is None:
+        return ent.mean()
+    weights = token_mask.to(ent.dtype)
+    return (ent * weights).sum() / weights.sum().clamp(min=1.0)

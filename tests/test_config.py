@@ -1,0 +1,78 @@
+import pytest
+
+from asymlora import AsymLoraConfig, ConfigError
+
+TASKS = ["vqa", "ocr", "caption"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(r=0), "r:"),
+        (dict(r=-4), "r:"),
+        (dict(method="lorra"), "method:"),
+        (dict(method="asymlora_moe", routing="softmax"), "routing:"),
+        (dict(method="asymlora_moe", num_experts=0), "num_experts:"),
+        (dict(method="lora_moe", routing="topk", num_experts=2, top_k=3), "top_k:"),
+        (dict(method="asymlora", routing="task"), "tasks:"),
+        (dict(method="asymlora", tasks=TASKS, num_experts=2), "num_experts:"),
+        (dict(method="asymlora", tasks=TASKS, routing="dense"), "routing:"),
+        (dict(method="lora", num_experts=3), "num_experts:"),
+        (dict(alpha=0), "alpha:"),
+        (dict(dropout=1.0), "dropout:"),
+        (dict(target_parts=["decoder"]), "target_parts:"),
+        (dict(tasks=["a", "a"]), "tasks:"),
+        (dict(overrides={"mlp": {"rank": 4}}), "overrides"),
+        (dict(overrides={"mlp": {"method": "nope"}}), "method:"),
+    ],
+)
+def test_bad_config_raises_one_clear_error(kwargs, field):
+    with pytest.raises(ConfigError) as info:
+        AsymLoraConfig(**kwargs)
+    assert field in str(info.value)
+
+
+def test_error_lists_allowed_values_and_suggests():
+    with pytest.raises(ConfigError, match=r"did you mean 'lora_moe'"):
+        AsymLoraConfig(method="lora_mo")
+    with pytest.raises(ConfigError, match=r"is not one of \('task', 'dense', 'topk', 'hybrid'\)"):
+        AsymLoraConfig(routing="soft")
+
+
+def test_defaults_per_method():
+    assert AsymLoraConfig(method="lora").layer_spec().num_experts == 1
+    spec = AsymLoraConfig(method="asymlora", tasks=TASKS).layer_spec()
+    assert (spec.routing, spec.num_experts, spec.num_A) == ("task", 3, 1)
+    spec = AsymLoraConfig(method="lora_moe", num_experts=3).layer_spec()
+    assert (spec.routing, spec.num_A, spec.has_router) == ("dense", 3, True)
+    assert AsymLoraConfig(r=16, alpha=32).layer_spec().scaling == 2.0
+    assert AsymLoraConfig(r=16, alpha=32, use_rslora=True).layer_spec().scaling == 8.0
+
+
+def test_unknown_task_name_and_id():
+    config = AsymLoraConfig(method="asymlora", tasks=TASKS)
+    assert config.task_id("ocr") == 1
+    with pytest.raises(ConfigError, match="'ocrr' is not in tasks"):
+        config.task_id("ocrr")
+    with pytest.raises(ConfigError, match="out of range"):
+        config.task_id(7)
+
+
+def test_overrides_resolve_per_module():
+    config = AsymLoraConfig(method="asymlora_moe", num_experts=3, r=32, alpha=64,
+                            overrides={r"self_attn\.": {"method": "lora", "num_experts": None}})
+    assert config.spec_for("model.layers.0.self_attn.q_proj").method == "lora"
+    assert config.spec_for("model.layers.0.mlp.up_proj").num_experts == 3
+
+
+def test_from_yaml_and_unknown_key(tmp_path):
+    path = tmp_path / "adapter.yaml"
+    path.write_text("adapter:\n  method: asymlora\n  tasks: [a, b]\n  r: 4\n")
+    config = AsymLoraConfig.from_file(path)
+    assert config.layer_spec().num_experts == 2
+    path.write_text("method: asymlora\ntasks: [a, b]\nrank: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown field 'rank'.*"):
+        AsymLoraConfig.from_file(path)
+    path.write_text("method: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        AsymLoraConfig.from_file(path)

@@ -1,0 +1,138 @@
+"""The fused layer against a plain per-expert loop that implements the "Semantics" block literally."""
+
+import pytest
+import torch
+from torch import nn
+
+from asymlora import AsymLoraConfig, AsymLoraLinear
+from asymlora.model import RoutingContext
+
+TASKS = ["a", "b", "c"]
+CASES = [
+    dict(method="lora"),
+    dict(method="asymlora", tasks=TASKS),
+    dict(method="asymlora_moe", num_experts=4, routing="dense", tasks=TASKS),
+    dict(method="asymlora_moe", num_experts=4, routing="topk", top_k=2, tasks=TASKS),
+    dict(method="asymlora_moe", num_experts=4, routing="hybrid", tasks=TASKS),
+    dict(method="lora_moe", num_experts=3, routing="dense", tasks=TASKS),
+    dict(method="lora_moe", num_experts=3, routing="topk", top_k=1, tasks=TASKS),
+    dict(method="lora_moe", num_experts=3, routing="hybrid", tasks=TASKS),
+    dict(method="lora_moe", routing="task", tasks=TASKS),
+]
+
+
+def make_layer(dtype=torch.float64, d_in=12, d_out=10, **kwargs):
+    torch.manual_seed(0)
+    config = AsymLoraConfig(r=3, alpha=5.0, **kwargs)
+    layer = AsymLoraLinear(nn.Linear(d_in, d_out), config.layer_spec(), name="layer", task_bias_init=0.7)
+    layer = layer.to(dtype)
+    with torch.no_grad():  # B is zero-initialised: make every term visible
+        layer.B_bank.normal_()
+        if layer.task_bias is not None:
+            layer.task_bias.normal_()
+        if layer.router is not None:
+            layer.router.weight.normal_()
+    ctx = RoutingContext()
+    layer.routing_context = ctx
+    return layer, ctx
+
+
+def loop_reference(layer, x, task_ids):
+    """y = W x + s * sum_e g_e(x) B_e A_(e) x, one expert and one token at a time."""
+    spec = layer.spec
+    r = spec.r
+    out = torch.empty(x.shape[0], x.shape[1], layer.out_features, dtype=x.dtype)
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            xt = x[b, t]
+            task = int(task_ids[b]) if task_ids is not None else -1
+            if spec.has_router:
+                logits = layer.router.weight @ xt + layer.router.bias
+                if spec.routing == "hybrid" and task >= 0:
+                    logits = logits + layer.task_bias[task]
+                p = torch.softmax(logits, -1)
+                if spec.routing == "topk":
+                    keep = torch.topk(p, spec.top_k).indices
+                    g = torch.zeros_like(p)
+                    g[keep] = p[keep] / p[keep].sum()
+                else:
+                    g = p
+            elif spec.num_experts == 1:
+                g = torch.ones(1, dtype=x.dtype)
+            else:
+                g = torch.zeros(spec.num_experts, dtype=x.dtype)
+                g[task] = 1.0
+            y = layer.base_layer.weight @ xt + layer.base_layer.bias
+            for e in range(spec.num_experts):
+                A = layer.A_bank[e * r:(e + 1) * r] if spec.num_A > 1 else layer.A_bank
+                y = y + layer.scaling * g[e] * (layer.B_bank[e] @ (A @ xt))
+            out[b, t] = y
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+def test_fused_matches_loop_float64(case):
+    layer, ctx = make_layer(**case)
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    ctx.task_ids = torch.tensor([2, 0, 1])
+    if case.get("routing") == "hybrid":
+        ctx.task_ids = torch.tensor([2, -1, 1])  # -1: the router alone
+    fused = layer(x)
+    expected = loop_reference(layer, x, ctx.task_ids)
+    torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+def test_zero_initialised_B_is_identity(case):
+    config = AsymLoraConfig(r=4, **case)
+    base = nn.Linear(8, 6)
+    layer = AsymLoraLinear(base, config.layer_spec(), name="l")
+    layer.routing_context = RoutingContext()
+    layer.routing_context.task_ids = torch.tensor([0, 1])
+    x = torch.randn(2, 3, 8)
+    assert torch.equal(layer(x), base(x))
+
+
+def test_topk_router_gets_gradient_from_output():
+    layer, ctx = make_layer(dtype=torch.float32, method="asymlora_moe", num_experts=4, routing="topk", top_k=2)
+    x = torch.randn(2, 7, 12)
+    layer(x).pow(2).sum().backward()
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+def test_router_stays_float32_and_adapter_dtype_follows_config():
+    config = AsymLoraConfig(method="asymlora_moe", num_experts=2, r=2)
+    base = nn.Linear(8, 6).to(torch.bfloat16)
+    layer = AsymLoraLinear(base, config.layer_spec(), name="l", adapter_dtype="float32")
+    layer.routing_context = RoutingContext()
+    assert layer.router.weight.dtype == torch.float32 and layer.A_bank.dtype == torch.float32
+    out = layer(torch.randn(2, 3, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    auto = AsymLoraLinear(base, config.layer_spec(), name="l", adapter_dtype="auto")
+    assert auto.A_bank.dtype == torch.bfloat16
+
+
+def test_merge_unmerge_exact_and_refuses_router():
+    layer, ctx = make_layer(dtype=torch.float32, method="asymlora", tasks=TASKS)
+    before = layer.base_layer.weight.detach().clone()
+    x = torch.randn(1, 4, 12)
+    ctx.task_ids = torch.tensor([1])
+    expected = layer(x)
+    layer.merge(task=1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, before)
+    moe, _ = make_layer(dtype=torch.float32, method="asymlora_moe", num_experts=2)
+    with pytest.raises(NotImplementedError, match="depend on each token"):
+        moe.merge(task=0)
+
+
+def test_merge_refuses_non_finite():
+    layer, _ = make_layer(dtype=torch.float32, method="lora")
+    with torch.no_grad():
+        layer.B_bank[0, 0, 0] = float("inf")
+    before = layer.base_layer.weight.detach().clone()
+    with pytest.raises(Exception, match="NaN/inf"):
+        layer.merge()
+    assert torch.equal(layer.base_layer.weight, before) and layer.merged_task is None

@@ -1,0 +1,281 @@
+"""get_model on tiny random models of the real transformers VLM classes."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import FAMILY_FACTORIES, image_batch, tiny_llama_lm, tiny_llava
+
+import asymlora
+from asymlora import AsymLoraConfig, CheckpointError, ConfigError
+from asymlora.families import family_for
+
+TASKS = ["vqa", "ocr", "caption"]
+ALL_CASES = [
+    dict(method="lora"),
+    dict(method="asymlora", tasks=TASKS),
+    dict(method="asymlora_moe", num_experts=3, routing="dense", tasks=TASKS),
+    dict(method="asymlora_moe", num_experts=3, routing="topk", top_k=2, tasks=TASKS),
+    dict(method="asymlora_moe", num_experts=3, routing="hybrid", tasks=TASKS),
+    dict(method="lora_moe", num_experts=2, routing="dense", tasks=TASKS),
+]
+
+
+def randomize_adapter(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.adapter_layers.values():
+            layer.B_bank.copy_(torch.randn(layer.B_bank.shape, generator=g) * 0.3)
+            if layer.router is not None:
+                layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=g))
+
+
+@pytest.mark.parametrize("family", list(FAMILY_FACTORIES))
+def test_families_inject_language_model_only_and_start_at_base(family):
+    base = FAMILY_FACTORIES[family]()
+    batch = image_batch(family)
+    with torch.no_grad():
+        expected = base(**batch).logits
+    model = asymlora.get_model(base, AsymLoraConfig(method="asymlora_moe", num_experts=2, r=4, tasks=TASKS,
+                                                    modules_to_save=["projector"]))
+    fam = family_for(base)
+    assert fam.name == {"qwen2_5_vl": "qwen2_vl", "smolvlm": "idefics3"}.get(family, family)
+    assert model.adapter_layers and all(fam.part_of(n) == "language_model" for n in model.adapter_layers)
+    assert not any(n.endswith("lm_head") for n in model.adapter_layers)
+    assert len(model.adapter_layers) == 2 * 7  # q k v o gate up down in each of 2 layers
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch, task_ids=torch.tensor([0, 1])).logits
+    assert torch.equal(out, expected)  # zero-initialised B: identical to the base model
+    model.train()
+    loss = model(**batch).loss + 0.1 * model.aux_loss
+    loss.backward()
+    trainable = {n for n, p in base.named_parameters() if p.grad is not None}
+    projector = fam.projector
+    for name, param in base.named_parameters():
+        owner_is_adapter = any(k in name for k in ("A_bank", "B_bank", "router"))
+        if owner_is_adapter or name.startswith(projector + "."):
+            assert param.requires_grad, name
+        else:
+            assert not param.requires_grad and name not in trainable, name
+    assert any("B_bank" in n for n in trainable) and any("router" in n for n in trainable)
+    assert any(n.startswith(projector + ".") for n in trainable)
+
+
+def test_target_parts_and_names():
+    base = tiny_llava()
+    model = asymlora.get_model(base, AsymLoraConfig(method="lora", target_modules=["q_proj", "v_proj"],
+                                                    target_parts=["language_model", "vision_tower"]))
+    names = list(model.adapter_layers)
+    assert any(".vision_tower." in n for n in names) and any(".language_model." in n for n in names)
+    assert all(n.endswith(("q_proj", "v_proj")) for n in names)
+    with pytest.raises(ConfigError, match=r"target_modules: 'qkv' matches no nn.Linear.*available names"):
+        asymlora.get_model(tiny_llava(), AsymLoraConfig(target_modules=["qkv"]))
+    with pytest.raises(ConfigError, match="regex"):
+        asymlora.get_model(tiny_llava(), AsymLoraConfig(target_modules=r".*nothing_here"))
+
+
+def test_task_id_errors():
+    model = asymlora.get_model(tiny_llava(), AsymLoraConfig(method="asymlora", tasks=TASKS, r=2))
+    batch = image_batch("llava")
+    with pytest.raises(ConfigError, match="out of range"):
+        model(**batch, task_ids=torch.tensor([0, 3]))
+    with pytest.raises(ConfigError, match="-1"):
+        model(**batch, task_ids=torch.tensor([0, -1]))
+    with pytest.raises(asymlora.AsymLoraError, match="needs task_ids"):
+        model(**batch)
+    ids = model.task_ids_for(["ocr", "caption"])
+    assert ids.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("method", ["lora", "asymlora"])
+def test_single_expert_equals_peft_lora(method):
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "v_proj", "down_proj"]
+    ours = asymlora.get_model(tiny_llava(), AsymLoraConfig(method=method, tasks=["only"], r=4, alpha=8,
+                                                           target_modules=targets))
+    randomize_adapter(ours)
+    names = list(ours.adapter_layers)
+    peft_model = get_peft_model(tiny_llava(), LoraConfig(r=4, lora_alpha=8, target_modules=names))
+    with torch.no_grad():
+        for name, layer in ours.adapter_layers.items():
+            peft_layer = peft_model.base_model.model.get_submodule(name)
+            peft_layer.lora_A["default"].weight.copy_(layer.A_bank)
+            peft_layer.lora_B["default"].weight.copy_(layer.B_bank[0])
+    batch = image_batch("llava")
+    ours.train()
+    peft_model.train()
+    out_ours = ours(**batch, task_ids=torch.tensor([0, 0]))
+    out_peft = peft_model(**batch)
+    torch.testing.assert_close(out_ours.logits, out_peft.logits, rtol=0, atol=1e-6)
+    out_ours.loss.backward()
+    out_peft.loss.backward()
+    for name, layer in ours.adapter_layers.items():
+        peft_layer = peft_model.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.A_bank.grad, peft_layer.lora_A["default"].weight.grad, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer.B_bank.grad[0], peft_layer.lora_B["default"].weight.grad, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("routing", ["dense", "topk", "hybrid"])
+def test_aux_loss_keeps_gradient_under_nonreentrant_checkpointing(routing):
+    config = AsymLoraConfig(method="asymlora_moe", num_experts=3, routing=routing, top_k=2, tasks=TASKS, r=4)
+    batch = image_batch("llava")
+    results = []
+    for checkpointing in (False, True):
+        base = tiny_llava()
+        model = asymlora.get_model(base, config)
+        randomize_adapter(model)
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        out = model(**batch, task_ids=torch.tensor([0, 2]))
+        assert model.aux_loss.requires_grad
+        model.aux_loss.backward()
+        grads = {n: m.router.weight.grad.clone() for n, m in model.adapter_layers.items()}
+        assert all(g.abs().sum() > 0 for g in grads.values())
+        results.append((float(out.loss), float(model.aux_loss), grads))
+    (loss0, aux0, g0), (loss1, aux1, g1) = results
+    assert loss0 == pytest.approx(loss1, abs=1e-6) and aux0 == pytest.approx(aux1, abs=1e-6)
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], rtol=1e-5, atol=1e-6)
+    # Switch loss is E * sum f*P: 1 for a perfectly balanced router, at most E; one term per layer.
+    n_layers = len(g0)
+    assert n_layers * 1.0 - 1e-4 <= aux0 <= n_layers * 3.0
+
+
+def test_balance_loss_counts_supervised_and_image_tokens_only():
+    model = asymlora.get_model(tiny_llava(), AsymLoraConfig(method="asymlora_moe", num_experts=2, r=2))
+    batch = image_batch("llava")
+    model.train()
+    model(**batch)
+    mask = model.routing_context.token_mask
+    expected = (batch["labels"] != -100) | (batch["input_ids"] == tiny_llava().config.image_token_id)
+    expected &= batch["attention_mask"].bool()
+    assert torch.equal(mask, expected) and mask.sum() < mask.numel()
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+def test_save_load_round_trip_is_exact(tmp_path, case):
+    config = AsymLoraConfig(r=4, modules_to_save=["projector"], **case)
+    model = asymlora.get_model(tiny_llava(), config)
+    randomize_adapter(model, seed=3)
+    with torch.no_grad():
+        model.base_model.model.multi_modal_projector.linear_1.weight.add_(0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+                                                                        "adapter_model.safetensors"]
+    restored = asymlora.load(tiny_llava(), tmp_path / "adapter")
+    saved, loaded = model.trainable_state_dict(), restored.trainable_state_dict()
+    assert saved.keys() == loaded.keys()
+    assert any("router" in k for k in saved) == (case.get("routing") in ("dense", "topk", "hybrid"))
+    assert any("multi_modal_projector" in k for k in saved)
+    for key in saved:
+        assert torch.equal(saved[key], loaded[key]), key
+    batch = image_batch("llava")
+    model.eval()
+    restored.eval()
+    ids = torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(model(**batch, task_ids=ids).logits, restored(**batch, task_ids=ids).logits)
+
+
+def test_load_refuses_mismatched_dirs(tmp_path):
+    model = asymlora.get_model(tiny_llava(), AsymLoraConfig(method="lora", r=4))
+    model.save_pretrained(tmp_path / "a")
+    with pytest.raises(CheckpointError, match="target modules differ|does not fit"):
+        asymlora.load(tiny_llama_lm(), tmp_path / "a")
+    other = tiny_llava()
+    wrapped = asymlora.get_model(other, AsymLoraConfig(method="lora", r=8))
+    with pytest.raises(CheckpointError, match="differs"):
+        asymlora.load(wrapped, tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("B_bank"))
+    tensors[key] = torch.zeros(1, 2, 3)
+    save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="has shape"):
+        asymlora.load(tiny_llava(), tmp_path / "a")
+    with pytest.raises(CheckpointError, match="missing"):
+        asymlora.load(tiny_llava(), tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("case", [dict(method="lora"), dict(method="asymlora", tasks=TASKS),
+                                  dict(method="lora_moe", routing="task", tasks=TASKS)],
+                         ids=["lora", "asymlora", "lora_moe-task"])
+def test_merge_matches_unmerged_and_unmerge_restores(case):
+    base = tiny_llava()
+    model = asymlora.get_model(base, AsymLoraConfig(r=4, **case))
+    randomize_adapter(model)
+    originals = {n: m.base_layer.weight.detach().clone() for n, m in model.adapter_layers.items()}
+    batch = image_batch("llava")
+    task = "ocr" if case["method"] != "lora" else None
+    ids = torch.tensor([1, 1])
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch, task_ids=ids).logits
+        model.merge(task=task)
+        merged = model(**batch, task_ids=ids).logits
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+    model.unmerge()
+    for name, layer in model.adapter_layers.items():
+        assert torch.equal(layer.base_layer.weight, originals[name])
+
+
+def test_merge_refuses_router_gated_layers_and_leaves_model_intact():
+    model = asymlora.get_model(tiny_llava(), AsymLoraConfig(
+        method="asymlora", tasks=TASKS, r=2, overrides={"mlp": {"method": "asymlora_moe", "routing": "dense"}}))
+    before = {n: m.base_layer.weight.detach().clone() for n, m in model.adapter_layers.items()}
+    with pytest.raises(NotImplementedError, match="router"):
+        model.merge(task="vqa")
+    assert all(m.merged_task is None and torch.equal(m.base_layer.weight, before[n])
+               for n, m in model.adapter_layers.items())
+    with pytest.raises(NotImplementedError):
+        model.export_peft("unused", task="vqa")
+
+
+@pytest.mark.parametrize("case", [dict(method="lora"), dict(method="asymlora", tasks=TASKS)], ids=["lora", "asymlora"])
+def test_exported_peft_adapter_reproduces_outputs(tmp_path, case):
+    from peft import PeftModel
+
+    config = AsymLoraConfig(r=4, alpha=8, modules_to_save=["projector"],
+                            overrides={"self_attn": {"r": 2, "alpha": 6.0}}, **case)
+    model = asymlora.get_model(tiny_llava(), config)
+    randomize_adapter(model, seed=5)
+    with torch.no_grad():
+        model.base_model.model.multi_modal_projector.linear_2.bias.add_(0.25)
+    model.export_peft(tmp_path / "peft", task="caption" if case["method"] != "lora" else None)
+    peft_model = PeftModel.from_pretrained(tiny_llava(), tmp_path / "peft").eval()
+    batch = image_batch("llava")
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch, task_ids=torch.tensor([2, 2])).logits
+        got = peft_model(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_param_report_counts():
+    model = asymlora.get_model(tiny_llava(), AsymLoraConfig(method="asymlora_moe", num_experts=3, r=4,
+                                                            modules_to_save=["projector"]))
+    report = asymlora.param_report(model)
+    a = sum(layer.A_bank.numel() for layer in model.adapter_layers.values())
+    b = sum(layer.B_bank.numel() for layer in model.adapter_layers.values())
+    router = sum(layer.router.weight.numel() + layer.router.bias.numel() for layer in model.adapter_layers.values())
+    projector = sum(p.numel() for p in model.base_model.model.multi_modal_projector.parameters())
+    assert report["by_role"] == {"A_bank": a, "B_bank": b, "router": router, "modules_to_save": projector}
+    assert report["trainable"] == a + b + router + projector
+    assert "language_model.q_proj" in report["by_module_kind"]
+    assert "trainable" in asymlora.format_param_report(report)
+
+
+def test_generate_routes_by_task():
+    model = asymlora.get_model(tiny_llama_lm(), AsymLoraConfig(method="asymlora", tasks=TASKS, r=4))
+    randomize_adapter(model)
+    prompt = torch.randint(1, 100, (2, 5))
+    outs = [model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, task_ids=torch.tensor([t, t]))
+            for t in range(3)]
+    assert all(o.shape == (2, 9) for o in outs)
+    one = copy.deepcopy(model)
+    one.merge(task="ocr")
+    merged = one.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
+    assert torch.equal(merged, outs[1])
