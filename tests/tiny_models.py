@@ -5,18 +5,12 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-VOCAB = 128
-IMAGE_TOKEN = 120
-TEXT = dict(
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    max_position_embeddings=256,
-    pad_token_id=0,
-)
+from asymlora import tiny as asymlora_tiny
+from asymlora.tiny import tiny_llava_processor, tiny_tokenizer  # noqa: F401 - re-exported for tests
+
+VOCAB = asymlora_tiny.VOCAB
+IMAGE_TOKEN = asymlora_tiny.IMAGE_TOKEN
+TEXT = dict(asymlora_tiny.TEXT_CONFIG)
 
 
 def tiny_llama_lm() -> tf.PreTrainedModel:
@@ -25,16 +19,7 @@ def tiny_llama_lm() -> tf.PreTrainedModel:
 
 
 def tiny_llava() -> tf.PreTrainedModel:
-    torch.manual_seed(0)
-    vision = tf.CLIPVisionConfig(
-        hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        image_size=28, patch_size=14, projection_dim=16,
-    )
-    config = tf.LlavaConfig(
-        vision_config=vision, text_config=tf.LlamaConfig(**TEXT), image_token_index=IMAGE_TOKEN,
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
-    )
-    return tf.LlavaForConditionalGeneration(config).eval()
+    return asymlora_tiny.tiny_llava(seed=0)
 
 
 def tiny_llava_next() -> tf.PreTrainedModel:
@@ -137,3 +122,4 @@ def image_batch(family: str, batch: int = 2, text_len: int = 6, seed: int = 0) -
     if family == "paligemma":
         extra["token_type_ids"] = (labels != -100).long()
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
+

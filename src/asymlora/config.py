@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from asymlora.errors import ConfigError
+from asymlora.io import load_yaml
 
 METHODS = ("lora", "lora_moe", "asymlora", "asymlora_moe")
 ROUTINGS = ("task", "dense", "topk", "hybrid")
@@ -290,7 +291,7 @@ class AsymLoraConfig:
         path = Path(path)
         text = path.read_text(encoding="utf-8")
         try:
-            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+            values = json.loads(text) if path.suffix == ".json" else load_yaml(text)
         except (json.JSONDecodeError, yaml.YAMLError) as err:
             raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
         if isinstance(values, dict):

@@ -32,7 +32,7 @@ from asymlora.errors import AsymLoraError, CheckpointError, ConfigError
 from asymlora.families import Family, family_for, resolve_alias
 from asymlora.io import atomic_path, write_json_atomic
 from asymlora.layer import AsymLoraLinear
-from asymlora.routing import balance_loss, routing_entropy
+from asymlora.routing import balance_loss
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -103,10 +103,10 @@ class AsymLoraModel(nn.Module):
                                   "use hybrid routing to fall back to the router for unknown tasks")
         return task_ids.long()
 
-    def _token_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    def _token_mask(self, args: tuple, kwargs: dict, labels: torch.Tensor | None) -> torch.Tensor | None:
         input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         attention_mask = kwargs.get("attention_mask")
-        labels = kwargs.get("labels")
+        labels = kwargs.get("labels") if labels is None else labels
         mask = attention_mask.bool() if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
         if isinstance(labels, torch.Tensor) and input_ids is not None and labels.shape == input_ids.shape:
             counted = labels != -100
@@ -130,10 +130,17 @@ class AsymLoraModel(nn.Module):
             ctx.collecting = False
 
     # ------------------------------------------------------------------------------------ forward
-    def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
-        """The base model's forward with ``task_ids`` (LongTensor (B,)); sets ``self.aux_loss``."""
+    def forward(self, *args: Any, task_ids: Any = None, routing_labels: torch.Tensor | None = None,
+                **kwargs: Any) -> Any:
+        """The base model's forward with ``task_ids`` (LongTensor (B,)); sets ``self.aux_loss``.
+
+        The balance loss counts the tokens that are supervised (``labels != -100``) or image tokens, padding
+        excluded. ``routing_labels`` gives those labels without passing ``labels`` to the base model (for a
+        caller that computes the LM loss itself).
+        """
         ctx = self.routing_context
-        with self._routing_scope(task_ids, self._token_mask(args, kwargs), collect=self.training or ctx.collect_stats):
+        token_mask = self._token_mask(args, kwargs, routing_labels)
+        with self._routing_scope(task_ids, token_mask, collect=self.training or ctx.collect_stats):
             outputs = self.base_model(*args, **kwargs)
         self.aux_loss = self._balance_loss(outputs)
         return outputs
@@ -150,18 +157,24 @@ class AsymLoraModel(nn.Module):
         for _, (probs, dispatch, mask, _) in ctx.records:
             total = total + balance_loss(probs, dispatch, mask).to(device)
         if ctx.collect_stats:
-            self.routing_stats = _routing_stats(ctx.records, self.asymlora_config)
+            _accumulate_routing_stats(self.routing_stats, ctx.records, len(self.tasks))
         ctx.records = []
         return total
 
     @contextlib.contextmanager
-    def collect_routing_stats(self) -> Iterator[dict[str, dict[str, Any]]]:
-        """Within this block every forward also fills ``self.routing_stats`` (expert load, entropy)."""
+    def collect_routing_stats(self) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+        """Within this block every forward adds to ``self.routing_stats``: per routed layer, the expert
+        load (tokens per expert), the summed router entropy, the token count and the per-task load."""
         self.routing_context.collect_stats = True
         try:
             yield self.routing_stats
         finally:
             self.routing_context.collect_stats = False
+
+    def pop_routing_stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Return and reset the statistics accumulated since the last call."""
+        stats, self.routing_stats = self.routing_stats, {}
+        return stats
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -251,26 +264,28 @@ def _image_token_id(model: nn.Module) -> int | None:
     return None
 
 
-def _routing_stats(records: list, config: AsymLoraConfig) -> dict[str, dict[str, Any]]:
-    """Detached per-layer statistics: expert load, mean router entropy, per-task expert load."""
-    stats: dict[str, dict[str, Any]] = {}
+def _accumulate_routing_stats(totals: dict[str, dict[str, torch.Tensor]], records: list, num_tasks: int) -> None:
+    """Add this forward's detached per-layer statistics (expert load, entropy, per-task load) to ``totals``.
+
+    Masks are applied by multiplication (no boolean indexing), so nothing synchronises with the device.
+    """
     with torch.no_grad():
         for name, (probs, dispatch, mask, token_tasks) in records:
-            if mask is not None:
-                probs, dispatch = probs[mask], dispatch[mask]
-                token_tasks = token_tasks[mask] if token_tasks is not None else None
-            entry: dict[str, Any] = {
-                "load": dispatch.sum(0).float().cpu(),
-                "entropy": float(routing_entropy(probs, None)) if probs.shape[0] else 0.0,
-                "tokens": int(probs.shape[0]),
-            }
-            if token_tasks is not None and config.tasks:
-                known = token_tasks >= 0
-                task_load = torch.zeros(len(config.tasks), probs.shape[-1], device=dispatch.device)
-                task_load.index_add_(0, token_tasks[known], dispatch[known].float())
-                entry["task_load"] = task_load.cpu()
-            stats[name] = entry
-    return stats
+            probs, dispatch = probs.detach(), dispatch.detach().float()
+            weights = mask.to(probs.dtype) if mask is not None else torch.ones(probs.shape[0], device=probs.device)
+            entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
+            entry = totals.setdefault(name, {
+                "load": torch.zeros(probs.shape[-1], device=probs.device),
+                "entropy_sum": torch.zeros((), device=probs.device),
+                "tokens": torch.zeros((), device=probs.device),
+            })
+            entry["load"] += (dispatch * weights.unsqueeze(-1)).sum(0)
+            entry["entropy_sum"] += (entropy * weights).sum()
+            entry["tokens"] += weights.sum()
+            if token_tasks is not None and num_tasks:
+                known = (token_tasks >= 0).to(weights.dtype) * weights
+                task_load = entry.setdefault("task_load", torch.zeros(num_tasks, probs.shape[-1], device=probs.device))
+                task_load.index_add_(0, token_tasks.clamp(min=0), dispatch * known.unsqueeze(-1))
 
 
 # ---------------------------------------------------------------------------------------- injection

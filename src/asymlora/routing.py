@@ -74,12 +74,3 @@ def balance_loss(probs: torch.Tensor, dispatch: torch.Tensor, token_mask: torch.
         f = dispatch.mean(0)
         p = probs.mean(0)
     return num_experts * (f * p).sum()
-
-
-def routing_entropy(probs: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean entropy (nats) of the router distribution over the masked tokens."""
-    ent = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
-    if token_mask is None:
-        return ent.mean()
-    weights = token_mask.to(ent.dtype)
-    return (ent * weights).sum() / weights.sum().clamp(min=1.0)

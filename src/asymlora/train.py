@@ -1,0 +1,550 @@
+"""`asymlora train CONFIG.yaml [key=value ...]`: multi-task visual instruction tuning on HF Trainer.
+
+One YAML file holds four sections and two top-level keys::
+
+    model:    {path: default | LOCAL_HF_DIR, dtype: float32, projector: null | FILE.safetensors}
+    data:     {mixture: mix5 | FILE.yaml | {inline}, max_length: 1024, eval_split: val, ...}
+    adapter:  AsymLoraConfig fields (tasks default to the mixture's task names)
+    training: transformers.TrainingArguments fields (output_dir, learning_rate, bf16, ...)
+    projector_lr: 2.0e-5      # learning rate of modules_to_save (e.g. the projector); null = same as lr
+    resume: false             # true = the last checkpoint in output_dir, or a checkpoint path
+
+Loss = LM loss (mean over supervised tokens only, across gradient accumulation and ranks)
++ adapter.balance_loss_weight * aux loss. Per-task LM loss, router entropy and expert load are
+logged every logging step. Every checkpoint holds the full adapter (asymlora's format), optimizer,
+scheduler, RNG and data position; resuming continues exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import Dataset, Sampler
+
+from asymlora.config import AsymLoraConfig
+from asymlora.errors import AsymLoraError, ConfigError
+from asymlora.io import load_yaml, write_json_atomic, write_text_atomic
+
+SECTIONS = ("model", "data", "adapter", "training", "projector_lr", "resume")
+
+
+@dataclass
+class ModelSection:
+    path: str = field(default="default", metadata={"help": "'default' (the built offline model) or a local HF dir"})
+    dtype: str = field(default="float32", metadata={"help": "dtype to load the frozen model in"})
+    projector: str | None = field(default=None, metadata={"help": "safetensors of projector weights to load"})
+
+
+@dataclass
+class DataSection:
+    mixture: Any = field(default="mix5", metadata={"help": "mixture name, YAML path, or inline mapping"})
+    max_length: int = field(default=1024, metadata={"help": "token limit; longer samples are cut after their "
+                                                            "last image token or skipped and reported"})
+    on_error: str = field(default="fail", metadata={"help": "fail | skip: what to do with malformed samples"})
+    eval_split: str | None = field(default="val", metadata={"help": "split for evaluation during training"})
+    max_eval_samples: int | None = field(default=256, metadata={"help": "cap on evaluation samples"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "cap on training samples (seeded)"})
+    num_samples: int | None = field(default=None, metadata={"help": "samples drawn per epoch by the weighted "
+                                                                    "mixture sampler (default: dataset size)"})
+    group_by_length: bool = field(default=True, metadata={"help": "batch samples of similar length together"})
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    adapter: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    projector_lr: float | None = None
+    resume: bool | str = False
+    source: str = "config"
+
+    def adapter_config(self, mixture_tasks: Sequence[str]) -> AsymLoraConfig:
+        values = dict(self.adapter)
+        tasks = values.get("tasks") or list(mixture_tasks)
+        missing = [t for t in mixture_tasks if t not in tasks]
+        if missing:
+            raise ConfigError(f"{self.source}: adapter.tasks: {tasks} lacks the mixture's tasks {missing}")
+        values["tasks"] = tasks
+        return AsymLoraConfig.from_dict(values, source=f"{self.source}: adapter")
+
+    def training_arguments(self) -> Any:
+        from transformers import TrainingArguments
+
+        values = {
+            "output_dir": str(Path("runs") / Path(self.source).stem),
+            "remove_unused_columns": False,
+            "report_to": ["tensorboard"],
+            "logging_steps": 10,
+            "save_strategy": "steps",
+            "save_steps": 200,
+            "per_device_train_batch_size": 4,
+            "per_device_eval_batch_size": 8,
+            "learning_rate": 2e-4,
+            "lr_scheduler_type": "cosine",
+            "warmup_steps": 0,
+            "dataloader_num_workers": 0,
+        }
+        values.update(self.training)
+        if values.get("gradient_checkpointing"):
+            values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        try:
+            return TrainingArguments(**values)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{self.source}: training: {err}") from None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a mapping with sections {SECTIONS}")
+        _check_keys(values, SECTIONS, source, "")
+        model = values.get("model") or {}
+        data = values.get("data") or {}
+        _check_keys(model, [f.name for f in dataclasses.fields(ModelSection)], source, "model.")
+        _check_keys(data, [f.name for f in dataclasses.fields(DataSection)], source, "data.")
+        _check_keys(values.get("adapter") or {}, [f.name for f in dataclasses.fields(AsymLoraConfig)], source,
+                    "adapter.")
+        _check_keys(values.get("training") or {}, _training_fields(), source, "training.")
+        if data.get("on_error", "fail") not in ("fail", "skip"):
+            raise ConfigError(f"{source}: data.on_error: {data['on_error']!r} is not one of ('fail', 'skip')")
+        return cls(model=ModelSection(**model), data=DataSection(**data), adapter=dict(values.get("adapter") or {}),
+                   training=dict(values.get("training") or {}), projector_lr=values.get("projector_lr"),
+                   resume=values.get("resume", False), source=source)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            values = load_yaml(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        values = apply_overrides(values, overrides, str(path))
+        return cls.from_dict(values, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+                "adapter": self.adapter, "training": self.training, "projector_lr": self.projector_lr,
+                "resume": self.resume}
+
+
+def _training_fields() -> list[str]:
+    from transformers import TrainingArguments
+
+    return [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+
+
+def _check_keys(values: Any, allowed: Sequence[str], source: str, prefix: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    for key in values:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key {prefix}{key}{hint}")
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str], source: str = "config") -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a config mapping."""
+    values = dict(values)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. training.learning_rate=1e-4")
+        key, raw = item.split("=", 1)
+        parsed = load_yaml(raw) if raw else None
+        parts = key.strip().split(".")
+        if parts[0] not in SECTIONS:
+            close = difflib.get_close_matches(parts[0], SECTIONS, n=1)
+            raise ConfigError(f"override {item!r}: unknown section {parts[0]!r}"
+                              f"{f' (did you mean {close[0]!r}?)' if close else ''}")
+        target = values
+        for part in parts[:-1]:
+            target[part] = dict(target.get(part) or {})
+            target = target[part]
+        target[parts[-1]] = parsed
+    return values
+
+
+# ---------------------------------------------------------------------------------------------- data
+class EncodedDataset(Dataset):
+    """Samples encoded on access by a :class:`~asymlora.data.collator.SampleEncoder`."""
+
+    def __init__(self, samples: Sequence[Any], encoder: Any) -> None:
+        self.samples = list(samples)
+        self.encoder = encoder
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        return self.encoder(self.samples[index])
+
+
+class MixtureSampler(Sampler[int]):
+    """Weighted multi-task sampling (with replacement), optionally grouped by length.
+
+    The order depends only on (seed, epoch), so a resumed run that skips the batches already seen gets
+    exactly the samples the uninterrupted run would have.
+    """
+
+    def __init__(self, weights: Sequence[float], num_samples: int, seed: int, lengths: Sequence[int] | None = None,
+                 group_size: int = 0) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+        self.lengths = list(lengths) if lengths is not None else None
+        self.group_size = group_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist()
+        if self.lengths is not None and self.group_size > 1:
+            groups = [order[i:i + self.group_size] for i in range(0, len(order), self.group_size)]
+            order = [i for g in groups for i in sorted(g, key=lambda j: -self.lengths[j])]
+        return iter(order)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class NonFiniteLossError(AsymLoraError):
+    """The training loss became NaN or inf."""
+
+
+def make_trainer_class() -> type:
+    """Build the Trainer subclass (transformers is imported lazily so the CLI starts fast)."""
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    import asymlora
+
+    class AsymLoraTrainer(Trainer):
+        """HF Trainer with the asymlora loss, per-task logging, adapter checkpoints and mixture sampling."""
+
+        def __init__(self, *args: Any, tasks: Sequence[str] = (), projector_lr: float | None = None,
+                     sampler_weights: Sequence[float] | None = None, sample_lengths: Sequence[int] | None = None,
+                     num_samples: int | None = None, group_by_length: bool = True, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.tasks = list(tasks)
+            self.projector_lr = projector_lr
+            self.sampler_weights = sampler_weights
+            self.sample_lengths = sample_lengths
+            self.num_samples = num_samples
+            self.group_by_length = group_by_length
+            self._task_sums = torch.zeros(max(len(self.tasks), 1), 2, dtype=torch.float64)
+            self._aux_sum = torch.zeros((), dtype=torch.float64)
+            self._aux_count = 0
+
+        @property
+        def adapter_model(self) -> Any:
+            return self.accelerator.unwrap_model(self.model)
+
+        # ---- data -----------------------------------------------------------------------------------
+        def _get_train_sampler(self, train_dataset: Any = None) -> Sampler | None:
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            weights = self.sampler_weights or [1.0] * len(dataset)
+            group = self.args.per_device_train_batch_size * self.args.world_size * 50 if self.group_by_length else 0
+            return MixtureSampler(weights, self.num_samples or len(dataset), self.args.seed,
+                                  lengths=self.sample_lengths, group_size=group)
+
+        # ---- optimisation ---------------------------------------------------------------------------
+        def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+            if self.optimizer is not None:
+                return self.optimizer
+            wrapped = self.adapter_model
+            saved = tuple(prefix + "." for prefix in wrapped.saved_modules)
+            decay = set(self.get_decay_parameter_names(wrapped.base_model))
+            groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+            for name, param in wrapped.base_model.named_parameters():
+                if not param.requires_grad:
+                    continue
+                is_saved = name.startswith(saved)
+                # Routers and task biases are not decayed: decay would pull routing toward uniform.
+                decays = name in decay and ".router." not in name and not name.endswith("task_bias")
+                groups.setdefault((is_saved, decays), []).append(param)
+            param_groups = []
+            for (is_saved, decays), params in groups.items():
+                group: dict[str, Any] = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+                if is_saved and self.projector_lr is not None:
+                    group["lr"] = self.projector_lr
+                param_groups.append(group)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, wrapped)
+            self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+            return self.optimizer
+
+        # ---- loss -----------------------------------------------------------------------------------
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            task_ids = inputs.pop("task_ids", None)
+            outputs = model(**inputs, task_ids=task_ids, routing_labels=labels)
+            logits = outputs.logits[:, :-1]
+            targets = labels[:, 1:].to(logits.device)
+            token_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                         ignore_index=-100, reduction="none").view(targets.shape)
+            supervised = targets != -100
+            sample_sums = token_loss.sum(dim=1)
+            sample_counts = supervised.sum(dim=1)
+            if num_items_in_batch is not None and model.training:
+                # Mean over every supervised token of the accumulated global batch (Trainer counts them
+                # over labels[..., 1:] across accumulation steps and ranks; ranks' gradients are averaged).
+                lm_loss = sample_sums.sum() / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    lm_loss = lm_loss * self.accelerator.num_processes
+                aux_scale = 1.0 / self.current_gradient_accumulation_steps
+            else:
+                lm_loss = sample_sums.sum() / sample_counts.sum().clamp(min=1)
+                aux_scale = 1.0
+            wrapped = self.adapter_model
+            aux = wrapped.aux_loss
+            weight = wrapped.asymlora_config.balance_loss_weight
+            loss = lm_loss + weight * aux * aux_scale if weight and aux.requires_grad else lm_loss
+            if model.training:
+                self._record_task_losses(sample_sums.detach(), sample_counts.detach(), task_ids)
+                self._aux_sum += float(aux.detach())
+                self._aux_count += 1
+            return (loss, outputs) if return_outputs else loss
+
+        def _record_task_losses(self, sums: torch.Tensor, counts: torch.Tensor, task_ids: Any) -> None:
+            if task_ids is None or not self.tasks:
+                return
+            ids = task_ids.to(sums.device)
+            known = ids >= 0
+            table = torch.zeros(len(self.tasks), 2, dtype=torch.float64, device=sums.device)
+            table[:, 0].index_add_(0, ids[known], sums[known].double())
+            table[:, 1].index_add_(0, ids[known], counts[known].double())
+            self._task_sums = self._task_sums.to(sums.device) + table
+
+        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+            with self.adapter_model.collect_routing_stats():
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss).all():
+                last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+                raise NonFiniteLossError(
+                    f"the training loss is {loss.item()} at step {self.state.global_step + 1}; training stopped. "
+                    f"The last good checkpoint is {last or 'none (no checkpoint was saved yet)'}; lower "
+                    "training.learning_rate or enable training.max_grad_norm and resume from it."
+                )
+            return loss
+
+        # ---- logging --------------------------------------------------------------------------------
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs and self.model.training is not None and "eval_loss" not in logs:
+                logs.update(self._training_metrics())
+            super().log(logs, start_time)
+
+        def _training_metrics(self) -> dict[str, float]:
+            metrics: dict[str, float] = {}
+            device = self.args.device
+            sums = self._task_sums.to(device)
+            aux = torch.tensor([float(self._aux_sum), float(self._aux_count)], dtype=torch.float64, device=device)
+            stats = self.adapter_model.pop_routing_stats()
+            entropy = torch.zeros(2, dtype=torch.float64, device=device)
+            load = None
+            for entry in stats.values():
+                entropy += torch.stack([entry["entropy_sum"].double(), entry["tokens"].double()]).to(device)
+                layer_load = entry["load"].double().to(device)
+                share = layer_load / layer_load.sum().clamp(min=1e-12)
+                load = share if load is None else (load + share if load.shape == share.shape else load)
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+                aux = self.accelerator.reduce(aux, reduction="sum")
+                entropy = self.accelerator.reduce(entropy, reduction="sum")
+                if load is not None:
+                    load = self.accelerator.reduce(load, reduction="mean")
+            for i, task in enumerate(self.tasks):
+                if sums[i, 1] > 0:
+                    metrics[f"loss_{task}"] = round(float(sums[i, 0] / sums[i, 1]), 4)
+            if aux[1] > 0:
+                metrics["aux_loss"] = round(float(aux[0] / aux[1]), 4)
+            if entropy[1] > 0:
+                metrics["router_entropy"] = round(float(entropy[0] / entropy[1]), 4)
+            if load is not None and stats:
+                load = load / len(stats)
+                for e, share in enumerate(load.tolist()):
+                    metrics[f"expert_load_{e}"] = round(share, 4)
+            self._task_sums = torch.zeros_like(self._task_sums)
+            self._aux_sum = torch.zeros((), dtype=torch.float64)
+            self._aux_count = 0
+            return metrics
+
+        # ---- checkpoints ----------------------------------------------------------------------------
+        def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+            output_dir = output_dir or self.args.output_dir
+            if not self.args.should_save:
+                return
+            os.makedirs(output_dir, exist_ok=True)
+            self.adapter_model.save_pretrained(output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            asymlora.load(self.adapter_model, resume_from_checkpoint)
+
+        def _load_best_model(self) -> None:
+            if self.state.best_model_checkpoint:
+                asymlora.load(self.adapter_model, self.state.best_model_checkpoint)
+
+    return AsymLoraTrainer
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def resolve_model_dir(path: str) -> Path:
+    if path == "default":
+        from asymlora import zoo
+
+        return zoo.default_model_dir(must_exist=True)
+    model_dir = Path(path).expanduser()
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"model.path: {model_dir} is not a local Hugging Face model directory (no config.json)")
+    return model_dir
+
+
+def load_model_and_processor(section: ModelSection) -> tuple[Any, Any]:
+    """Load the frozen base model (its Auto class follows its config) and its processor."""
+    import transformers
+
+    from asymlora.model_cli import load_base_model
+
+    model_dir = resolve_model_dir(section.path)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if section.dtype not in dtypes:
+        raise ConfigError(f"model.dtype: {section.dtype!r} is not one of {tuple(dtypes)}")
+    model = load_base_model(model_dir, dtype=dtypes[section.dtype])
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError):
+        processor = transformers.AutoTokenizer.from_pretrained(model_dir)
+    if section.projector:
+        from safetensors.torch import load_file
+
+        from asymlora.families import family_for
+
+        projector = model.get_submodule(family_for(model).projector)
+        state = load_file(section.projector)
+        missing, unexpected = projector.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"model.projector: {section.projector} does not match the projector "
+                              f"(missing {missing}, unexpected {unexpected})")
+    return model, processor
+
+
+def build_datasets(config: TrainConfig, processor: Any, tasks: Sequence[str], seed: int) -> dict[str, Any]:
+    from asymlora.data.collator import SampleEncoder, estimate_length
+    from asymlora.data.mixture import load_mixture
+
+    mixture = load_mixture(config.data.mixture)
+    train_samples = mixture.load(split="train", seed=seed)
+    if config.data.max_train_samples:
+        generator = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(len(train_samples), generator=generator)[: config.data.max_train_samples]
+        train_samples = [train_samples[i] for i in sorted(keep.tolist())]
+    encoder = SampleEncoder(processor, tasks=tasks, max_length=config.data.max_length)
+    result: dict[str, Any] = {
+        "mixture": mixture,
+        "encoder": encoder,
+        "train": EncodedDataset(train_samples, encoder),
+        "weights": mixture.sampling_weights(train_samples),
+        "lengths": [estimate_length(s, 64) for s in train_samples],
+        "eval": None,
+    }
+    if config.data.eval_split:
+        eval_samples = mixture.load(split=config.data.eval_split, seed=seed)
+        if config.data.max_eval_samples:
+            eval_samples = eval_samples[: config.data.max_eval_samples]
+        result["eval"] = EncodedDataset(eval_samples, encoder) if eval_samples else None
+    return result
+
+
+def run_training(config: TrainConfig, resume: str | bool | None = None) -> Path:
+    """Train as configured; returns the output dir holding the final adapter."""
+    import transformers
+
+    import asymlora
+    from asymlora.data.collator import Collator
+    from asymlora.data.mixture import load_mixture
+
+    args = config.training_arguments()
+    transformers.set_seed(args.seed)
+    mixture_tasks = load_mixture(config.data.mixture).tasks
+    adapter_config = config.adapter_config(mixture_tasks)
+    base, processor = load_model_and_processor(config.model)
+    model = asymlora.get_model(base, adapter_config)
+    data = build_datasets(config, processor, adapter_config.tasks, args.seed)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    collator = Collator(pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                        else tokenizer.eos_token_id)
+    if args.eval_strategy != "no" and data["eval"] is None:
+        raise ConfigError(f"{config.source}: training.eval_strategy={args.eval_strategy!r} needs data.eval_split")
+    trainer_cls = make_trainer_class()
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"], data_collator=collator,
+        processing_class=processor, tasks=adapter_config.tasks, projector_lr=config.projector_lr,
+        sampler_weights=data["weights"], sample_lengths=data["lengths"], num_samples=config.data.num_samples,
+        group_by_length=config.data.group_by_length,
+    )
+    out = Path(args.output_dir)
+    if args.should_save:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "train_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_json_atomic(out / "param_report.json", asymlora.param_report(model))
+    print(asymlora.format_param_report(asymlora.param_report(model)))
+    resume = config.resume if resume is None else resume
+    checkpoint = None
+    if resume is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if checkpoint is None:
+            print(f"resume: no checkpoint in {out}; starting from scratch")
+    elif resume:
+        checkpoint = str(resume)
+        if not Path(checkpoint).is_dir():
+            raise ConfigError(f"resume: {checkpoint} is not a checkpoint directory")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(str(out))
+    trainer.save_state()
+    encoder = data["encoder"]
+    if encoder.too_long:
+        print(f"note: {encoder.too_long} sample(s) longer than data.max_length={config.data.max_length} could not be "
+              f"cut after their image tokens and were skipped (e.g. {encoder.skipped_ids[:5]})")
+    print(f"adapter saved to {out}")
+    return out
+
+
+def _cli_train(args: argparse.Namespace) -> int:
+    config = TrainConfig.load(args.config, args.overrides)
+    try:
+        run_training(config, resume=args.resume)
+    except NonFiniteLossError as err:
+        print(f"asymlora train: {err}")
+        return 1
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train an adapter on a data mixture (HF Trainer; works under accelerate launch)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="training config YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="override config values, e.g. training.max_steps=100 adapter.r=16")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                        help="resume from the last checkpoint in output_dir, or from PATH")
+    parser.set_defaults(func=_cli_train)
