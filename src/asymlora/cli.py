@@ -18,6 +18,7 @@ from asymlora.errors import AsymLoraError
 # Modules whose ``register_cli`` adds sub-commands, in the order they appear in ``--help``.
 COMMAND_MODULES: tuple[str, ...] = (
     "asymlora.assets",
+    "asymlora.datasets",
     "asymlora.train",
     "asymlora.model_cli",
     "asymlora.tiny",

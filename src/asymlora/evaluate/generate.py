@@ -1,0 +1,73 @@
+"""Batched generation for evaluation: greedy by default, one task id per sample.
+
+Prompts are the sample's conversation up to (not including) its last assistant reply, rendered by
+the processor's chat template with the generation prompt, so every supported family gets its own
+format. Works with an :class:`~asymlora.model.AsymLoraModel` (task ids route the adapter) and with a
+plain Hugging Face model (e.g. a merged task model), which takes no task ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from asymlora.data.collator import load_image, to_conversation
+
+
+def prompt_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
+    """(messages before the last assistant reply, that reply or None)."""
+    messages = list(messages)
+    if messages and messages[-1]["role"] == "assistant":
+        content = messages[-1]["content"]
+        return messages[:-1], content if isinstance(content, str) else None
+    return messages, None
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Any],
+    tasks: Sequence[str] = (),
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """Greedy answers (decoded, stripped) for each sample's last user turn."""
+    from tqdm.auto import tqdm
+
+    from asymlora.model import AsymLoraModel
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    task_index = {name: i for i, name in enumerate(tasks)}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    steps = range(0, len(samples), batch_size)
+    for start in tqdm(steps, desc="generating", unit="batch", disable=not progress):
+        batch = samples[start:start + batch_size]
+        texts, images, task_ids = [], [], []
+        for sample in batch:
+            messages, _ = prompt_messages(sample.messages)
+            texts.append(processor.apply_chat_template(to_conversation(messages), tokenize=False,
+                                                       add_generation_prompt=True))
+            images.extend(load_image(p, getattr(sample, "source", "")) for p in sample.images)
+            task_ids.append(task_index.get(getattr(sample, "task", None), -1))
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        if images:
+            kwargs["images"] = images
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in processor(**kwargs).items()}
+        options = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad_id, **generate_kwargs}
+        if isinstance(model, AsymLoraModel):
+            options["task_ids"] = torch.tensor(task_ids, dtype=torch.long, device=device)
+        output = model.generate(**inputs, **options)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    model.train(was_training)
+    return answers
