@@ -19,6 +19,7 @@ from asymlora.errors import AsymLoraError
 COMMAND_MODULES: tuple[str, ...] = (
     "asymlora.assets",
     "asymlora.datasets",
+    "asymlora.zoo",
     "asymlora.train",
     "asymlora.model_cli",
     "asymlora.tiny",
