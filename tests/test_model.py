@@ -279,3 +279,16 @@ def test_generate_routes_by_task():
     one.merge(task="ocr")
     merged = one.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
     assert torch.equal(merged, outs[1])
+
+
+def test_modules_to_save_only_adapter(tmp_path):
+    with pytest.raises(ConfigError, match="needs modules_to_save"):
+        AsymLoraConfig(target_modules=[])
+    model = asymlora.get_model(tiny_llava(), AsymLoraConfig(method="lora", target_modules=[],
+                                                            modules_to_save=["projector"]))
+    assert not model.adapter_layers
+    trainable = model.trainable_state_dict()
+    assert trainable and all("multi_modal_projector" in k for k in trainable)
+    model.save_pretrained(tmp_path / "p")
+    restored = asymlora.load(tiny_llava(), tmp_path / "p")
+    assert all(torch.equal(restored.trainable_state_dict()[k], v) for k, v in trainable.items())

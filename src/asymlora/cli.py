@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "asymlora.datasets",
     "asymlora.zoo",
     "asymlora.train",
+    "asymlora.align",
     "asymlora.model_cli",
     "asymlora.tiny",
     "asymlora.demo",

@@ -120,7 +120,7 @@ class AsymLoraConfig:
         default="all-linear",
         metadata=_meta("'all-linear' (every nn.Linear of target_parts, never lm_head), a list of module "
                        "names matched as name suffixes inside target_parts, or a regex full-matched "
-                       "against whole module names"),
+                       "against whole module names; [] with modules_to_save trains only those modules"),
     )
     target_parts: list[str] = field(
         default_factory=lambda: ["language_model"],
@@ -171,13 +171,15 @@ class AsymLoraConfig:
                     re.compile(self.target_modules)
                 except re.error as err:
                     raise ConfigError(f"target_modules: invalid regex {self.target_modules!r}: {err}") from None
-        elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+        elif not isinstance(self.target_modules, list) or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ConfigError(
-                f"target_modules: expected 'all-linear', a regex or a non-empty list of names, "
-                f"got {self.target_modules!r}"
+                f"target_modules: expected 'all-linear', a regex or a list of names, got {self.target_modules!r}"
             )
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+        if self.target_modules == [] and not self.modules_to_save:
+            raise ConfigError("target_modules: an empty list adapts no layer; it needs modules_to_save "
+                              "(e.g. [projector] for stage-1 alignment)")
         if not isinstance(self.overrides, dict):
             raise ConfigError(f"overrides: expected a mapping regex -> fields, got {self.overrides!r}")
         for pattern, values in self.overrides.items():

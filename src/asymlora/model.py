@@ -321,7 +321,7 @@ def find_target_modules(model: nn.Module, config: AsymLoraConfig, family: Family
                 )
             found.extend(h for h in hits if h not in found)
         found.sort(key=in_parts.index)
-    if not found:
+    if not found and targets != []:
         raise ConfigError(f"target_modules: no nn.Linear found in target_parts {config.target_parts}")
     return found
 
@@ -436,6 +436,9 @@ def export_peft(model: AsymLoraModel, save_directory: str | Path, task: str | in
     for name in model.saved_modules:
         for pname, param in model.base_model.get_submodule(name).named_parameters():
             tensors[f"base_model.model.{name}.{pname}"] = param.detach().cpu().contiguous()
+    if not specs:
+        raise AsymLoraError("export_peft: this adapter has no adapted layers (only modules_to_save); save it with "
+                            "save_pretrained instead")
     first = specs[0]
     if len({s.use_rslora for s in specs}) > 1:
         raise NotImplementedError("export_peft: PEFT has one use_rslora flag per adapter; layers differ")

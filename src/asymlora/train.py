@@ -42,7 +42,8 @@ SECTIONS = ("model", "data", "adapter", "training", "projector_lr", "resume")
 class ModelSection:
     path: str = field(default="default", metadata={"help": "'default' (the built offline model) or a local HF dir"})
     dtype: str = field(default="float32", metadata={"help": "dtype to load the frozen model in"})
-    projector: str | None = field(default=None, metadata={"help": "safetensors of projector weights to load"})
+    projector: str | None = field(default=None, metadata={"help": "projector weights to load: a safetensors file, "
+                                                                  "or 'aligned' (the shipped stage-1 projector)"})
 
 
 @dataclass
@@ -56,7 +57,8 @@ class DataSection:
     max_train_samples: int | None = field(default=None, metadata={"help": "cap on training samples (seeded)"})
     num_samples: int | None = field(default=None, metadata={"help": "samples drawn per epoch by the weighted "
                                                                     "mixture sampler (default: dataset size)"})
-    group_by_length: bool = field(default=True, metadata={"help": "batch samples of similar length together"})
+    group_by_length: bool = field(default=False, metadata={"help": "batch samples of similar length together "
+                                                                    "(batches then tend to hold one task)"})
 
 
 @dataclass
@@ -237,7 +239,7 @@ def make_trainer_class() -> type:
 
         def __init__(self, *args: Any, tasks: Sequence[str] = (), projector_lr: float | None = None,
                      sampler_weights: Sequence[float] | None = None, sample_lengths: Sequence[int] | None = None,
-                     num_samples: int | None = None, group_by_length: bool = True, **kwargs: Any) -> None:
+                     num_samples: int | None = None, group_by_length: bool = False, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.tasks = list(tasks)
             self.projector_lr = projector_lr
@@ -277,7 +279,8 @@ def make_trainer_class() -> type:
                 decays = name in decay and ".router." not in name and not name.endswith("task_bias")
                 groups.setdefault((is_saved, decays), []).append(param)
             param_groups = []
-            for (is_saved, decays), params in groups.items():
+            # Adapter groups first: the Trainer logs the learning rate of group 0.
+            for (is_saved, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
                 group: dict[str, Any] = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
                 if is_saved and self.projector_lr is not None:
                     group["lr"] = self.projector_lr
@@ -431,16 +434,17 @@ def load_model_and_processor(section: ModelSection) -> tuple[Any, Any]:
     except (OSError, ValueError, TypeError):
         processor = transformers.AutoTokenizer.from_pretrained(model_dir)
     if section.projector:
-        from safetensors.torch import load_file
+        from asymlora.zoo import load_projector
 
-        from asymlora.families import family_for
+        path = section.projector
+        if path == "aligned":
+            from asymlora.align import aligned_projector_path
 
-        projector = model.get_submodule(family_for(model).projector)
-        state = load_file(section.projector)
-        missing, unexpected = projector.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ConfigError(f"model.projector: {section.projector} does not match the projector "
-                              f"(missing {missing}, unexpected {unexpected})")
+            path = aligned_projector_path()
+        try:
+            load_projector(model, path)
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise ConfigError(f"model.projector: {path} does not match this model's projector: {err}") from None
     return model, processor
 
 

@@ -1,0 +1,179 @@
+"""Stage-1 alignment: train the projector alone on captions, so instruction tuning starts from a model
+that uses the image (LLaVA's pre-training stage, on the built-in data).
+
+``asymlora align`` (1) writes a caption dataset built deterministically from the labels of the
+built-in datasets' train splits ("A red circle.", "A photo of a sneaker.", "The number 472.", the emoji
+sentence, 'The text reads "eagle".'), each with a brief-description prompt; (2) trains only the
+projector of the default model (language model and vision tower frozen) with the same Trainer as
+``asymlora train``; (3) writes the projector weights to ``src/asymlora/assets/projector_default.safetensors``
+with a JSON record of the command, seed, data, steps, loss and checksum. Training configs load it with
+``model.projector: aligned``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shlex
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from asymlora.assets import cache_dir
+from asymlora.errors import MissingAssetError
+from asymlora.io import atomic_path, write_json_atomic
+
+SHIPPED_PROJECTOR = Path(__file__).parent / "assets" / "projector_default.safetensors"
+PROMPTS = (
+    "Describe the image briefly.",
+    "Give a short caption for this image.",
+    "What is in this picture?",
+    "Summarize the visual content of the image.",
+    "Write a terse description of the image.",
+)
+CAPTION_DATASETS = ("easyvqa", "fashion", "digits", "emoji", "ocr")
+
+
+def _answer(record: dict[str, Any]) -> str:
+    return record["conversations"][-1]["value"]
+
+
+def _question(record: dict[str, Any]) -> str:
+    return record["conversations"][0]["value"].replace("<image>", "").strip().lower()
+
+
+def captions_for(name: str, records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(image path relative to the dataset dir, caption) pairs from one built-in dataset's records."""
+    if name == "easyvqa":
+        shape: dict[str, str] = {}
+        color: dict[str, str] = {}
+        for record in records:
+            question = _question(record)
+            if question.startswith("what shape"):
+                shape[record["image"]] = _answer(record)
+            elif question.startswith(("what color", "what is the color")):
+                color[record["image"]] = _answer(record)
+        images = sorted(set(shape) & set(color))
+        return [(image, f"A {color[image]} {shape[image]}.") for image in images]
+    if name == "fashion":
+        return [(r["image"], f"A photo of a {_answer(r)}.") for r in records]
+    if name == "digits":
+        return [(r["image"], f"The number {_answer(r)}.") for r in records if _question(r).startswith("what number")]
+    if name == "emoji":
+        return [(r["image"], _answer(r)) for r in records]
+    if name == "ocr":
+        return [(r["image"], f'The text reads "{_answer(r)}".') for r in records]
+    raise ValueError(f"no captions defined for dataset {name!r}")
+
+
+def build_caption_data(out_dir: Path | None = None, seed: int = 0, per_dataset: int = 2000) -> Path:
+    """Write ``align.json`` (LLaVA format, absolute image paths) from the built-in train splits."""
+    from asymlora.datasets import dataset_dir, load_split
+
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    for name in CAPTION_DATASETS:
+        root = dataset_dir(name)
+        pairs = captions_for(name, load_split(name, "train"))
+        by_image = defaultdict(list)
+        for image, caption in pairs:
+            by_image[image].append(caption)
+        chosen = sorted(by_image)
+        rng.shuffle(chosen)
+        for image in chosen[:per_dataset]:
+            rows.append({
+                "id": f"align-{name}-{len(rows):05d}",
+                "image": str((root / image).resolve()),
+                "conversations": [{"from": "human", "value": f"<image>\n{rng.choice(PROMPTS)}"},
+                                  {"from": "gpt", "value": by_image[image][0]}],
+                "task": "caption",
+            })
+    rng.shuffle(rows)
+    out_dir = out_dir or cache_dir() / "data" / "align"
+    path = out_dir / "align.json"
+    write_json_atomic(path, rows, indent=1)
+    return path
+
+
+def alignment_config(data_path: Path, output_dir: Path, steps: int, batch_size: int, lr: float, seed: int,
+                     model_path: str = "default") -> dict[str, Any]:
+    return {
+        "model": {"path": model_path},
+        "data": {"mixture": {"name": "align", "datasets": [{"name": "align", "path": str(data_path),
+                                                            "task": "caption"}]},
+                 "eval_split": None, "max_length": 192, "group_by_length": False},
+        "adapter": {"method": "lora", "target_modules": [], "modules_to_save": ["projector"]},
+        "training": {"output_dir": str(output_dir), "max_steps": steps, "per_device_train_batch_size": batch_size,
+                     "learning_rate": lr, "lr_scheduler_type": "cosine", "warmup_steps": 0.03, "weight_decay": 0.0,
+                     "logging_steps": 10, "save_steps": max(steps // 2, 1), "save_total_limit": 1, "seed": seed,
+                     "report_to": ["tensorboard"]},
+    }
+
+
+def run_align(steps: int = 300, batch_size: int = 8, lr: float = 1e-3, seed: int = 0, per_dataset: int = 2000,
+              out: Path = SHIPPED_PROJECTOR, output_dir: Path | None = None, model_path: str = "default") -> Path:
+    """Align the default model's projector and write it (plus its provenance record) to ``out``."""
+    from safetensors.torch import load_file, save_file
+
+    from asymlora.train import TrainConfig, run_training
+
+    data_path = build_caption_data(seed=seed, per_dataset=per_dataset)
+    output_dir = output_dir or Path("runs") / "align"
+    config = TrainConfig.from_dict(alignment_config(data_path, output_dir, steps, batch_size, lr, seed, model_path),
+                                   source="asymlora align")
+    start = time.time()
+    run_dir = run_training(config)
+    seconds = time.time() - start
+    tensors = load_file(str(run_dir / "adapter_model.safetensors"))
+    prefix = "model.multi_modal_projector."
+    projector = {"multi_modal_projector." + k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not projector:
+        raise MissingAssetError(f"{run_dir}: the trained adapter holds no projector tensors")
+    with atomic_path(out) as tmp:
+        save_file(projector, str(tmp), metadata={"format": "pt"})
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    record = {
+        "command": "asymlora align " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["align"]
+        else f"asymlora align --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}",
+        "seed": seed, "steps": steps, "batch_size": batch_size, "learning_rate": lr,
+        "data": {"datasets": list(CAPTION_DATASETS), "per_dataset": per_dataset, "split": "train",
+                 "prompts": list(PROMPTS), "samples": len(json.loads(Path(data_path).read_text()))},
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "train_seconds": round(seconds, 1),
+        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+    }
+    write_json_atomic(out.with_suffix(".json"), record)
+    print(f"aligned projector written to {out} (loss {record['loss_first']} -> {record['loss_last']})")
+    return out
+
+
+def aligned_projector_path() -> Path:
+    if not SHIPPED_PROJECTOR.is_file():
+        raise MissingAssetError(f"{SHIPPED_PROJECTOR} is missing; regenerate it with: asymlora align")
+    return SHIPPED_PROJECTOR
+
+
+def _cli(args: argparse.Namespace) -> int:
+    run_align(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+              per_dataset=args.per_dataset, out=Path(args.out), output_dir=Path(args.output_dir),
+              model_path=args.model)
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    parser = subparsers.add_parser("align", help="stage-1 alignment: train the default model's projector on captions",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="projector learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data selection, prompts and training")
+    parser.add_argument("--per-dataset", type=int, default=2000, help="caption pairs per built-in dataset")
+    parser.add_argument("--model", default="default", help="'default' or a local LLaVA-style model dir")
+    parser.add_argument("--out", default=str(SHIPPED_PROJECTOR), help="projector safetensors to write")
+    parser.add_argument("--output-dir", default="runs/align", help="training run directory (checkpoints, logs)")
+    parser.set_defaults(func=_cli)

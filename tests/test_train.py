@@ -1,0 +1,137 @@
+"""End-to-end training on a tiny random LLaVA: loss, logs, checkpoints, exact resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from train_fixtures import train_setup
+
+import asymlora
+from asymlora.tiny import tiny_llava
+from asymlora.train import TrainConfig, run_training
+
+TESTS = Path(__file__).parent
+
+
+def log_history(run: Path) -> list[dict]:
+    return json.loads((run / "trainer_state.json").read_text())["log_history"]
+
+
+def test_train_decreases_loss_and_logs_per_task(tmp_path):
+    values = train_setup(tmp_path, max_steps=24, save_steps=100)
+    out = run_training(TrainConfig.from_dict(values))
+    logs = [e for e in log_history(out) if "loss" in e]
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    for key in ("loss_color", "loss_isred", "aux_loss", "router_entropy", "expert_load_0", "expert_load_1"):
+        assert all(key in entry for entry in logs), key
+    assert logs[0]["learning_rate"] == pytest.approx(5e-3)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "train_config.yaml").is_file()
+    model = asymlora.load(tiny_llava(), out)
+    assert model.tasks == ["color", "isred"]
+
+
+def test_checkpoint_holds_every_trainable_tensor(tmp_path):
+    values = train_setup(tmp_path, max_steps=6, save_steps=6)
+    out = run_training(TrainConfig.from_dict(values))
+    tensors = load_file(out / "checkpoint-6" / "adapter_model.safetensors")
+    kinds = {k.rsplit(".", 1)[-1] for k in tensors}
+    assert {"A_bank", "B_bank"} <= kinds
+    assert any(".router." in k for k in tensors) and any("multi_modal_projector" in k for k in tensors)
+    assert (out / "checkpoint-6" / "optimizer.pt").is_file() and (out / "checkpoint-6" / "scheduler.pt").is_file()
+
+
+KILL_AFTER_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import yaml
+from transformers import TrainerCallback
+import asymlora.train as train
+
+class Kill(TrainerCallback):
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == {kill_step}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+original = train.make_trainer_class
+def patched():
+    cls = original()
+    class Killing(cls):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.add_callback(Kill())
+    return Killing
+train.make_trainer_class = patched
+config = train.TrainConfig.from_dict(yaml.safe_load(open({config!r})))
+train.run_training(config)
+"""
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    steps = 12
+    full = train_setup(tmp_path, max_steps=steps, save_steps=6)
+    full["training"]["output_dir"] = str(tmp_path / "full")
+    run_training(TrainConfig.from_dict(full))
+    killed = train_setup(tmp_path, max_steps=steps, save_steps=6)
+    killed["training"]["output_dir"] = str(tmp_path / "killed")
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(yaml.safe_dump(killed))
+    script = KILL_AFTER_SAVE.format(tests=str(TESTS), kill_step=6, config=str(config_path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(TESTS)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (tmp_path / "killed" / "checkpoint-6").is_dir() and not (tmp_path / "killed" / "checkpoint-12").exists()
+    killed["resume"] = True
+    run_training(TrainConfig.from_dict(killed))
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
+    values = train_setup(tmp_path, max_steps=12, save_steps=4, learning_rate=1e38, max_grad_norm=0)
+    with pytest.raises(asymlora.AsymLoraError, match="last good checkpoint"):
+        run_training(TrainConfig.from_dict(values))
+
+
+DDP = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import yaml
+import asymlora.train as train
+config = train.TrainConfig.from_dict(yaml.safe_load(open({config!r})))
+train.run_training(config)
+"""
+
+
+def test_two_process_ddp_matches_single_process(tmp_path):
+    single = train_setup(tmp_path, method="asymlora", max_steps=6, save_steps=100, per_device_train_batch_size=4,
+                         logging_steps=1)
+    single["training"]["output_dir"] = str(tmp_path / "single")
+    run_training(TrainConfig.from_dict(single))
+    ddp = train_setup(tmp_path, method="asymlora", max_steps=6, save_steps=100, per_device_train_batch_size=2,
+                      logging_steps=1)
+    ddp["training"]["output_dir"] = str(tmp_path / "ddp")
+    config_path = tmp_path / "ddp.yaml"
+    config_path.write_text(yaml.safe_dump(ddp))
+    script = tmp_path / "ddp_main.py"
+    script.write_text(DDP.format(tests=str(TESTS), config=str(config_path)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(script)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(TESTS)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [e["loss"] for e in log_history(tmp_path / "single") if "loss" in e]
+    two = [e["loss"] for e in log_history(tmp_path / "ddp") if "loss" in e]
+    assert len(one) == len(two) == 6
+    assert one == pytest.approx(two, rel=1e-3, abs=1e-4)
