@@ -32,7 +32,7 @@ import yaml
 from torch.utils.data import Dataset, Sampler
 
 from asymlora.config import AsymLoraConfig
-from asymlora.errors import AsymLoraError, ConfigError
+from asymlora.errors import AsymLoraError, ConfigError, MissingAssetError
 from asymlora.io import load_yaml, write_json_atomic, write_text_atomic
 
 SECTIONS = ("model", "data", "adapter", "training", "projector_lr", "resume")
@@ -411,7 +411,11 @@ def resolve_model_dir(path: str) -> Path:
     if path == "default":
         from asymlora import zoo
 
-        return zoo.default_model_dir(must_exist=True)
+        model_dir = zoo.default_model_dir()
+        if zoo.read_manifest(model_dir) is None:
+            raise MissingAssetError(f"model.path: the default model is not built at {model_dir}. Run: asymlora setup "
+                                    "--only smollm2 gguf dinov2 onnx ml_dtypes protobuf && asymlora build-default")
+        return model_dir
     model_dir = Path(path).expanduser()
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"model.path: {model_dir} is not a local Hugging Face model directory (no config.json)")

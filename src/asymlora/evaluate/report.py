@@ -1,0 +1,133 @@
+"""Evaluation reports: ``results.json``, a markdown table and a PNG bar chart; several runs side by side."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from asymlora.errors import DataError
+from asymlora.io import atomic_path, write_json_atomic, write_text_atomic
+
+
+def headline(result: dict[str, Any]) -> tuple[str, float, bool]:
+    """(metric name, value, higher_is_better) of one task's result."""
+    name = result["metric"]
+    return name, float(result[name]), bool(result.get("higher_is_better", True))
+
+
+def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
+    """One row per task (metric and arrow), one column per run, plus the mean of higher-is-better scores."""
+    tasks: list[str] = []
+    for results in runs.values():
+        tasks.extend(t for t in results["tasks"] if t not in tasks)
+    names = list(runs)
+    lines = ["| task | metric | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for task in tasks:
+        metric, arrow, cells = "", "", []
+        for name in names:
+            result = runs[name]["tasks"].get(task)
+            if result is None:
+                cells.append("")
+                continue
+            metric, value, higher = headline(result)
+            arrow = "↑" if higher else "↓"
+            cells.append(f"{value:.3f}")
+        lines.append(f"| {task} | {metric} {arrow} | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | higher-is-better scores (CER as 1-CER) | "
+                 + " | ".join(f"{runs[n]['mean']:.3f}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def mean_score(task_results: dict[str, dict[str, Any]]) -> float:
+    """Mean over tasks of the headline metric, with lower-is-better metrics (CER) turned into 1 - value."""
+    values = []
+    for result in task_results.values():
+        _, value, higher = headline(result)
+        values.append(value if higher else max(0.0, 1.0 - value))
+    return sum(values) / len(values) if values else 0.0
+
+
+def bar_chart(runs: dict[str, dict[str, Any]], path: Path, title: str = "asymlora eval") -> Path:
+    """Grouped bars: one group per task, one bar per run (lower-is-better metrics shown as 1 - value)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks: list[str] = []
+    for results in runs.values():
+        tasks.extend(t for t in results["tasks"] if t not in tasks)
+    labels = [*tasks, "mean"]
+    width = 0.8 / max(len(runs), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(labels)), 3.8))
+    for i, (name, results) in enumerate(runs.items()):
+        values = []
+        for task in tasks:
+            result = results["tasks"].get(task)
+            if result is None:
+                values.append(0.0)
+                continue
+            _, value, higher = headline(result)
+            values.append(value if higher else max(0.0, 1.0 - value))
+        values.append(results["mean"])
+        positions = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(positions, values, width=width, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels([t if t not in _lower_tasks(runs) else f"{t}\n(1-CER)" for t in labels])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _lower_tasks(runs: dict[str, dict[str, Any]]) -> set[str]:
+    return {t for r in runs.values() for t, res in r["tasks"].items() if not res.get("higher_is_better", True)}
+
+
+def write_report(out: Path, results: dict[str, Any], predictions: Sequence[dict[str, Any]]) -> dict[str, Path]:
+    """Write results.json, predictions.jsonl, report.md and scores.png for one run."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", results)
+    write_text_atomic(out / "predictions.jsonl",
+                      "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    name = results.get("name", out.name)
+    table = markdown_table({name: results})
+    write_text_atomic(out / "report.md", f"# {name}\n\n{_describe(results)}\n\n{table}")
+    plot = bar_chart({name: results}, out / "scores.png", title=name)
+    return {"results": out / "results.json", "report": out / "report.md", "plot": plot,
+            "predictions": out / "predictions.jsonl"}
+
+
+def _describe(results: dict[str, Any]) -> str:
+    setup = results.get("setup", {})
+    return ", ".join(f"{k}: {v}" for k, v in setup.items() if v is not None)
+
+
+def load_results(run: str | Path) -> dict[str, Any]:
+    path = Path(run)
+    path = path / "results.json" if path.is_dir() else path
+    if not path.is_file():
+        raise DataError(f"{path}: no results.json (run `asymlora eval ... --out DIR` first)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def compare(runs: Sequence[str | Path], out: Path) -> dict[str, Path]:
+    """Put several evaluated runs side by side: compare.md and compare.png in ``out``."""
+    loaded: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        results = load_results(run)
+        name = results.get("name") or Path(run).name
+        while name in loaded:
+            name += "'"
+        loaded[name] = results
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "compare.md", markdown_table(loaded))
+    plot = bar_chart(loaded, out / "compare.png", title="comparison")
+    return {"table": out / "compare.md", "plot": plot}

@@ -1,0 +1,198 @@
+"""`asymlora eval` and `asymlora compare`: generate answers, score them, write reports.
+
+Built-in tasks are scored on their test split with the metrics of
+:mod:`asymlora.evaluate.metrics.builtin`; official benchmarks (``--bench textvqa --data PATH``) with
+their official metric (:mod:`asymlora.evaluate.benchmarks`). A trained adapter is used with its task
+routing, or merged for one task (``--merge-task``), which must give the same answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asymlora.errors import ConfigError
+
+
+@dataclass
+class _Prompt:
+    """A sample-like prompt for generate_answers."""
+
+    messages: list[dict[str, str]]
+    images: list[Path] = field(default_factory=list)
+    task: str | None = None
+    source: str = ""
+
+
+def load_for_eval(model: str = "default", projector: str | None = None, adapter: str | None = None,
+                  merge_task: str | None = None, dtype: str = "float32") -> tuple[Any, Any, list[str]]:
+    """(model ready to generate, processor, adapter task names). Settings missing here are read from the
+    adapter's train_config.yaml when there is one."""
+    from asymlora.io import load_yaml
+    from asymlora.train import ModelSection, load_model_and_processor
+
+    if adapter:
+        config_file = Path(adapter) / "train_config.yaml"
+        if config_file.is_file():
+            trained = load_yaml(config_file.read_text(encoding="utf-8")).get("model", {})
+            model = model if model != "default" else trained.get("path", model)
+            projector = projector if projector is not None else trained.get("projector")
+    base, processor = load_model_and_processor(ModelSection(path=model, dtype=dtype, projector=projector))
+    tasks: list[str] = []
+    if adapter:
+        import asymlora
+
+        wrapped = asymlora.load(base, adapter, is_trainable=False)
+        tasks = list(wrapped.tasks)
+        if merge_task is not None:
+            wrapped.merge(task=merge_task)
+            evaluated: Any = wrapped.base_model  # merged weights; no routing left to do
+        else:
+            evaluated = wrapped
+    elif merge_task is not None:
+        raise ConfigError("--merge-task needs --adapter")
+    else:
+        evaluated = base
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return evaluated.to(device).eval(), processor, tasks
+
+
+def _tasks_prompt(sample: Any) -> _Prompt:
+    from asymlora.evaluate.generate import prompt_messages
+
+    messages, _ = prompt_messages(sample.messages)
+    return _Prompt(messages=messages, images=list(sample.images), task=sample.task, source=sample.source)
+
+
+def evaluate_builtin(model: Any, processor: Any, tasks: Sequence[str], adapter_tasks: Sequence[str] = (),
+                     split: str = "test", max_samples: int | None = None, batch_size: int = 16,
+                     max_new_tokens: int = 32, merged_task: str | None = None,
+                     mixture: str = "mix5") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per-task scores and per-sample predictions on the built-in test splits."""
+    from asymlora.data import load_mixture
+    from asymlora.evaluate.generate import generate_answers, prompt_messages
+    from asymlora.evaluate.metrics.builtin import TASK_METRICS, score_task
+
+    samples = load_mixture(mixture).load(split=split)
+    results: dict[str, Any] = {}
+    predictions: list[dict[str, Any]] = []
+    for task in tasks:
+        chosen = [s for s in samples if s.task == task][:max_samples] if max_samples else \
+            [s for s in samples if s.task == task]
+        if not chosen:
+            raise ConfigError(f"--tasks: no {split} samples for task {task!r} in mixture {mixture!r}")
+        prompts = [_tasks_prompt(s) for s in chosen]
+        if merged_task is None and adapter_tasks and task not in adapter_tasks:
+            for prompt in prompts:
+                prompt.task = None  # unknown to the adapter: -1 (hybrid falls back to the router)
+        answers = generate_answers(model, processor, prompts, tasks=adapter_tasks, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens)
+        references = [prompt_messages(s.messages)[1] or "" for s in chosen]
+        # Tasks of user mixtures without a registered metric are scored by normalised exact match.
+        scored = score_task(task, answers, references, metric=None if task in TASK_METRICS else "exact_match")
+        per_sample = scored.pop("per_sample")
+        results[task] = scored
+        predictions.extend({"task": task, "id": s.id, "prediction": a, "reference": r, "score": v}
+                           for s, a, r, v in zip(chosen, answers, references, per_sample))
+    return results, predictions
+
+
+def evaluate_benchmark(model: Any, processor: Any, bench: str, data: str, image_root: str | None = None,
+                       limit: int | None = None, batch_size: int = 16, max_new_tokens: int = 32,
+                       task: str | None = None, adapter_tasks: Sequence[str] = ()) -> tuple[dict[str, Any], list]:
+    from asymlora.evaluate.benchmarks import build_prompt, read_benchmark, score_benchmark
+    from asymlora.evaluate.generate import generate_answers
+
+    items = read_benchmark(bench, data, image_root=image_root, limit=limit)
+    prompts = [_Prompt(messages=[{"role": "user", "content": ("<image>\n" if item.image else "")
+                                  + build_prompt(bench, item)}],
+                       images=[item.image] if item.image else [], task=task, source=item.id) for item in items]
+    answers = generate_answers(model, processor, prompts, tasks=adapter_tasks, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens)
+    scores = score_benchmark(bench, items, answers)
+    predictions = [{"id": item.id, "prediction": a, "answers": item.answers} for item, a in zip(items, answers)]
+    return scores, predictions
+
+
+def _cli_eval(args: argparse.Namespace) -> int:
+    from asymlora.evaluate.report import mean_score, write_report
+
+    start = time.time()
+    model, processor, adapter_tasks = load_for_eval(args.model, args.projector, args.adapter, args.merge_task,
+                                                    args.dtype)
+    setup = {"model": args.model, "projector": args.projector, "adapter": args.adapter,
+             "merge_task": args.merge_task, "split": args.split, "max_samples": args.max_samples,
+             "decoding": f"greedy, max_new_tokens={args.max_new_tokens}"}
+    name = args.name or (Path(args.adapter).name if args.adapter else "base")
+    out = Path(args.out)
+    if args.bench:
+        if not args.data:
+            raise ConfigError("--bench needs --data (the benchmark's local files)")
+        scores, predictions = evaluate_benchmark(model, processor, args.bench, args.data, args.image_root,
+                                                 args.max_samples, args.batch_size, args.max_new_tokens,
+                                                 task=args.task, adapter_tasks=adapter_tasks)
+        results = {"name": name, "benchmark": args.bench, "scores": scores, "setup": setup}
+        out.mkdir(parents=True, exist_ok=True)
+        from asymlora.io import write_json_atomic
+
+        write_json_atomic(out / "results.json", results)
+        print({k: v for k, v in scores.items() if not isinstance(v, (list, dict))})
+        return 0
+    from asymlora.data import load_mixture
+
+    tasks = args.tasks or load_mixture(args.mixture).tasks
+    task_results, predictions = evaluate_builtin(
+        model, processor, tasks, adapter_tasks, args.split, args.max_samples, args.batch_size,
+        args.max_new_tokens, merged_task=args.merge_task, mixture=args.mixture)
+    results = {"name": name, "tasks": task_results, "mean": mean_score(task_results), "setup": setup,
+               "seconds": round(time.time() - start, 1)}
+    paths = write_report(out, results, predictions)
+    print((out / "report.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _cli_compare(args: argparse.Namespace) -> int:
+    from asymlora.evaluate.report import compare
+
+    paths = compare(args.runs, Path(args.out))
+    print(paths["table"].read_text())
+    print(f"wrote {paths['table']}, {paths['plot']}")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="generate and score: built-in test splits or an official benchmark",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="'default' or a local Hugging Face model dir "
+                        "(default: the adapter's training model)")
+    parser.add_argument("--projector", default=None, help="'aligned' or a projector safetensors to load first")
+    parser.add_argument("--adapter", help="a trained asymlora adapter dir (omit to evaluate the base model)")
+    parser.add_argument("--merge-task", help="merge the adapter for this task and evaluate the merged model")
+    parser.add_argument("--tasks", nargs="+", help="built-in tasks to evaluate (default: every task of --mixture)")
+    parser.add_argument("--mixture", default="mix5", help="mixture whose test split is evaluated")
+    parser.add_argument("--split", default="test", help="split of the built-in datasets")
+    parser.add_argument("--max-samples", type=int, help="evaluate at most this many samples per task")
+    parser.add_argument("--bench", choices=["textvqa", "gqa", "vizwiz", "scienceqa", "mme", "pope"],
+                        help="an official benchmark instead of the built-in tasks")
+    parser.add_argument("--data", help="the benchmark's question file or folder")
+    parser.add_argument("--image-root", help="the benchmark's image folder, if not next to --data")
+    parser.add_argument("--task", help="with --bench: the adapter task to route by")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy decoding length")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--name", help="run name in reports (default: the adapter dir name)")
+    parser.add_argument("--out", required=True, help="output dir: results.json, report.md, scores.png")
+    parser.set_defaults(func=_cli_eval)
+
+    comp = subparsers.add_parser("compare", help="put several evaluated runs side by side (table + plot)")
+    comp.add_argument("runs", nargs="+", help="output dirs of `asymlora eval`")
+    comp.add_argument("--out", required=True, help="where compare.md and compare.png go")
+    comp.set_defaults(func=_cli_compare)

@@ -1,0 +1,39 @@
+"""`asymlora eval` / `asymlora compare` end to end on a tiny trained model."""
+
+import json
+
+import yaml
+from train_fixtures import train_setup
+
+from asymlora.cli import main
+from asymlora.train import TrainConfig, run_training
+
+
+def test_eval_report_plot_merge_and_compare(tmp_path):
+    values = train_setup(tmp_path, method="asymlora", max_steps=6, save_steps=100)
+    mixture = values["data"]["mixture"]
+    for entry in mixture["datasets"]:
+        entry["splits"] = {"test": entry["path"]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mixture))
+    values["data"]["mixture"] = str(tmp_path / "mix.yaml")
+    run = run_training(TrainConfig.from_dict(values))
+    common = ["--max-samples", "6", "--max-new-tokens", "4", "--batch-size", "4", "--mixture", str(tmp_path / "mix.yaml")]
+    assert main(["eval", "--adapter", str(run), "--out", str(tmp_path / "routed"), *common]) == 0
+    results = json.loads((tmp_path / "routed" / "results.json").read_text())
+    assert set(results["tasks"]) == {"color", "isred"} and results["tasks"]["color"]["count"] == 6
+    assert results["tasks"]["color"]["metric"] == "exact_match" and 0 <= results["mean"] <= 1
+    for name in ("report.md", "scores.png", "predictions.jsonl"):
+        assert (tmp_path / "routed" / name).stat().st_size > 0
+    assert (tmp_path / "routed" / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", "--adapter", str(run), "--merge-task", "color", "--tasks", "color", "--name", "merged",
+                 "--out", str(tmp_path / "merged"), *common]) == 0
+    routed = [json.loads(line) for line in (tmp_path / "routed" / "predictions.jsonl").read_text().splitlines()]
+    merged = [json.loads(line) for line in (tmp_path / "merged" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in routed if p["task"] == "color"] == [p["prediction"] for p in merged]
+    assert main(["eval", "--model", str(tmp_path / "model"), "--name", "base", "--out", str(tmp_path / "base"),
+                 *common]) == 0
+    assert main(["compare", str(tmp_path / "base"), str(tmp_path / "routed"), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert table.splitlines()[0] == "| task | metric | base | run |"
+    assert table.splitlines()[-1].startswith("| **mean** |")
+    assert (tmp_path / "cmp" / "compare.png").is_file()
