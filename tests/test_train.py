@@ -135,3 +135,24 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     two = [e["loss"] for e in log_history(tmp_path / "ddp") if "loss" in e]
     assert len(one) == len(two) == 6
     assert one == pytest.approx(two, rel=1e-3, abs=1e-4)
+
+
+def test_cli_tiny_config_on_builtin_data(tmp_path, monkeypatch):
+    """README: `asymlora data build ...` then `asymlora train configs/tiny.yaml` (real built-in data)."""
+    from asymlora.assets import locate
+    from asymlora.cli import main
+
+    if locate("easyvqa") is None:
+        pytest.skip("easy-VQA is not installed: asymlora setup --only easyvqa")
+    monkeypatch.setenv("ASYMLORA_CACHE", str(tmp_path / "cache"))
+    assert main(["data", "build", "--only", "easyvqa", "ocr", "--max-per-split", "64"]) == 0
+    out = tmp_path / "run"
+    config = Path(__file__).parent.parent / "configs" / "tiny.yaml"
+    assert main(["train", str(config), f"training.output_dir={out}"]) == 0
+    history = log_history(out)
+    train_logs = [e for e in history if "loss" in e]
+    assert train_logs[-1]["loss"] < train_logs[0]["loss"]
+    assert all("loss_easyvqa" in e and "loss_ocr" in e for e in train_logs)
+    assert any("eval_loss" in e for e in history)
+    assert list((out / "runs").glob("*/events.out.tfevents.*")) or list(out.glob("**/events.out.tfevents.*"))
+    assert (out / "checkpoint-20" / "adapter_model.safetensors").is_file()

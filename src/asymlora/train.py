@@ -40,7 +40,8 @@ SECTIONS = ("model", "data", "adapter", "training", "projector_lr", "resume")
 
 @dataclass
 class ModelSection:
-    path: str = field(default="default", metadata={"help": "'default' (the built offline model) or a local HF dir"})
+    path: str = field(default="default", metadata={"help": "'default' (the built offline model), 'tiny' (a tiny "
+                                                           "random LLaVA for smoke tests) or a local HF dir"})
     dtype: str = field(default="float32", metadata={"help": "dtype to load the frozen model in"})
     projector: str | None = field(default=None, metadata={"help": "projector weights to load: a safetensors file, "
                                                                   "or 'aligned' (the shipped stage-1 projector)"})
@@ -86,6 +87,8 @@ class TrainConfig:
         values = {
             "output_dir": str(Path("runs") / Path(self.source).stem),
             "remove_unused_columns": False,
+            "label_names": ["labels"],
+            "prediction_loss_only": True,
             "report_to": ["tensorboard"],
             "logging_steps": 10,
             "save_strategy": "steps",
@@ -373,7 +376,7 @@ def make_trainer_class() -> type:
             for i, task in enumerate(self.tasks):
                 if sums[i, 1] > 0:
                     metrics[f"loss_{task}"] = round(float(sums[i, 0] / sums[i, 1]), 4)
-            if aux[1] > 0:
+            if aux[1] > 0 and any(layer.router is not None for layer in self.adapter_model.adapter_layers.values()):
                 metrics["aux_loss"] = round(float(aux[0] / aux[1]), 4)
             if entropy[1] > 0:
                 metrics["router_entropy"] = round(float(entropy[0] / entropy[1]), 4)
@@ -408,6 +411,13 @@ def make_trainer_class() -> type:
 
 # ---------------------------------------------------------------------------------------------- driver
 def resolve_model_dir(path: str) -> Path:
+    """'default' (the built offline model), 'tiny' (a tiny random LLaVA, built on first use) or a local dir."""
+    if path == "tiny":
+        from asymlora.assets import cache_dir
+        from asymlora.tiny import build_tiny
+
+        model_dir = cache_dir() / "models" / "tiny"
+        return model_dir if (model_dir / "config.json").is_file() else build_tiny(model_dir)
     if path == "default":
         from asymlora import zoo
 
