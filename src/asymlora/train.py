@@ -101,6 +101,9 @@ class TrainConfig:
             "dataloader_num_workers": 0,
         }
         values.update(self.training)
+        for key, value in list(values.items()):  # YAML 1.1 reads a bare `no` as False
+            if key.endswith("_strategy") and value is False:
+                values[key] = "no"
         if values.get("gradient_checkpointing"):
             values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
         try:
@@ -129,8 +132,12 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
         path = Path(path)
+        preset = Path(__file__).resolve().parent / "configs" / f"{path.name}.yaml"
+        if not path.is_file() and not path.suffix and preset.is_file():
+            path = preset  # a preset name: asymlora train default_asymlora_moe
         if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+            presets = sorted(p.stem for p in preset.parent.glob("*.yaml"))
+            raise ConfigError(f"{path}: config file not found (presets: {', '.join(presets)})")
         try:
             values = load_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
