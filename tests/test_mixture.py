@@ -1,63 +1,176 @@
+"""Mixture declarations: validation with file/entry/key, task order, deterministic caps, sampling weights."""
+
 import json
 
 import pytest
 from PIL import Image
 
-from asymlora import ConfigError
+from asymlora import ConfigError, DataError, MissingAssetError
 from asymlora.data import load_mixture
 
 
-def make(tmp_path, name, n, task=None):
-    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
-    rows = [{"id": f"{name}{i}", "image": "img.png", "conversations": [
-        {"from": "human", "value": "<image>q"}, {"from": "gpt", "value": str(i)}]} for i in range(n)]
-    (tmp_path / f"{name}.json").write_text(json.dumps(rows))
-    return str(tmp_path / f"{name}.json")
+def make(root, name, n, task=None, bad=0):
+    """A LLaVA JSON file of ``n`` samples (plus ``bad`` with a missing image) over one PNG in ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(root / "img.png")
+    rows = [{"id": f"{name}{i}", "image": "img.png" if i < n else "gone.png", "conversations": [
+        {"from": "human", "value": "<image>q"}, {"from": "gpt", "value": str(i)}]} for i in range(n + bad)]
+    if task:
+        for row in rows:
+            row["task"] = task
+    (root / f"{name}.json").write_text(json.dumps(rows))
+    return str(root / f"{name}.json")
 
 
-def test_tasks_weights_and_max_samples(tmp_path):
+def test_tasks_order_task_tags_and_deterministic_max_samples(tmp_path):
     spec = {"name": "m", "datasets": [
-        {"name": "a", "path": make(tmp_path, "a", 10), "task": "vqa", "weight": 1.0},
+        {"name": "a", "path": make(tmp_path, "a", 10, task="ignored"), "task": "vqa", "weight": 1.0},
         {"name": "b", "path": make(tmp_path, "b", 30), "task": "ocr", "weight": 3.0, "max_samples": 20},
         {"name": "c", "path": make(tmp_path, "c", 5), "task": "vqa"},
     ]}
     mixture = load_mixture(spec)
-    assert mixture.tasks == ["vqa", "ocr"]
+    assert mixture.name == "m" and mixture.tasks == ["vqa", "ocr"]
     samples = mixture.load(seed=1)
-    assert [s.task for s in samples].count("ocr") == 20 and len(samples) == 35
-    assert [s.id for s in samples] == [s.id for s in mixture.load(seed=1)]
-    assert [s.id for s in samples] != [s.id for s in mixture.load(seed=2)]
-    weights = mixture.sampling_weights(samples)
-    share = {d: sum(w for w, s in zip(weights, samples) if s.dataset == d) for d in "abc"}
-    assert share["b"] == pytest.approx(3 * share["a"]) and share["c"] == pytest.approx(share["a"])
+    assert len(samples) == 35 and {s.task for s in samples[:10]} == {"vqa"}
+    assert [(s.dataset, s.task) for s in samples].count(("b", "ocr")) == 20
+    kept = [s.id for s in samples if s.dataset == "b"]
+    assert kept == sorted(kept, key=lambda i: int(i[1:]))  # a subset in file order
+    assert [s.id for s in samples] == [s.id for s in load_mixture(spec).load(seed=1)]
+    assert kept != [s.id for s in mixture.load(seed=2) if s.dataset == "b"]
     assert mixture.load(split="val") == []
 
 
-def test_yaml_file_relative_paths_and_splits(tmp_path):
+def test_sampling_weights_give_each_dataset_its_share(tmp_path):
+    mixture = load_mixture({"datasets": [
+        {"name": "a", "path": make(tmp_path, "a", 10), "weight": 1.0},
+        {"name": "b", "path": make(tmp_path, "b", 40), "weight": 3.0},
+        {"name": "c", "path": make(tmp_path, "c", 5), "weight": 1},
+    ]})
+    samples = mixture.load()
+    weights = mixture.sampling_weights(samples)
+    share = {d: sum(w for w, s in zip(weights, samples) if s.dataset == d) for d in "abc"}
+    assert share == pytest.approx({"a": 0.2, "b": 0.6, "c": 0.2}) and sum(weights) == pytest.approx(1.0)
+    assert len({w for w, s in zip(weights, samples) if s.dataset == "b"}) == 1  # uniform within a dataset
+    samples[0].dataset = "other"
+    with pytest.raises(ConfigError, match="dataset 'other', which is not in mixture"):
+        mixture.sampling_weights(samples)
+
+
+def test_yaml_file_relative_paths_splits_and_directories(tmp_path):
     make(tmp_path, "train", 4)
     make(tmp_path, "val", 2)
-    (tmp_path / "mix.yaml").write_text("name: x\ndatasets:\n  - {name: d, path: train.json, splits: {val: val.json}}\n")
-    mixture = load_mixture(tmp_path / "mix.yaml")
-    assert mixture.tasks == ["d"] and len(mixture.load("train")) == 4 and len(mixture.load("val")) == 2
+    make(tmp_path / "dir", "train", 3)
+    make(tmp_path / "dir", "test", 1)
+    (tmp_path / "dir" / "test.json").rename(tmp_path / "dir" / "test.jsonl")
+    (tmp_path / "dir" / "test.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in json.loads((tmp_path / "dir" / "test.jsonl").read_text())))
+    (tmp_path / "mix.yaml").write_text(
+        "datasets:\n"
+        "  - {name: d, path: train.json, image_folder: ., splits: {val: val.json}, weight: 2e0}\n"
+        "  - {name: e, path: dir, task: d}\n"
+        "  - {name: f, path: dir, task: d}\n")
+    with pytest.raises(ConfigError, match=r"datasets\[0\] \('d'\) gets task 'd' from its name.*write 'task: d'"):
+        load_mixture(tmp_path / "mix.yaml")
+    (tmp_path / "mix.yaml").write_text((tmp_path / "mix.yaml").read_text().replace("name: d,", "name: d, task: d,"))
+    mixture = load_mixture(str(tmp_path / "mix.yaml"))
+    assert mixture.name == "mix" and mixture.tasks == ["d"] and mixture.entries[0].weight == 2.0
+    assert [len([s for s in mixture.load(split) if s.dataset == "d"]) for split in ("train", "val", "test")] == [4, 2, 0]
+    assert [s.dataset for s in mixture.load("test")] == ["e", "f"]
+    assert {s.task for s in mixture.load()} == {"d"}
+
+
+def test_entry_on_error_skip(tmp_path):
+    path = make(tmp_path, "a", 3, bad=2)
+    with pytest.raises(DataError, match="2 of 5 samples in .* are invalid"):
+        load_mixture({"datasets": [{"path": path}]}).load()
+    assert len(load_mixture({"datasets": [{"path": path, "on_error": "skip"}]}).load()) == 3
+    assert len(load_mixture({"datasets": [{"path": path}]}).load(on_error="skip")) == 3
+
+
+def test_builtin_entries_read_the_dataset_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASYMLORA_CACHE", str(tmp_path / "cache"))
+    mixture = load_mixture({"datasets": [{"builtin": "easyvqa", "weight": 2}]})
+    assert mixture.entries[0].name == "easyvqa" and mixture.tasks == ["easyvqa"]
+    with pytest.raises(MissingAssetError, match="asymlora data build --only easyvqa"):
+        mixture.load()
+    root = tmp_path / "cache" / "data" / "easyvqa"
+    make(root, "train", 3, task="easyvqa")
+    make(root, "val", 2, task="easyvqa")
+    samples = mixture.load()
+    assert len(samples) == 3 and samples[0].images == [(root / "img.png").resolve()]
+    assert len(mixture.load("val")) == 2 and mixture.load("test") == []
+
+
+def test_builtin_mixture_by_name():
+    mixture = load_mixture("mix5")
+    assert mixture.name == "mix5" and mixture.tasks == ["easyvqa", "fashion", "digits", "emoji", "ocr"]
+    with pytest.raises(ConfigError, match="did you mean 'mix5'"):
+        load_mixture("mix4")
+
+
+def entry(**values):
+    return {"datasets": [{"name": "a", "path": "x.json"} | values]}
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ({"datasets": []}, "non-empty list"),
-    ({"datasets": [{"name": "a", "path": "x.json", "wieght": 2}]}, r"unknown key 'wieght' \(did you mean 'weight'\?\)"),
+    ({"datasets": []}, "mixture: datasets: a mixture needs 'datasets:', a non-empty list"),
+    ({"datasets": {"a": 1}}, "a non-empty list"),
+    ([1], "mixture: expected a name, a YAML path or a mapping, got list"),
+    ({"datasets": [{"path": "x"}], "mix": 1}, r"^mixture: unknown key 'mix'; valid keys: name, datasets$"),
+    ({"datasets": [{"path": "x"}], "dataset": 1}, r"unknown key 'dataset' \(did you mean 'datasets'\?\)"),
+    (entry(wieght=2), r"^mixture: datasets\[0\]: unknown key 'wieght' \(did you mean 'weight'\?\)"),
+    ({"datasets": ["x.json"]}, r"datasets\[0\]: expected a mapping"),
     ({"datasets": [{"name": "a"}]}, "exactly one of 'builtin'"),
     ({"datasets": [{"name": "a", "builtin": "easyvqa", "path": "x"}]}, "exactly one of 'builtin'"),
-    ({"datasets": [{"name": "a", "path": "x.json", "weight": 0}]}, "weight: must be a number > 0"),
-    ({"datasets": [{"name": "a", "builtin": "easyvq"}]}, r"did you mean 'easyvqa'"),
-    ({"datasets": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "repeated: \\['a'\\]"),
-    ({"datasets": [{"path": "x"}], "mix": 1}, "unknown key 'mix'"),
+    ({"datasets": [{"name": "a", "builtin": "easyvq"}]}, r"builtin: 'easyvq' is not one of .*did you mean 'easyvqa'"),
+    ({"datasets": [{"builtin": "easyvqa", "image_folder": "x"}]}, r"image_folder: only for 'path' entries"),
+    (entry(path=3), r"datasets\[0\]\.path: expected a non-empty string"),
+    (entry(weight=0), r"datasets\[0\]\.weight: must be a finite number > 0, got 0"),
+    (entry(weight=-1.5), "weight: must be a finite number > 0"),
+    (entry(weight=float("nan")), "weight: must be a finite number > 0"),
+    (entry(weight="2"), "weight: must be a finite number > 0"),
+    (entry(weight=True), "weight: must be a finite number > 0"),
+    (entry(max_samples=0), r"max_samples: must be an integer >= 1, got 0"),
+    (entry(max_samples=2.5), r"max_samples: must be an integer >= 1"),
+    (entry(max_images_per_sample=-1), r"max_images_per_sample: must be an integer >= 0"),
+    (entry(on_error="ignore"), r"on_error: 'ignore' is not one of \('fail', 'skip'\)"),
+    (entry(auto_insert_image_token="yes"), "auto_insert_image_token: must be true or false"),
+    (entry(splits={"dev": "d.json"}), r"splits: expected a mapping from \('train', 'val', 'test'\)"),
+    (entry(task=""), r"task: expected a non-empty string"),
+    ({"datasets": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, r"repeated: \['a'\]"),
+    ({"datasets": [{"path": "x/a.json"}, {"path": "y/a.json"}]}, r"repeated: \['a'\]"),
+    ({"datasets": [{"name": "vqa", "path": "x"}, {"name": "b", "path": "y", "task": "vqa"}]},
+     r"datasets\[0\] \('vqa'\) gets task 'vqa' from its name, and datasets\[1\] \('b'\) has the same task"),
 ])
 def test_mixture_errors(spec, message):
     with pytest.raises(ConfigError, match=message):
         load_mixture(spec)
 
 
-def test_builtin_mixture_by_name():
-    mixture = load_mixture("mix5")
-    assert mixture.tasks == ["easyvqa", "fashion", "digits", "emoji", "ocr"]
-    with pytest.raises(ConfigError, match="did you mean 'mix5'"):
-        load_mixture("mix4")
+def test_errors_name_the_yaml_file(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("datasets:\n  - {name: a, path: x.json, max_sample: 3}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: datasets\[0\]: unknown key 'max_sample' \(did you mean "
+                                          r"'max_samples'\?\)"):
+        load_mixture(path)
+    path.write_text("- a\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: a mixture is a mapping with 'name' and 'datasets'"):
+        load_mixture(path)
+    path.write_text("datasets: [\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: not valid YAML"):
+        load_mixture(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_mixture(tmp_path / "missing.yaml")
+    path.write_text("datasets:\n  - {name: a, path: nowhere}\n")
+    (tmp_path / "nowhere").mkdir()
+    with pytest.raises(ConfigError, match="dataset 'a' has no train data"):
+        load_mixture(path).load()
+    with pytest.raises(ConfigError, match="split: 'dev' is not one of"):
+        load_mixture(path).load("dev")
+
+
+def test_shared_task_when_every_entry_names_it(tmp_path):
+    mixture = load_mixture({"datasets": [{"name": "a", "path": "x", "task": "vqa"},
+                                         {"name": "b", "path": "y", "task": "ocr"},
+                                         {"name": "c", "path": "z", "task": "vqa"}]})
+    assert mixture.tasks == ["vqa", "ocr"]

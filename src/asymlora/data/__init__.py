@@ -1,7 +1,29 @@
-"""Data: readers of user data (LLaVA JSON/JSONL, messages), mixtures with task names, the collator."""
+"""Data: readers of user data (LLaVA JSON/JSONL, messages), mixtures with task names, the collator.
 
-from asymlora.data.mixture import Mixture, MixtureEntry, load_mixture
-from asymlora.data.reader import ReadReport, Sample, read_samples, read_samples_with_report
+See docs/data-format.md for the accepted formats, the validation and the mixture YAML.
+"""
 
-__all__ = ["Mixture", "MixtureEntry", "ReadReport", "Sample", "load_mixture", "read_samples",
-           "read_samples_with_report"]
+from asymlora.data.mixture import Mixture, MixtureEntry, builtin_mixtures, load_mixture
+from asymlora.data.reader import (
+    IMAGE_TOKEN,
+    Problem,
+    ReadReport,
+    Sample,
+    iter_records,
+    read_samples,
+    read_samples_with_report,
+)
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "Mixture",
+    "MixtureEntry",
+    "Problem",
+    "ReadReport",
+    "Sample",
+    "builtin_mixtures",
+    "iter_records",
+    "load_mixture",
+    "read_samples",
+    "read_samples_with_report",
+]

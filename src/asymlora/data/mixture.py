@@ -1,6 +1,7 @@
 """Mixtures: which datasets train together, under which task names, with which weights.
 
-A mixture is YAML (a built-in name such as ``mix5``, a file path) or an inline mapping::
+A mixture is YAML (a built-in name such as ``mix5``, looked up in ``asymlora/mixtures/<name>.yaml``;
+or a file path) or the same content as a mapping::
 
     name: mix5
     datasets:
@@ -8,33 +9,45 @@ A mixture is YAML (a built-in name such as ``mix5``, a file path) or an inline m
       - {name: mine, path: /data/train.json, image_folder: /data/images, task: ocr, weight: 2.0,
          max_samples: 5000, splits: {val: /data/val.json, test: /data/test.json}}
 
-``builtin`` names a dataset of ``asymlora data build``; ``path`` is a LLaVA JSON/JSONL or messages
-file (the train split) or a directory holding ``{train,val,test}.json[l]``. ``task`` (default: the
-entry's name) is the task the adapter routes by; the order of first appearance gives task ids.
-``weight`` is the dataset's share of training draws (with the mixture sampler), ``max_samples`` caps
-it (seeded shuffle, then cut).
+Each entry gives exactly one of ``builtin`` (a dataset of ``asymlora data build``) and ``path`` (a
+LLaVA JSON/JSONL or messages file -- the train split -- or a directory holding
+``{train,val,test}.json[l]``). Relative paths in a YAML file resolve against the file's directory.
+``task`` (default: the entry's ``name``) is what the adapter routes by; the order of first appearance
+gives the task ids (:attr:`Mixture.tasks`). Several entries may share a task only if each of them
+says so with an explicit ``task:``. ``weight`` (> 0) is the dataset's share of training draws, see
+:meth:`Mixture.sampling_weights`; ``max_samples`` caps its size (seeded shuffle, then cut).
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asymlora.data.reader import Sample, read_samples
-from asymlora.errors import ConfigError
+import yaml
+
+from asymlora.data.reader import ON_ERROR, Sample, read_samples_with_report
+from asymlora.errors import ConfigError, MissingAssetError
 from asymlora.io import load_yaml
 
+logger = logging.getLogger(__name__)
+
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "mixtures"
+MIXTURE_KEYS = ("name", "datasets")
 ENTRY_KEYS = ("name", "builtin", "path", "image_folder", "task", "weight", "max_samples", "splits", "on_error",
               "max_images_per_sample", "auto_insert_image_token")
+PATH_ONLY_KEYS = ("image_folder", "splits")
 SPLITS = ("train", "val", "test")
 
 
 @dataclass
 class MixtureEntry:
+    """One dataset of a mixture, validated; paths are absolute (or relative to the working directory)."""
+
     name: str
     task: str
     weight: float = 1.0
@@ -46,19 +59,26 @@ class MixtureEntry:
     on_error: str | None = None
     max_images_per_sample: int | None = None
     auto_insert_image_token: bool = False
+    explicit_task: bool = True
 
     def split_file(self, split: str) -> tuple[Path | None, Path | None]:
-        """(data file, image folder) for ``split``; (None, None) where the entry has no such split."""
+        """(data file, image folder) of ``split``; (None, None) where the entry has no such split.
+
+        A built-in dataset that is not built raises MissingAssetError with the command that builds it.
+        """
         if self.builtin:
-            from asymlora.datasets import dataset_dir
+            from asymlora.datasets import dataset_dir  # lazy: the datasets package is optional here
 
             root = dataset_dir(self.builtin)
+            if not root.is_dir():
+                raise MissingAssetError(f"dataset {self.builtin!r} is not built ({root} is missing). "
+                                        f"Run: asymlora data build --only {self.builtin}")
             file = root / f"{split}.json"
             return (file if file.is_file() else None), root
         folder = Path(self.image_folder) if self.image_folder else None
         if split in self.splits:
             return Path(self.splits[split]), folder
-        base = Path(self.path)
+        base = Path(str(self.path))
         if base.is_dir():
             for suffix in (".json", ".jsonl"):
                 if (base / f"{split}{suffix}").is_file():
@@ -69,21 +89,27 @@ class MixtureEntry:
 
 @dataclass
 class Mixture:
+    """Datasets with task names and weights; ``source`` is the YAML file (or ``"mixture"``)."""
+
     name: str
     entries: list[MixtureEntry]
     source: str = "mixture"
 
     @property
     def tasks(self) -> list[str]:
-        """Task names in order of first appearance: index = task id."""
-        seen: list[str] = []
-        for entry in self.entries:
-            if entry.task not in seen:
-                seen.append(entry.task)
-        return seen
+        """Task names in order of first appearance: the index of a name is its task id."""
+        return list(dict.fromkeys(entry.task for entry in self.entries))
 
     def load(self, split: str = "train", seed: int = 0, on_error: str = "fail") -> list[Sample]:
-        """Every entry's samples of ``split`` (task set to the entry's task), max_samples applied."""
+        """Every entry's samples of ``split``, in entry order.
+
+        Each sample gets ``task`` = the entry's task and ``dataset`` = the entry's name. ``max_samples``
+        keeps a seeded random subset (in file order) that depends only on (seed, entry name, split).
+        ``on_error`` applies to entries without their own ``on_error``. Entries without ``split`` are
+        left out, except that every entry must have train data.
+        """
+        if split not in SPLITS:
+            raise ConfigError(f"split: {split!r} is not one of {SPLITS}")
         samples: list[Sample] = []
         for entry in self.entries:
             file, folder = entry.split_file(split)
@@ -91,12 +117,13 @@ class Mixture:
                 if split == "train":
                     raise ConfigError(f"{self.source}: dataset {entry.name!r} has no train data")
                 continue
-            rows = read_samples(file, image_folder=folder, on_error=entry.on_error or on_error, task=entry.task,
-                                max_images_per_sample=entry.max_images_per_sample,
-                                auto_insert_image_token=entry.auto_insert_image_token)
+            rows, _ = read_samples_with_report(
+                file, image_folder=folder, on_error=entry.on_error or on_error, task=entry.task,
+                max_images_per_sample=entry.max_images_per_sample,
+                auto_insert_image_token=entry.auto_insert_image_token)
             if entry.max_samples is not None and len(rows) > entry.max_samples:
                 order = list(range(len(rows)))
-                random.Random(f"{seed}:{entry.name}:{split}").shuffle(order)
+                random.Random(f"{seed}:{entry.name}:{split}").shuffle(order)  # str seeds hash stably (sha512)
                 rows = [rows[i] for i in sorted(order[: entry.max_samples])]
             for row in rows:
                 row.dataset = entry.name
@@ -104,83 +131,151 @@ class Mixture:
         return samples
 
     def sampling_weights(self, samples: list[Sample]) -> list[float]:
-        """Per-sample weights: each dataset's total probability is proportional to its weight."""
+        """Per-sample weights for a weighted sampler (e.g. ``torch.utils.data.WeightedRandomSampler``).
+
+        Each dataset's total is proportional to its ``weight`` whatever its size: a sample of dataset d
+        gets ``weight_d / (count_d * sum of weights of the datasets present)``, so the weights sum to 1.
+        Samples must come from :meth:`load` (their ``dataset`` names an entry).
+        """
+        weight = {entry.name: entry.weight for entry in self.entries}
         counts: dict[str, int] = {}
         for sample in samples:
+            if sample.dataset not in weight:
+                raise ConfigError(f"{sample.source or sample.id}: sample of dataset {sample.dataset!r}, which is "
+                                  f"not in mixture {self.name!r} (datasets: {list(weight)})")
             counts[sample.dataset] = counts.get(sample.dataset, 0) + 1
-        weight = {entry.name: entry.weight for entry in self.entries}
-        return [weight.get(s.dataset, 1.0) / counts[s.dataset] for s in samples]
+        total = sum(weight[name] for name in counts)
+        return [weight[s.dataset] / (counts[s.dataset] * total) for s in samples]  # type: ignore[index]
 
 
-def _close(word: str, choices: Any) -> str:
-    match = difflib.get_close_matches(str(word), list(choices), n=1)
+def _close(word: Any, choices: Any) -> str:
+    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _check_keys(values: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in values:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}{_close(key, allowed)}; valid keys: {', '.join(allowed)}")
+
+
+def _string(values: dict[str, Any], key: str, where: str) -> str | None:
+    value = values.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{where}.{key}: expected a non-empty string, got {value!r}")
+    return value
 
 
 def _entry(values: Any, index: int, source: str, base: Path | None) -> MixtureEntry:
     where = f"{source}: datasets[{index}]"
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping with name, builtin or path, task, weight")
-    for key in values:
-        if key not in ENTRY_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r}{_close(key, ENTRY_KEYS)}")
+        raise ConfigError(f"{where}: expected a mapping with name, builtin or path, task, weight; got {values!r}")
+    _check_keys(values, ENTRY_KEYS, where)
     if ("builtin" in values) == ("path" in values):
         raise ConfigError(f"{where}: give exactly one of 'builtin' (a built-in dataset) or 'path' (a data file)")
-    name = values.get("name") or values.get("builtin") or Path(str(values["path"])).stem
+    builtin, path = _string(values, "builtin", where), _string(values, "path", where)
+    if builtin is not None:
+        for key in PATH_ONLY_KEYS:
+            if key in values:
+                raise ConfigError(f"{where}.{key}: only for 'path' entries (a built-in dataset has its own)")
+        try:
+            from asymlora.datasets import BUILDERS  # lazy: the datasets package is optional here
+        except ImportError:
+            BUILDERS = None  # noqa: N806 - without the package, the name is checked when loading
+        if BUILDERS is not None and builtin not in BUILDERS:
+            raise ConfigError(f"{where}.builtin: {builtin!r} is not one of {sorted(BUILDERS)}{_close(builtin, BUILDERS)}")
+    name = _string(values, "name", where) or builtin or Path(str(path)).stem
+    task = _string(values, "task", where)
     weight = values.get("weight", 1.0)
-    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
-        raise ConfigError(f"{where}.weight: must be a number > 0, got {weight!r}")
-    max_samples = values.get("max_samples")
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
-        raise ConfigError(f"{where}.max_samples: must be an integer >= 1, got {max_samples!r}")
-    if "builtin" in values:
-        from asymlora.datasets import BUILDERS
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        raise ConfigError(f"{where}.weight: must be a finite number > 0, got {weight!r}")
+    for key, low in (("max_samples", 1), ("max_images_per_sample", 0)):
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ConfigError(f"{where}.{key}: must be an integer >= {low}, got {value!r}")
+    on_error = values.get("on_error")
+    if on_error is not None and on_error not in ON_ERROR:
+        raise ConfigError(f"{where}.on_error: {on_error!r} is not one of {ON_ERROR}")
+    auto_insert = values.get("auto_insert_image_token", False)
+    if not isinstance(auto_insert, bool):
+        raise ConfigError(f"{where}.auto_insert_image_token: must be true or false, got {auto_insert!r}")
 
-        if values["builtin"] not in BUILDERS:
-            raise ConfigError(f"{where}.builtin: {values['builtin']!r} is not one of {sorted(BUILDERS)}"
-                              f"{_close(values['builtin'], BUILDERS)}")
-
-    def resolve(p: Any) -> str:
-        path = Path(str(p)).expanduser()
-        return str(path if path.is_absolute() or base is None else base / path)
+    def resolve(p: str) -> str:
+        resolved = Path(p).expanduser()
+        return str(resolved if resolved.is_absolute() or base is None else base / resolved)
 
     splits = values.get("splits") or {}
-    if not isinstance(splits, dict) or any(k not in SPLITS for k in splits):
-        raise ConfigError(f"{where}.splits: expected a mapping of {SPLITS} to files, got {splits!r}")
+    if (not isinstance(splits, dict) or any(k not in SPLITS for k in splits)
+            or any(not isinstance(v, str) for v in splits.values())):
+        raise ConfigError(f"{where}.splits: expected a mapping from {SPLITS} to files, got {splits!r}")
+    image_folder = _string(values, "image_folder", where)
     return MixtureEntry(
-        name=str(name), task=str(values.get("task") or name), weight=float(weight), builtin=values.get("builtin"),
-        path=resolve(values["path"]) if "path" in values else None,
-        image_folder=resolve(values["image_folder"]) if values.get("image_folder") else None,
-        max_samples=max_samples, splits={k: resolve(v) for k, v in splits.items()},
-        on_error=values.get("on_error"), max_images_per_sample=values.get("max_images_per_sample"),
-        auto_insert_image_token=bool(values.get("auto_insert_image_token", False)),
+        name=name, task=task or name, weight=float(weight), builtin=builtin,
+        path=resolve(path) if path is not None else None,
+        image_folder=resolve(image_folder) if image_folder else None,
+        max_samples=values.get("max_samples"), splits={k: resolve(v) for k, v in splits.items()},
+        on_error=on_error, max_images_per_sample=values.get("max_images_per_sample"),
+        auto_insert_image_token=auto_insert, explicit_task=task is not None,
     )
 
 
-def load_mixture(spec: str | Path | dict[str, Any]) -> Mixture:
-    """A mixture from a built-in name (``mix5``), a YAML file or a mapping."""
-    base: Path | None = None
-    if isinstance(spec, dict):
-        values, source = spec, "mixture"
-    else:
-        path = Path(spec)
-        if not path.suffix and not path.exists():
-            path = BUILTIN_DIR / f"{spec}.yaml"
-            if not path.is_file():
-                known = sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
-                raise ConfigError(f"mixture: {spec!r} is neither a file nor a built-in mixture {known}"
-                                  f"{_close(spec, known)}")
-        if not path.is_file():
-            raise ConfigError(f"mixture: {path} not found")
-        values, source, base = load_yaml(path.read_text(encoding="utf-8")), str(path), path.parent
-    if not isinstance(values, dict) or not isinstance(values.get("datasets"), list) or not values["datasets"]:
-        raise ConfigError(f"{source}: a mixture needs 'datasets:', a non-empty list of entries")
-    for key in values:
-        if key not in ("name", "datasets"):
-            raise ConfigError(f"{source}: unknown key {key!r}{_close(key, ('name', 'datasets'))}")
-    entries = [_entry(v, i, source, base) for i, v in enumerate(values["datasets"])]
+def _check_shared_tasks(entries: list[MixtureEntry], source: str) -> None:
+    """Dataset names are unique; entries share a task only where each one names it with ``task:``."""
     names = [e.name for e in entries]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ConfigError(f"{source}: dataset names must be unique; repeated: {duplicates}")
-    return Mixture(name=str(values.get("name", "mixture")), entries=entries, source=source)
+        raise ConfigError(f"{source}: dataset names must be unique; repeated: {duplicates} (give each entry "
+                          "its own 'name')")
+    for i, entry in enumerate(entries):
+        sharing = [j for j, other in enumerate(entries) if other.task == entry.task and j != i]
+        if sharing and not entry.explicit_task:
+            raise ConfigError(
+                f"{source}: datasets[{i}] ({entry.name!r}) gets task {entry.task!r} from its name, and "
+                f"datasets[{sharing[0]}] ({entries[sharing[0]].name!r}) has the same task. To train them as "
+                f"one task write 'task: {entry.task}' on both; otherwise give them different tasks")
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return load_yaml(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def builtin_mixtures() -> list[str]:
+    """Names of the mixtures shipped in ``asymlora/mixtures``."""
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def load_mixture(spec: str | Path | dict[str, Any]) -> Mixture:
+    """A validated mixture from a built-in name (``"mix5"``), a YAML file or a mapping.
+
+    Raises ConfigError naming the file, the entry and the key for: unknown keys (with the closest
+    valid one), not exactly one of builtin/path, weight <= 0, bad max_samples, repeated dataset names,
+    a task shared with an entry that did not name it explicitly.
+    """
+    base: Path | None = None
+    if isinstance(spec, dict):
+        values, source = spec, "mixture"
+    elif isinstance(spec, (str, Path)):
+        path = Path(spec).expanduser()
+        if not path.exists() and not path.suffix and len(path.parts) == 1:
+            path = BUILTIN_DIR / f"{spec}.yaml"
+            if not path.is_file():
+                known = builtin_mixtures()
+                raise ConfigError(f"mixture: {str(spec)!r} is neither a file nor a built-in mixture {known}"
+                                  f"{_close(spec, known)}")
+        if not path.is_file():
+            raise ConfigError(f"mixture: {path} not found")
+        values, source, base = _read_yaml(path), str(path), path.parent
+    else:
+        raise ConfigError(f"mixture: expected a name, a YAML path or a mapping, got {type(spec).__name__}")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: a mixture is a mapping with 'name' and 'datasets', got {values!r}")
+    _check_keys(values, MIXTURE_KEYS, source)
+    if not isinstance(values.get("datasets"), list) or not values["datasets"]:
+        raise ConfigError(f"{source}: datasets: a mixture needs 'datasets:', a non-empty list of entries")
+    entries = [_entry(v, i, source, base) for i, v in enumerate(values["datasets"])]
+    _check_shared_tasks(entries, source)
+    default_name = Path(source).stem if base is not None else "mixture"
+    return Mixture(name=str(values.get("name") or default_name), entries=entries, source=source)

@@ -1,35 +1,70 @@
 """Read instruction data (LLaVA JSON / JSONL, or TRL-style ``messages`` + ``images``) into samples.
 
-Every sample becomes a :class:`Sample`: ``messages`` (role + string content, with ``<image>`` at each
-image's position), absolute image paths, an optional task name and its ``file:line`` origin.
+Every record becomes a :class:`Sample`: ``messages`` (``{"role": "user" | "assistant" | "system",
+"content": str}``, with one ``<image>`` placeholder at each image's position), absolute image paths, an
+optional task name and the ``file:line`` where the record starts.
+
+Accepted records (one JSON list of them, or JSON Lines with one per line)::
+
+    {"id": "1", "image": "a.png" | ["a.png", "b.png"], "task": "vqa",            # LLaVA
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]}
+
+    {"id": "1", "images": ["a.png"], "task": "vqa",                                # TRL / HF messages
+     "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                  {"role": "assistant", "content": "A cat."}]}
 
 Validation reports ``file:line: field: problem`` for: malformed JSON or a record that is not an
 object, missing or wrongly typed fields, unknown roles, turns that do not alternate user/assistant or
 have no assistant reply, missing image files, ``<image>`` placeholders that do not match the number of
-images, and more images than the model family supports. ``on_error="fail"`` (default) raises one
-:class:`~asymlora.errors.DataError` listing the problems; ``"skip"`` drops bad samples and counts them
-in the :class:`ReadReport`.
+images, and more images than the model family takes. ``on_error="fail"`` (default) raises one
+:class:`~asymlora.errors.DataError` listing every problem; ``"skip"`` drops the bad samples, logs a
+summary and counts them, grouped by reason, in the :class:`ReadReport`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asymlora.errors import DataError
+from asymlora.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
+# LLaVA ``from`` values and the role each becomes; ShareGPT-style data also uses user/assistant here.
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MESSAGE_ROLES = ("user", "assistant", "system")
-MAX_LISTED = 20
+ON_ERROR = ("fail", "skip")
+MAX_LISTED = 20  # problems listed in one DataError; the rest are counted ("and N more")
+_JSON_SPACE = " \t\r\n"
+
+# Reasons a record is rejected (the ``kind`` of a Problem); skip mode groups its count by these.
+MALFORMED_JSON = "malformed JSON"
+NOT_AN_OBJECT = "not an object"
+MISSING_FIELD = "missing field"
+WRONG_TYPE = "wrong type"
+UNKNOWN_ROLE = "unknown role"
+TURN_ORDER = "turns out of order"
+NO_REPLY = "no assistant reply"
+MISSING_IMAGE = "missing image file"
+IMAGE_TOKENS = "<image> count mismatch"
+TOO_MANY_IMAGES = "too many images"
 
 
 @dataclass
 class Sample:
-    """One conversation with its images, normalised from any supported format."""
+    """One conversation with its images, normalised from any supported format.
+
+    ``messages`` hold string content with ``<image>`` where each of ``images`` goes (in order);
+    ``source`` is ``"file:line"`` of the record; ``dataset`` is the mixture entry it came from.
+    """
 
     id: str
     messages: list[dict[str, str]]
@@ -39,180 +74,358 @@ class Sample:
     dataset: str | None = None
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One rejected record: where it starts, which field is wrong, what is wrong, and the reason kind."""
+
+    source: str
+    field: str
+    message: str
+    kind: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.field}: {self.message}"
+
+
 @dataclass
 class ReadReport:
-    """What :func:`read_samples` found in one file."""
+    """What :func:`read_samples_with_report` found in one file: counts and the rejected records."""
 
     path: Path
     total: int = 0
     kept: int = 0
-    problems: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
 
     @property
     def skipped(self) -> int:
+        """Records dropped (only non-zero in ``on_error="skip"`` mode)."""
         return self.total - self.kept
 
+    @property
+    def reasons(self) -> dict[str, int]:
+        """Rejected records per reason kind, most frequent first."""
+        return dict(Counter(p.kind for p in self.problems).most_common())
+
     def summary(self) -> str:
-        reasons = Counter(p.split(": ", 2)[1] if p.count(": ") >= 2 else p for p in self.problems)
-        grouped = ", ".join(f"{field_name}: {n}" for field_name, n in reasons.most_common())
-        return f"{self.path}: kept {self.kept} of {self.total} samples" + (
-            f"; skipped {self.skipped} ({grouped})" if self.skipped else "")
+        """One line: kept/total, and for each reason its count and its first example."""
+        text = f"{self.path}: kept {self.kept} of {self.total} samples"
+        if not self.problems:
+            return text
+        first: dict[str, Problem] = {}
+        for problem in self.problems:
+            first.setdefault(problem.kind, problem)
+        grouped = "; ".join(f"{kind}: {n} (e.g. {first[kind]})" for kind, n in self.reasons.items())
+        return f"{text}; skipped {len(self.problems)}: {grouped}"
 
 
 class _RecordError(Exception):
-    def __init__(self, field_name: str, message: str) -> None:
+    """A problem with one record: the field it concerns, the message and the reason kind."""
+
+    def __init__(self, field_name: str, message: str, kind: str) -> None:
         super().__init__(f"{field_name}: {message}")
+        self.field_name, self.message, self.kind = field_name, message, kind
 
 
-def iter_records(path: Path) -> list[tuple[int, Any]]:
-    """(line, record) for each element of a JSON list or each line of a JSONL file."""
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if path.suffix == ".jsonl" or (stripped and stripped[0] == "{"):
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((number, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON: {err.msg} (column {err.colno})") from None
-        return records
-    decoder = json.JSONDecoder()
-    position = len(text) - len(stripped)
-    if not stripped or stripped[0] != "[":
-        raise DataError(f"{path}:1: expected a JSON list of samples or JSON Lines (one object per line)")
-    position += 1
-    records = []
-    while True:
-        while position < len(text) and text[position] in " \t\r\n,":
-            position += 1
-        if position >= len(text):
-            raise DataError(f"{path}:{text.count(chr(10), 0, position) + 1}: not valid JSON: the list is not closed")
-        if text[position] == "]":
-            break
-        line = text.count("\n", 0, position) + 1
+@dataclass(frozen=True)
+class _BadLine:
+    """A JSON Lines line that does not parse (the rest of the file is still read)."""
+
+    message: str
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), type(value).__name__)
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line, record) for each element of a JSON list, or each non-blank line of a JSON Lines file.
+
+    ``line`` is the 1-based line on which the record starts. A JSON Lines line that does not parse is
+    yielded as a ``_BadLine`` (so every bad line is reported); a JSON list that does not parse stops
+    with a DataError at the line of the error, since nothing after it can be located reliably.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    start = len(text) - len(text.lstrip(_JSON_SPACE))
+    if start == len(text):
+        raise DataError(f"{path}: the file is empty; expected a JSON list of samples or JSON Lines")
+    if text[start] == "[" and path.suffix != ".jsonl":
+        yield from _json_list(path, text, start)
+    elif text[start] == "{" or path.suffix == ".jsonl":
+        yield from _json_lines(path, text)
+    else:
+        line = text.count("\n", 0, start) + 1
+        raise DataError(f"{path}:{line}: expected a JSON list of samples ([{{...}}, ...]) or JSON Lines "
+                        f"(one object per line), found {text[start:start + 20]!r}")
+
+
+def _json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            record, position = decoder.raw_decode(text, position)
+            record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: not valid JSON: {err.msg} (column {err.colno})") from None
-        records.append((line, record))
-    return records
+            if number == 1 and path.suffix != ".jsonl" and _is_one_object(text):
+                raise DataError(f"{path}:1: the file holds one JSON object; expected a list of samples "
+                                "([{...}, {...}]) or JSON Lines (one object per line)") from None
+            yield number, _BadLine(f"not valid JSON: {err.msg} (column {err.colno})")
+            continue
+        yield number, record
+
+
+def _is_one_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, Any]]:
+    decoder = json.JSONDecoder()
+    counted, line = 0, 1
+
+    def line_at(position: int) -> int:  # newlines are counted once, incrementally (files can be GBs)
+        nonlocal counted, line
+        line += text.count("\n", counted, position)
+        counted = position
+        return line
+
+    def skip_space(position: int) -> int:
+        while position < len(text) and text[position] in _JSON_SPACE:
+            position += 1
+        return position
+
+    position = skip_space(start + 1)
+    if position < len(text) and text[position] == "]":
+        position += 1
+    else:
+        while True:
+            element_line = line_at(position)
+            try:
+                record, position = decoder.raw_decode(text, position)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{err.lineno}: not valid JSON: {err.msg} (column {err.colno})") from None
+            yield element_line, record
+            position = skip_space(position)
+            if position >= len(text):
+                raise DataError(f"{path}:{line_at(position)}: not valid JSON: the list is not closed with ']'")
+            if text[position] == "]":
+                position += 1
+                break
+            if text[position] != ",":
+                raise DataError(f"{path}:{line_at(position)}: not valid JSON: expected ',' or ']' after the "
+                                f"sample that starts on line {element_line}")
+            position = skip_space(position + 1)
+    position = skip_space(position)
+    if position < len(text):
+        raise DataError(f"{path}:{line_at(position)}: not valid JSON: extra data after the closing ']'")
+
+
+def _text_field(value: Any, field_name: str) -> str:
+    if not isinstance(value, str):
+        kind = MISSING_FIELD if value is None else WRONG_TYPE
+        raise _RecordError(field_name, f"expected a string, got {_type_name(value)}", kind)
+    return value
+
+
+def _turn_list(record: dict[str, Any], key: str, shape: str) -> list[Any]:
+    turns = record[key]
+    if not isinstance(turns, list) or not turns:
+        got = "an empty list" if turns == [] else _type_name(turns)
+        raise _RecordError(key, f"expected a non-empty list of {shape} turns, got {got}", WRONG_TYPE)
+    return turns
 
 
 def _llava_messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    turns = record["conversations"]
-    if not isinstance(turns, list) or not turns:
-        raise _RecordError("conversations", "expected a non-empty list of {from, value} turns")
     messages = []
-    for i, turn in enumerate(turns):
+    for i, turn in enumerate(_turn_list(record, "conversations", "{from, value}")):
+        where = f"conversations[{i}]"
         if not isinstance(turn, dict):
-            raise _RecordError(f"conversations[{i}]", "expected an object with 'from' and 'value'")
+            raise _RecordError(where, f"expected an object with 'from' and 'value', got {_type_name(turn)}",
+                               WRONG_TYPE)
         role = turn.get("from")
         if role not in LLAVA_ROLES:
-            raise _RecordError(f"conversations[{i}].from", f"{role!r} is not one of {sorted(LLAVA_ROLES)}")
-        value = turn.get("value")
-        if not isinstance(value, str):
-            raise _RecordError(f"conversations[{i}].value", f"expected a string, got {type(value).__name__}")
-        messages.append({"role": LLAVA_ROLES[role], "content": value})
+            kind = MISSING_FIELD if role is None else UNKNOWN_ROLE
+            raise _RecordError(f"{where}.from", f"{role!r} is not one of {sorted(LLAVA_ROLES)}", kind)
+        messages.append({"role": LLAVA_ROLES[role], "content": _text_field(turn.get("value"), f"{where}.value")})
     return messages
 
 
-def _chat_messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    turns = record["messages"]
-    if not isinstance(turns, list) or not turns:
-        raise _RecordError("messages", "expected a non-empty list of {role, content} messages")
+def _content_text(content: Any, where: str, inline_images: list[str]) -> str:
+    """String content, or structured parts joined with ``<image>`` at each image part."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        kind = MISSING_FIELD if content is None else WRONG_TYPE
+        raise _RecordError(f"{where}.content", f"expected a string or a list of parts, got {_type_name(content)}",
+                           kind)
+    pieces = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            pieces.append(IMAGE_TOKEN)
+            inline = next((part[k] for k in ("path", "image", "url") if isinstance(part.get(k), str)), None)
+            if inline is not None:
+                if re.match(r"^(https?|data):", inline):
+                    raise _RecordError(f"{where}.content[{j}]", f"remote or inline image {inline[:40]!r}: "
+                                       "download it and give a file path", WRONG_TYPE)
+                inline_images.append(inline)
+        elif kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        else:
+            raise _RecordError(f"{where}.content[{j}]", "expected {'type': 'image'} or {'type': 'text', "
+                               f"'text': str}}, got {json.dumps(part)[:60]}", WRONG_TYPE)
+    return "".join(pieces)
+
+
+def _chat_messages(record: dict[str, Any], inline_images: list[str]) -> list[dict[str, str]]:
     messages = []
-    for i, turn in enumerate(turns):
+    for i, turn in enumerate(_turn_list(record, "messages", "{role, content}")):
+        where = f"messages[{i}]"
         if not isinstance(turn, dict):
-            raise _RecordError(f"messages[{i}]", "expected an object with 'role' and 'content'")
+            raise _RecordError(where, f"expected an object with 'role' and 'content', got {_type_name(turn)}",
+                               WRONG_TYPE)
         role = turn.get("role")
         if role not in MESSAGE_ROLES:
-            raise _RecordError(f"messages[{i}].role", f"{role!r} is not one of {list(MESSAGE_ROLES)}")
-        content = turn.get("content")
-        if isinstance(content, list):
-            pieces = []
-            for j, part in enumerate(content):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "image":
-                    pieces.append(IMAGE_TOKEN)
-                elif kind == "text" and isinstance(part.get("text"), str):
-                    pieces.append(part["text"])
-                else:
-                    raise _RecordError(f"messages[{i}].content[{j}]",
-                                       "expected {'type': 'image'} or {'type': 'text', 'text': str}")
-            content = "".join(pieces)
-        if not isinstance(content, str):
-            raise _RecordError(f"messages[{i}].content", f"expected a string or a list of parts, got "
-                                                          f"{type(content).__name__}")
-        messages.append({"role": role, "content": content})
+            kind = MISSING_FIELD if role is None else UNKNOWN_ROLE
+            raise _RecordError(f"{where}.role", f"{role!r} is not one of {list(MESSAGE_ROLES)}", kind)
+        messages.append({"role": role, "content": _content_text(turn.get("content"), where, inline_images)})
     return messages
 
 
 def _check_turns(messages: list[dict[str, str]], key: str) -> None:
-    body = messages[1:] if messages[0]["role"] == "system" else messages
-    for i, message in enumerate(body):
+    """An optional first system turn, then user/assistant alternating from user, with a reply."""
+    role_field = "from" if key == "conversations" else "role"
+    offset = 1 if messages[0]["role"] == "system" else 0
+    for i, message in enumerate(messages[offset:]):
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
-            raise _RecordError(key, f"turn {i + 1} is {message['role']!r}, expected {expected!r} (turns must "
-                                    "alternate user/assistant, starting with user)")
-    if not any(m["role"] == "assistant" for m in body):
-        raise _RecordError(key, "no assistant reply to learn from")
+            raise _RecordError(f"{key}[{i + offset}].{role_field}",
+                               f"{message['role']!r} where {expected!r} was expected (after an optional first "
+                               "system turn, turns alternate user/assistant, starting with user)", TURN_ORDER)
+    if len(messages) - offset < 2:
+        raise _RecordError(key, "no assistant reply to learn from", NO_REPLY)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant" and IMAGE_TOKEN in message["content"]:
+            raise _RecordError(f"{key}[{i}]", f"{IMAGE_TOKEN} in an assistant reply; images belong in user "
+                                              "turns", IMAGE_TOKENS)
 
 
-def _image_list(record: dict[str, Any]) -> list[str]:
-    value = record.get("images", record.get("image"))
-    key = "images" if "images" in record else "image"
+def _image_list(record: dict[str, Any], default_key: str) -> tuple[list[str], str]:
+    """The record's image paths and the key they came from (``image`` or ``images``)."""
+    if "image" in record and "images" in record:
+        raise _RecordError("images", "give either 'image' or 'images', not both", WRONG_TYPE)
+    key = "images" if "images" in record else "image" if "image" in record else default_key
+    value = record.get(key)
     if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise _RecordError(key, "expected a path or a list of paths")
+        return [], key
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list):
+        raise _RecordError(key, f"expected a path or a list of paths, got {_type_name(value)}", WRONG_TYPE)
+    for i, item in enumerate(values):
+        if not isinstance(item, str) or not item:
+            raise _RecordError(f"{key}[{i}]" if isinstance(value, list) else key,
+                               f"expected a non-empty path string, got {item!r}", WRONG_TYPE)
+    return list(values), key
 
 
-def parse_record(record: Any, *, index: int, path: Path, image_folder: Path, task: str | None,
-                 max_images_per_sample: int | None, auto_insert_image_token: bool, check_images: bool) -> Sample:
-    """One record -> Sample; raises _RecordError(field, message) on a problem."""
+@dataclass
+class _Options:
+    path: Path
+    image_folder: Path
+    task: str | None
+    max_images_per_sample: int | None
+    auto_insert_image_token: bool
+    check_images: bool
+    found: dict[str, bool] = field(default_factory=dict)  # image path -> exists (images repeat across records)
+
+    def __post_init__(self) -> None:
+        self.folder = str(self.image_folder.expanduser().resolve())  # resolved once: pathlib per image is slow
+
+    def image_path(self, name: str) -> str:
+        """The absolute, normalised path of image ``name`` (relative to the image folder)."""
+        return os.path.normpath(os.path.join(self.folder, os.path.expanduser(name)))
+
+    def exists(self, image: str) -> bool:
+        if image not in self.found:
+            self.found[image] = os.path.isfile(image)
+        return self.found[image]
+
+
+def _parse_record(record: Any, index: int, options: _Options) -> Sample:
+    """One record -> Sample; raises _RecordError on the first problem found."""
+    if isinstance(record, _BadLine):
+        raise _RecordError("record", record.message, MALFORMED_JSON)
     if not isinstance(record, dict):
-        raise _RecordError("record", f"expected a JSON object, got {type(record).__name__}")
+        raise _RecordError("record", f"expected a JSON object, got {_type_name(record)}", NOT_AN_OBJECT)
+    inline_images: list[str] = []
+    if "conversations" in record and "messages" in record:
+        raise _RecordError("messages", "give either 'conversations' (LLaVA) or 'messages', not both", WRONG_TYPE)
     if "conversations" in record:
         messages, key = _llava_messages(record), "conversations"
     elif "messages" in record:
-        messages, key = _chat_messages(record), "messages"
+        messages, key = _chat_messages(record, inline_images), "messages"
     else:
-        raise _RecordError("conversations", "missing: a sample needs 'conversations' (LLaVA) or 'messages'")
+        raise _RecordError("conversations", "missing: a sample needs 'conversations' (LLaVA format) or "
+                                            "'messages' (messages format)", MISSING_FIELD)
     _check_turns(messages, key)
-    images = _image_list(record)
-    if max_images_per_sample is not None and len(images) > max_images_per_sample:
-        raise _RecordError("image", f"{len(images)} images, but this model family takes at most "
-                                    f"{max_images_per_sample} per sample")
+    images, image_key = _image_list(record, "image" if key == "conversations" else "images")
+    if inline_images:
+        if images:
+            raise _RecordError(image_key, "images are given both here and inside message parts; give them "
+                                          "in one place", WRONG_TYPE)
+        images, image_key = inline_images, "messages"
+    limit = options.max_images_per_sample
+    if limit is not None and len(images) > limit:
+        raise _RecordError(image_key, f"{len(images)} images, but this model family takes at most {limit} per "
+                                      "sample", TOO_MANY_IMAGES)
     placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-    if images and placeholders == 0 and auto_insert_image_token:
+    if placeholders == 0 and len(images) == 1 and options.auto_insert_image_token:
         first_user = next(m for m in messages if m["role"] == "user")
-        first_user["content"] = IMAGE_TOKEN * len(images) + "\n" + first_user["content"]
-        placeholders = len(images)
+        first_user["content"] = f"{IMAGE_TOKEN}\n{first_user['content']}"
+        placeholders = 1
     if placeholders != len(images):
-        raise _RecordError(key, f"{placeholders} {IMAGE_TOKEN} placeholder(s) for {len(images)} image(s)"
-                                + ("; set auto_insert_image_token to add them" if placeholders == 0 else ""))
+        if placeholders == 0 and len(images) == 1:
+            hint = f"; put {IMAGE_TOKEN} where the image goes, or set auto_insert_image_token"
+        elif placeholders == 0:
+            hint = f"; put one {IMAGE_TOKEN} where each image goes"
+        else:
+            hint = ""
+        raise _RecordError(key, f"{placeholders} {IMAGE_TOKEN} placeholder(s) for {len(images)} image(s) in "
+                                f"'{image_key}'{hint}", IMAGE_TOKENS)
     resolved = []
-    for name in images:
-        image_path = (image_folder / name).resolve()
-        if check_images and not image_path.is_file():
-            raise _RecordError("image", f"file not found: {image_path}")
-        resolved.append(image_path)
-    sample_task = record.get("task", task) if task is None else task
-    if sample_task is not None and not isinstance(sample_task, str):
-        raise _RecordError("task", f"expected a string, got {type(sample_task).__name__}")
-    sample_id = record.get("id", f"{path.stem}-{index}")
-    return Sample(id=str(sample_id), messages=messages, images=resolved, task=sample_task, source="")
+    for i, name in enumerate(images):
+        image = options.image_path(name)
+        if options.check_images and not options.exists(image):
+            if inline_images:
+                where = f"messages (image part {i + 1})"
+            else:
+                where = f"{image_key}[{i}]" if isinstance(record.get(image_key), list) else image_key
+            raise _RecordError(where, f"file not found: {image}", MISSING_IMAGE)
+        resolved.append(Path(image))
+    sample_task = options.task
+    if sample_task is None and record.get("task") is not None:
+        sample_task = record["task"]
+        if not isinstance(sample_task, str) or not sample_task:
+            raise _RecordError("task", f"expected a non-empty string, got {sample_task!r}", WRONG_TYPE)
+    sample_id = record.get("id", f"{options.path.stem}-{index}")
+    if isinstance(sample_id, bool) or not isinstance(sample_id, (str, int)):
+        raise _RecordError("id", f"expected a string or an integer, got {_type_name(sample_id)}", WRONG_TYPE)
+    return Sample(id=str(sample_id), messages=messages, images=resolved, task=sample_task)
 
 
 def read_samples(path: str | Path, image_folder: str | Path | None = None, on_error: str = "fail",
                  task: str | None = None, max_images_per_sample: int | None = None,
                  auto_insert_image_token: bool = False, check_images: bool = True) -> list[Sample]:
-    """Read a LLaVA JSON/JSONL or messages-format file; see :func:`read_samples_with_report`."""
+    """Read a LLaVA JSON/JSONL or messages-format file into samples.
+
+    Same arguments as :func:`read_samples_with_report`, which also returns the :class:`ReadReport`.
+    """
     return read_samples_with_report(path, image_folder, on_error, task, max_images_per_sample,
                                     auto_insert_image_token, check_images)[0]
 
@@ -221,31 +434,65 @@ def read_samples_with_report(path: str | Path, image_folder: str | Path | None =
                              task: str | None = None, max_images_per_sample: int | None = None,
                              auto_insert_image_token: bool = False, check_images: bool = True,
                              ) -> tuple[list[Sample], ReadReport]:
-    """Samples and a report. ``task`` overrides each record's ``task`` field; images resolve against
-    ``image_folder`` (default: the file's directory)."""
-    if on_error not in ("fail", "skip"):
-        raise DataError(f"on_error: {on_error!r} is not one of ('fail', 'skip')")
+    """Samples of one file and a report of what was kept and why the rest was not.
+
+    Args:
+        path: a JSON list of records or JSON Lines (``.jsonl``, or any file starting with ``{``).
+        image_folder: where relative image paths resolve (default: the directory of ``path``).
+        on_error: ``"fail"`` raises one DataError listing every bad record (``file:line: field:
+            message``); ``"skip"`` drops bad records, logs :meth:`ReadReport.summary` and returns the rest.
+            A JSON list that does not parse at all fails in both modes.
+        task: the task of every sample (overrides the records' ``task`` field).
+        max_images_per_sample: reject records with more images (1 for single-image model families).
+        auto_insert_image_token: for a record with exactly one image and no ``<image>`` placeholder,
+            put ``<image>\\n`` at the start of the first user turn instead of rejecting it.
+        check_images: check that every image file exists.
+
+    Raises:
+        DataError: a bad record (``on_error="fail"``), or a file with no usable sample.
+    """
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"on_error: {on_error!r} is not one of {ON_ERROR}")
+    if max_images_per_sample is not None and (isinstance(max_images_per_sample, bool)
+                                              or not isinstance(max_images_per_sample, int)
+                                              or max_images_per_sample < 0):
+        raise ConfigError(f"max_images_per_sample: expected an integer >= 0 or None, got {max_images_per_sample!r}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    folder = Path(image_folder) if image_folder is not None else path.parent
+    folder = Path(image_folder).expanduser() if image_folder is not None else path.parent
+    options = _Options(path=path, image_folder=folder, task=task, max_images_per_sample=max_images_per_sample,
+                       auto_insert_image_token=auto_insert_image_token, check_images=check_images)
     report = ReadReport(path=path)
     samples = []
     for index, (line, record) in enumerate(iter_records(path)):
         report.total += 1
         try:
-            sample = parse_record(record, index=index, path=path, image_folder=folder, task=task,
-                                  max_images_per_sample=max_images_per_sample,
-                                  auto_insert_image_token=auto_insert_image_token, check_images=check_images)
+            sample = _parse_record(record, index, options)
         except _RecordError as err:
-            report.problems.append(f"{path}:{line}: {err}")
+            report.problems.append(Problem(f"{path}:{line}", err.field_name, err.message, err.kind))
             continue
         sample.source = f"{path}:{line}"
         samples.append(sample)
     report.kept = len(samples)
-    if report.problems and on_error == "fail":
-        listed = report.problems[:MAX_LISTED]
-        more = len(report.problems) - len(listed)
-        raise DataError(f"{len(report.problems)} malformed sample(s) in {path} (set on_error: skip to drop them):\n"
-                        + "\n".join(listed) + (f"\nand {more} more" if more else ""))
+    if report.total == 0:
+        raise DataError(f"{path}: no samples (the list is empty)")
+    if report.problems and (on_error == "fail" or not samples):
+        raise DataError(_failure_message(report, folder))
+    if report.problems:
+        logger.warning("%s", report.summary())
     return samples, report
+
+
+def _failure_message(report: ReadReport, folder: Path) -> str:
+    count = len(report.problems)
+    if report.kept:
+        head = f"{count} of {report.total} samples in {report.path} are invalid (on_error='skip' drops them):"
+    else:
+        head = f"none of the {report.total} samples in {report.path} is valid:"
+    listed = [str(p) for p in report.problems[:MAX_LISTED]]
+    if count > MAX_LISTED:
+        listed.append(f"and {count - MAX_LISTED} more")
+    if any(p.kind == MISSING_IMAGE for p in report.problems):
+        listed.append(f"(relative image paths resolve against {folder}; pass image_folder to change that)")
+    return "\n".join([head, *listed])
