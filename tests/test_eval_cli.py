@@ -37,3 +37,16 @@ def test_eval_report_plot_merge_and_compare(tmp_path):
     assert table.splitlines()[0] == "| task | metric | base | run |"
     assert table.splitlines()[-1].startswith("| **mean** |")
     assert (tmp_path / "cmp" / "compare.png").is_file()
+
+
+def test_rank_scoring_picks_from_train_answers(tmp_path):
+    values = train_setup(tmp_path, method="lora", max_steps=2, save_steps=100)
+    mixture = values["data"]["mixture"]
+    for entry in mixture["datasets"]:
+        entry["splits"] = {"test": entry["path"]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mixture))
+    assert main(["eval", "--model", str(tmp_path / "model"), "--scoring", "rank", "--max-samples", "4",
+                 "--mixture", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "r")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "r" / "predictions.jsonl").read_text().splitlines()]
+    assert {r["prediction"] for r in rows if r["task"] == "isred"} <= {"yes", "no"}
+    assert {r["prediction"] for r in rows if r["task"] == "color"} <= {"red", "green", "blue"}

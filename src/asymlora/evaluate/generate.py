@@ -71,3 +71,55 @@ def generate_answers(
         answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     model.train(was_training)
     return answers
+
+
+@torch.no_grad()
+def rank_candidates(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Any],
+    candidates: Sequence[str],
+    tasks: Sequence[str] = (),
+    progress: bool = True,
+) -> list[str]:
+    """Closed-set answers: for each sample, the candidate with the highest summed log-likelihood as the
+    assistant reply (every candidate scored with the sample's image and prompt, one forward per sample).
+
+    This measures what the model knows about the image independently of whether it follows the
+    answer format, which is how a model that was only aligned (stage 1) can be evaluated.
+    """
+    from tqdm.auto import tqdm
+
+    from asymlora.model import AsymLoraModel
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "right"
+    task_index = {name: i for i, name in enumerate(tasks)}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chosen: list[str] = []
+    for sample in tqdm(samples, desc="ranking", unit="sample", disable=not progress):
+        messages, _ = prompt_messages(sample.messages)
+        prompt = processor.apply_chat_template(to_conversation(messages), tokenize=False, add_generation_prompt=True)
+        images = [load_image(p, getattr(sample, "source", "")) for p in sample.images]
+        kwargs: dict[str, Any] = {"text": [prompt + c for c in candidates], "return_tensors": "pt", "padding": True}
+        prompt_kwargs: dict[str, Any] = {"text": [prompt], "return_tensors": "pt"}
+        if images:
+            kwargs["images"] = images * len(candidates)
+            prompt_kwargs["images"] = images
+        start = processor(**prompt_kwargs)["input_ids"].shape[1]
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in processor(**kwargs).items()}
+        options = {}
+        if isinstance(model, AsymLoraModel):
+            task_id = task_index.get(getattr(sample, "task", None), -1)
+            options["task_ids"] = torch.full((len(candidates),), task_id, dtype=torch.long, device=device)
+        logits = model(**inputs, **options).logits.float()
+        targets = inputs["input_ids"][:, 1:]
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        mask = inputs["attention_mask"][:, 1:].bool()
+        mask[:, : start - 1] = False
+        scores = (logprobs * mask).sum(dim=1)
+        chosen.append(candidates[int(scores.argmax())])
+    model.train(was_training)
+    return chosen

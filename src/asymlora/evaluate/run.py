@@ -63,23 +63,32 @@ def load_for_eval(model: str = "default", projector: str | None = None, adapter:
     return evaluated.to(device).eval(), processor, tasks
 
 
-def _tasks_prompt(sample: Any) -> _Prompt:
+def _tasks_prompt(sample: Any, suffix: str | None = None) -> _Prompt:
     from asymlora.evaluate.generate import prompt_messages
 
     messages, _ = prompt_messages(sample.messages)
+    if suffix:  # e.g. LLaVA's "Answer the question using a single word or phrase."
+        messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"].rstrip() + "\n" + suffix}]
     return _Prompt(messages=messages, images=list(sample.images), task=sample.task, source=sample.source)
 
 
 def evaluate_builtin(model: Any, processor: Any, tasks: Sequence[str], adapter_tasks: Sequence[str] = (),
                      split: str = "test", max_samples: int | None = None, batch_size: int = 16,
                      max_new_tokens: int = 32, merged_task: str | None = None,
-                     mixture: str = "mix5") -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Per-task scores and per-sample predictions on the built-in test splits."""
+                     mixture: str = "mix5", prompt_suffix: str | None = None, scoring: str = "generate",
+                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per-task scores and per-sample predictions on the built-in test splits.
+
+    ``scoring="generate"``: greedy generation. ``scoring="rank"``: the most likely of the task's train
+    answers (closed set), for tasks with a small answer vocabulary.
+    """
     from asymlora.data import load_mixture
-    from asymlora.evaluate.generate import generate_answers, prompt_messages
+    from asymlora.evaluate.generate import generate_answers, prompt_messages, rank_candidates
     from asymlora.evaluate.metrics.builtin import TASK_METRICS, score_task
 
-    samples = load_mixture(mixture).load(split=split)
+    loaded = load_mixture(mixture)
+    samples = loaded.load(split=split)
+    train = loaded.load(split="train") if scoring == "rank" else []
     results: dict[str, Any] = {}
     predictions: list[dict[str, Any]] = []
     for task in tasks:
@@ -87,12 +96,19 @@ def evaluate_builtin(model: Any, processor: Any, tasks: Sequence[str], adapter_t
             [s for s in samples if s.task == task]
         if not chosen:
             raise ConfigError(f"--tasks: no {split} samples for task {task!r} in mixture {mixture!r}")
-        prompts = [_tasks_prompt(s) for s in chosen]
+        prompts = [_tasks_prompt(s, prompt_suffix) for s in chosen]
         if merged_task is None and adapter_tasks and task not in adapter_tasks:
             for prompt in prompts:
                 prompt.task = None  # unknown to the adapter: -1 (hybrid falls back to the router)
-        answers = generate_answers(model, processor, prompts, tasks=adapter_tasks, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens)
+        if scoring == "rank":
+            candidates = sorted({prompt_messages(s.messages)[1] for s in train if s.task == task})
+            if len(candidates) > 50:
+                raise ConfigError(f"--scoring rank: task {task!r} has {len(candidates)} distinct answers; ranking is "
+                                  "meant for small closed answer sets (use generate)")
+            answers = rank_candidates(model, processor, prompts, candidates, tasks=adapter_tasks)
+        else:
+            answers = generate_answers(model, processor, prompts, tasks=adapter_tasks, batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens)
         references = [prompt_messages(s.messages)[1] or "" for s in chosen]
         # Tasks of user mixtures without a registered metric are scored by normalised exact match.
         scored = score_task(task, answers, references, metric=None if task in TASK_METRICS else "exact_match")
@@ -128,6 +144,7 @@ def _cli_eval(args: argparse.Namespace) -> int:
                                                     args.dtype)
     setup = {"model": args.model, "projector": args.projector, "adapter": args.adapter,
              "merge_task": args.merge_task, "split": args.split, "max_samples": args.max_samples,
+             "prompt_suffix": args.prompt_suffix, "scoring": args.scoring,
              "decoding": f"greedy, max_new_tokens={args.max_new_tokens}"}
     name = args.name or (Path(args.adapter).name if args.adapter else "base")
     out = Path(args.out)
@@ -149,7 +166,8 @@ def _cli_eval(args: argparse.Namespace) -> int:
     tasks = args.tasks or load_mixture(args.mixture).tasks
     task_results, predictions = evaluate_builtin(
         model, processor, tasks, adapter_tasks, args.split, args.max_samples, args.batch_size,
-        args.max_new_tokens, merged_task=args.merge_task, mixture=args.mixture)
+        args.max_new_tokens, merged_task=args.merge_task, mixture=args.mixture, prompt_suffix=args.prompt_suffix,
+        scoring=args.scoring)
     results = {"name": name, "tasks": task_results, "mean": mean_score(task_results), "setup": setup,
                "seconds": round(time.time() - start, 1)}
     paths = write_report(out, results, predictions)
@@ -185,9 +203,15 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--data", help="the benchmark's question file or folder")
     parser.add_argument("--image-root", help="the benchmark's image folder, if not next to --data")
     parser.add_argument("--task", help="with --bench: the adapter task to route by")
+    parser.add_argument("--prompt-suffix", help="text appended to each built-in question, e.g. 'Answer the "
+                        "question using a single word or phrase.' (LLaVA's short-answer instruction)")
+    parser.add_argument("--scoring", choices=["generate", "rank"], default="generate",
+                        help="generate: greedy answers; rank: the most likely of the task's train answers "
+                        "(closed set; for small answer sets)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy decoding length")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype to load the model in")
     parser.add_argument("--name", help="run name in reports (default: the adapter dir name)")
     parser.add_argument("--out", required=True, help="output dir: results.json, report.md, scores.png")
     parser.set_defaults(func=_cli_eval)

@@ -1,0 +1,30 @@
+"""`asymlora align` on the tiny model with small builds of the real datasets."""
+
+import json
+
+import pytest
+
+from asymlora.align import build_caption_data
+from asymlora.assets import locate
+from asymlora.cli import main
+
+
+def test_align_writes_projector_and_record(tmp_path, monkeypatch):
+    if any(locate(name) is None for name in ("easyvqa", "mnist", "fashion", "twemoji")):
+        pytest.skip("dataset assets missing: asymlora setup --only easyvqa mnist fashion twemoji")
+    monkeypatch.setenv("ASYMLORA_CACHE", str(tmp_path / "cache"))
+    assert main(["data", "build", "--max-per-split", "24"]) == 0
+    rows = json.loads(build_caption_data(tmp_path / "captions", seed=0, per_dataset=6).read_text())
+    captions = {row["id"].split("-")[1]: row["conversations"][1]["value"] for row in rows}
+    assert set(captions) == {"easyvqa", "fashion", "digits", "emoji", "ocr"}
+    assert captions["easyvqa"].startswith("A ") and captions["digits"].startswith("The number ")
+    assert main(["build-tiny", "--out", str(tmp_path / "tiny")]) == 0
+    out = tmp_path / "projector.safetensors"
+    assert main(["align", "--model", str(tmp_path / "tiny"), "--steps", "2", "--batch-size", "2",
+                 "--per-dataset", "6", "--out", str(out), "--output-dir", str(tmp_path / "run")]) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["steps"] == 2 and len(record["sha256"]) == 64
+    from asymlora.tiny import tiny_llava
+    from asymlora.zoo import load_projector
+
+    load_projector(tiny_llava(), out)
