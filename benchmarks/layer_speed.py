@@ -28,6 +28,7 @@ from asymlora.io import write_json_atomic, write_text_atomic
 from asymlora.model import RoutingContext
 
 PRESETS = {
+    "tiny": dict(d_in=64, d_out=96, tokens=64, r=4, experts=(3,), dtype="float32"),  # a smoke test of the script
     "small": dict(d_in=576, d_out=1536, tokens=2048, r=16, experts=(3, 8), dtype="float32"),
     "7b": dict(d_in=4096, d_out=11008, tokens=4096, r=32, experts=(3, 8), dtype="bfloat16"),
 }

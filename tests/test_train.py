@@ -104,16 +104,6 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
         run_training(TrainConfig.from_dict(values))
 
 
-DDP = """
-import json, sys
-sys.path.insert(0, {tests!r})
-import yaml
-import asymlora.train as train
-config = train.TrainConfig.from_dict(yaml.safe_load(open({config!r})))
-train.run_training(config)
-"""
-
-
 def test_two_process_ddp_matches_single_process(tmp_path):
     single = train_setup(tmp_path, method="asymlora", max_steps=6, save_steps=100, per_device_train_batch_size=4,
                          logging_steps=1)
@@ -124,12 +114,12 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     ddp["training"]["output_dir"] = str(tmp_path / "ddp")
     config_path = tmp_path / "ddp.yaml"
     config_path.write_text(yaml.safe_dump(ddp))
-    script = tmp_path / "ddp_main.py"
-    script.write_text(DDP.format(tests=str(TESTS), config=str(config_path)))
+    # The README's command: accelerate launch --multi_gpu --num_processes N -m asymlora.cli train CONFIG
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(script)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(TESTS)})
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "asymlora.cli", "train",
+         str(config_path)],
+        capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = [e["loss"] for e in log_history(tmp_path / "single") if "loss" in e]
     two = [e["loss"] for e in log_history(tmp_path / "ddp") if "loss" in e]
