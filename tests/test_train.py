@@ -127,14 +127,13 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert one == pytest.approx(two, rel=1e-3, abs=1e-4)
 
 
-def test_cli_tiny_config_on_builtin_data(tmp_path, monkeypatch):
+def test_cli_tiny_config_on_builtin_data(tmp_path, isolated_cache):
     """README: `asymlora data build ...` then `asymlora train configs/tiny.yaml` (real built-in data)."""
     from asymlora.assets import locate
     from asymlora.cli import main
 
     if locate("easyvqa") is None:
         pytest.skip("easy-VQA is not installed: asymlora setup --only easyvqa")
-    monkeypatch.setenv("ASYMLORA_CACHE", str(tmp_path / "cache"))
     assert main(["data", "build", "--only", "easyvqa", "ocr", "--max-per-split", "64"]) == 0
     out = tmp_path / "run"
     config = Path(__file__).parent.parent / "configs" / "tiny.yaml"

@@ -78,8 +78,13 @@ def _pip_root(asset: Asset) -> Path | None:
     return root if (root / asset.member).exists() else None
 
 
+def assets_dir() -> Path:
+    """Where Debian / npm assets are unpacked (``$ASYMLORA_ASSETS``, default ``cache_dir()/assets``)."""
+    return Path(os.environ.get("ASYMLORA_ASSETS", cache_dir() / "assets")).expanduser()
+
+
 def _cache_root(asset: Asset) -> Path:
-    return cache_dir() / "assets" / asset.name
+    return assets_dir() / asset.name
 
 
 def locate(name: str) -> Path | None:
