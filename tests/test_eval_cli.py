@@ -9,13 +9,19 @@ from asymlora.cli import main
 from asymlora.train import TrainConfig, run_training
 
 
-def test_eval_report_plot_merge_and_compare(tmp_path):
-    values = train_setup(tmp_path, method="asymlora", max_steps=6, save_steps=100)
+def setup_with_test_split(tmp_path, method, steps):
+    """The tiny training setup, its mixture written to mix.yaml with the train files as test split too."""
+    values = train_setup(tmp_path, method=method, max_steps=steps, save_steps=100)
     mixture = values["data"]["mixture"]
     for entry in mixture["datasets"]:
         entry["splits"] = {"test": entry["path"]}
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mixture))
     values["data"]["mixture"] = str(tmp_path / "mix.yaml")
+    return values
+
+
+def test_eval_report_plot_merge_and_compare(tmp_path):
+    values = setup_with_test_split(tmp_path, "asymlora", 6)
     run = run_training(TrainConfig.from_dict(values))
     common = ["--max-samples", "6", "--max-new-tokens", "4", "--batch-size", "4", "--mixture", str(tmp_path / "mix.yaml")]
     assert main(["eval", "--adapter", str(run), "--out", str(tmp_path / "routed"), *common]) == 0
@@ -40,11 +46,7 @@ def test_eval_report_plot_merge_and_compare(tmp_path):
 
 
 def test_rank_scoring_picks_from_train_answers(tmp_path):
-    values = train_setup(tmp_path, method="lora", max_steps=2, save_steps=100)
-    mixture = values["data"]["mixture"]
-    for entry in mixture["datasets"]:
-        entry["splits"] = {"test": entry["path"]}
-    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mixture))
+    setup_with_test_split(tmp_path, "lora", 2)
     assert main(["eval", "--model", str(tmp_path / "model"), "--scoring", "rank", "--max-samples", "4",
                  "--mixture", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "r")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "r" / "predictions.jsonl").read_text().splitlines()]
