@@ -52,3 +52,5 @@ def test_rank_scoring_picks_from_train_answers(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "r" / "predictions.jsonl").read_text().splitlines()]
     assert {r["prediction"] for r in rows if r["task"] == "isred"} <= {"yes", "no"}
     assert {r["prediction"] for r in rows if r["task"] == "color"} <= {"red", "green", "blue"}
+    assert main(["eval", "--model", str(tmp_path / "model"), "--scoring", "rank-calibrated", "--max-samples", "4",
+                 "--tasks", "color", "--mixture", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "c")]) == 0

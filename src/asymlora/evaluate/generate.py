@@ -81,12 +81,15 @@ def rank_candidates(
     candidates: Sequence[str],
     tasks: Sequence[str] = (),
     progress: bool = True,
+    calibrate: bool = False,
 ) -> list[str]:
     """Closed-set answers: for each sample, the candidate with the highest summed log-likelihood as the
     assistant reply (every candidate scored with the sample's image and prompt, one forward per sample).
 
     This measures what the model knows about the image independently of whether it follows the
-    answer format, which is how a model that was only aligned (stage 1) can be evaluated.
+    answer format, which is how a model that was only aligned (stage 1) can be evaluated. With
+    ``calibrate=True`` the score is log p(answer | image, prompt) - log p(answer | prompt without the
+    image), which removes the language model's answer prior and keeps what the image adds.
     """
     from tqdm.auto import tqdm
 
@@ -108,18 +111,31 @@ def rank_candidates(
         if images:
             kwargs["images"] = images * len(candidates)
             prompt_kwargs["images"] = images
-        start = processor(**prompt_kwargs)["input_ids"].shape[1]
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in processor(**kwargs).items()}
         options = {}
         if isinstance(model, AsymLoraModel):
             task_id = task_index.get(getattr(sample, "task", None), -1)
             options["task_ids"] = torch.full((len(candidates),), task_id, dtype=torch.long, device=device)
-        logits = model(**inputs, **options).logits.float()
-        targets = inputs["input_ids"][:, 1:]
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        mask = inputs["attention_mask"][:, 1:].bool()
-        mask[:, : start - 1] = False
-        scores = (logprobs * mask).sum(dim=1)
+        scores = _answer_logprobs(model, processor, kwargs, prompt_kwargs, options, device)
+        if calibrate and images:
+            text_only = [{**m, "content": m["content"].replace("<image>", "")} for m in messages]
+            bare = processor.apply_chat_template(to_conversation(text_only), tokenize=False,
+                                                 add_generation_prompt=True)
+            scores = scores - _answer_logprobs(
+                model, processor, {"text": [bare + c for c in candidates], "return_tensors": "pt", "padding": True},
+                {"text": [bare], "return_tensors": "pt"}, options, device)
         chosen.append(candidates[int(scores.argmax())])
     model.train(was_training)
     return chosen
+
+
+def _answer_logprobs(model: Any, processor: Any, kwargs: dict[str, Any], prompt_kwargs: dict[str, Any],
+                     options: dict[str, Any], device: Any) -> torch.Tensor:
+    """Summed log-probability of each sequence's tokens after the prompt (one row per candidate)."""
+    start = processor(**prompt_kwargs)["input_ids"].shape[1]
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in processor(**kwargs).items()}
+    logits = model(**inputs, **options).logits.float()
+    targets = inputs["input_ids"][:, 1:]
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mask = inputs["attention_mask"][:, 1:].bool()
+    mask[:, : start - 1] = False
+    return (logprobs * mask).sum(dim=1)

@@ -88,7 +88,7 @@ def evaluate_builtin(model: Any, processor: Any, tasks: Sequence[str], adapter_t
 
     loaded = load_mixture(mixture)
     samples = loaded.load(split=split)
-    train = loaded.load(split="train") if scoring == "rank" else []
+    train = loaded.load(split="train") if scoring.startswith("rank") else []
     results: dict[str, Any] = {}
     predictions: list[dict[str, Any]] = []
     for task in tasks:
@@ -100,12 +100,13 @@ def evaluate_builtin(model: Any, processor: Any, tasks: Sequence[str], adapter_t
         if merged_task is None and adapter_tasks and task not in adapter_tasks:
             for prompt in prompts:
                 prompt.task = None  # unknown to the adapter: -1 (hybrid falls back to the router)
-        if scoring == "rank":
+        if scoring.startswith("rank"):
             candidates = sorted({prompt_messages(s.messages)[1] for s in train if s.task == task})
             if len(candidates) > 50:
                 raise ConfigError(f"--scoring rank: task {task!r} has {len(candidates)} distinct answers; ranking is "
                                   "meant for small closed answer sets (use generate)")
-            answers = rank_candidates(model, processor, prompts, candidates, tasks=adapter_tasks)
+            answers = rank_candidates(model, processor, prompts, candidates, tasks=adapter_tasks,
+                                      calibrate=scoring == "rank-calibrated")
         else:
             answers = generate_answers(model, processor, prompts, tasks=adapter_tasks, batch_size=batch_size,
                                        max_new_tokens=max_new_tokens)
@@ -205,9 +206,10 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--task", help="with --bench: the adapter task to route by")
     parser.add_argument("--prompt-suffix", help="text appended to each built-in question, e.g. 'Answer the "
                         "question using a single word or phrase.' (LLaVA's short-answer instruction)")
-    parser.add_argument("--scoring", choices=["generate", "rank"], default="generate",
+    parser.add_argument("--scoring", choices=["generate", "rank", "rank-calibrated"], default="generate",
                         help="generate: greedy answers; rank: the most likely of the task's train answers "
-                        "(closed set; for small answer sets)")
+                        "(closed set; for small answer sets); rank-calibrated: ranked by log p(answer | image) "
+                        "- log p(answer | no image), i.e. by what the image adds")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy decoding length")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
