@@ -329,7 +329,7 @@ def make_trainer_class() -> type:
             loss = lm_loss + weight * aux * aux_scale if weight and aux.requires_grad else lm_loss
             if model.training:
                 self._record_task_losses(sample_sums.detach(), sample_counts.detach(), task_ids)
-                self._aux_sum += float(aux.detach())
+                self._aux_sum = self._aux_sum.to(aux.device) + aux.detach().double()  # no device sync per step
                 self._aux_count += 1
             return (loss, outputs) if return_outputs else loss
 
@@ -357,7 +357,7 @@ def make_trainer_class() -> type:
 
         # ---- logging --------------------------------------------------------------------------------
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs and self.model.training is not None and "eval_loss" not in logs:
+            if "loss" in logs and "eval_loss" not in logs:
                 logs.update(self._training_metrics())
             super().log(logs, start_time)
 
@@ -365,15 +365,18 @@ def make_trainer_class() -> type:
             metrics: dict[str, float] = {}
             device = self.args.device
             sums = self._task_sums.to(device)
-            aux = torch.tensor([float(self._aux_sum), float(self._aux_count)], dtype=torch.float64, device=device)
+            aux = torch.stack([self._aux_sum.to(device), torch.tensor(float(self._aux_count), dtype=torch.float64,
+                                                                   device=device)])
             stats = self.adapter_model.pop_routing_stats()
             entropy = torch.zeros(2, dtype=torch.float64, device=device)
-            load = None
+            load, load_layers = None, 0
             for entry in stats.values():
                 entropy += torch.stack([entry["entropy_sum"].double(), entry["tokens"].double()]).to(device)
                 layer_load = entry["load"].double().to(device)
                 share = layer_load / layer_load.sum().clamp(min=1e-12)
-                load = share if load is None else (load + share if load.shape == share.shape else load)
+                if load is None or load.shape == share.shape:  # per-expert shares of layers with the first E
+                    load = share if load is None else load + share
+                    load_layers += 1
             if self.accelerator.num_processes > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
                 aux = self.accelerator.reduce(aux, reduction="sum")
@@ -387,8 +390,8 @@ def make_trainer_class() -> type:
                 metrics["aux_loss"] = round(float(aux[0] / aux[1]), 4)
             if entropy[1] > 0:
                 metrics["router_entropy"] = round(float(entropy[0] / entropy[1]), 4)
-            if load is not None and stats:
-                load = load / len(stats)
+            if load is not None:
+                load = load / load_layers
                 for e, share in enumerate(load.tolist()):
                     metrics[f"expert_load_{e}"] = round(share, 4)
             self._task_sums = torch.zeros_like(self._task_sums)
