@@ -54,3 +54,35 @@ def test_rank_scoring_picks_from_train_answers(tmp_path):
     assert {r["prediction"] for r in rows if r["task"] == "color"} <= {"red", "green", "blue"}
     assert main(["eval", "--model", str(tmp_path / "model"), "--scoring", "rank-calibrated", "--max-samples", "4",
                  "--tasks", "color", "--mixture", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "c")]) == 0
+
+
+def test_question_templates_group_answers_and_give_baselines():
+    from asymlora.evaluate.run import answer_pool, question_template
+
+    def pair(question, answer):
+        return [{"role": "user", "content": "<image>\n" + question}], answer
+
+    pool = answer_pool([pair("What color is the circle?", "red"), pair("What color is the square?", "blue"),
+                        pair("What color is the circle?", "blue"), pair("Is there a circle?", "yes"),
+                        pair("Is there a square?", "no"), pair("Is there a square?", "no"),
+                        pair("What shape is this?", "circle"), pair("What shape is this?", "square")])
+    assert question_template("What color is the SQUARE?", pool.answer_words) == "what color is the _ ?"
+    assert pool.candidates("What color is the square?") == ["blue", "red"]
+    assert pool.candidates("Is there a circle?") == ["no", "yes"]
+    assert pool.candidates("Which one?") == pool.answers  # unseen template: every answer competes
+    assert pool.majority() == "blue"  # blue 2, no 2: ties broken by name
+    assert pool.majority("What color is the circle?") == "blue"
+    assert pool.majority("Is there a circle?") == "no"
+    assert pool.majority("Is there a red circle?") == "blue"  # template "is there a _ _ ?" unseen: overall
+    assert pool.candidates("Is there a triangle?") == pool.answers  # not an answer word: an unseen template
+
+
+def test_rank_with_question_candidates_reports_baselines(tmp_path):
+    setup_with_test_split(tmp_path, "lora", 2)
+    assert main(["eval", "--model", str(tmp_path / "model"), "--scoring", "rank", "--candidates", "question",
+                 "--max-samples", "4", "--mixture", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "q")]) == 0
+    results = json.loads((tmp_path / "q" / "results.json").read_text())
+    for task in ("isred", "color"):
+        assert 0 <= results["tasks"][task]["majority"] <= 1 and 0 <= results["tasks"][task]["majority_by_question"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "q" / "predictions.jsonl").read_text().splitlines()]
+    assert {r["prediction"] for r in rows if r["task"] == "isred"} <= {"yes", "no"}

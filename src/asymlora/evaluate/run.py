@@ -72,15 +72,64 @@ def _tasks_prompt(sample: Any, suffix: str | None = None) -> _Prompt:
     return _Prompt(messages=messages, images=list(sample.images), task=sample.task, source=sample.source)
 
 
+def question_template(question: str, answer_words: set[str]) -> str:
+    """The question with every word that is itself an answer word replaced by ``_``, lower-cased:
+    "What color is the circle?" -> "what color is the _?" when "circle" is an answer of the task. Questions
+    with the same template ask for the same kind of answer."""
+    import re
+
+    words = re.findall(r"[a-z0-9]+|[^a-z0-9\s]", question.replace("<image>", "").lower())
+    return " ".join("_" if w in answer_words else w for w in words)
+
+
+@dataclass
+class AnswerPool:
+    """A task's train answers, overall and per question template (for closed-set ranking and baselines)."""
+
+    answers: list[str]
+    counts: dict[str, int]
+    by_template: dict[str, dict[str, int]]
+    answer_words: set[str]
+
+    def candidates(self, question: str) -> list[str]:
+        """The train answers of ``question``'s template, or all answers for a template never seen in train."""
+        seen = self.by_template.get(question_template(question, self.answer_words))
+        return sorted(seen) if seen else self.answers
+
+    def majority(self, question: str | None = None) -> str:
+        """The most common train answer (of ``question``'s template when given and seen); ties by name."""
+        counts = self.counts
+        if question is not None:
+            counts = self.by_template.get(question_template(question, self.answer_words)) or counts
+        return min(counts, key=lambda answer: (-counts[answer], answer))
+
+
+def answer_pool(pairs: Sequence[tuple[list[dict[str, str]], str | None]]) -> AnswerPool:
+    """Build the :class:`AnswerPool` of ``(prompt messages, answer)`` pairs (from ``prompt_messages``)."""
+    import re
+    from collections import Counter
+
+    answered = [(messages[-1]["content"], answer) for messages, answer in pairs if answer is not None]
+    counts = Counter(answer for _, answer in answered)
+    answer_words = {w for answer in counts for w in re.findall(r"[a-z0-9]+", answer.lower())}
+    by_template: dict[str, Counter] = {}
+    for question, answer in answered:
+        by_template.setdefault(question_template(question, answer_words), Counter())[answer] += 1
+    return AnswerPool(sorted(counts), dict(counts), {k: dict(v) for k, v in by_template.items()}, answer_words)
+
+
 def evaluate_builtin(model: Any, processor: Any, tasks: Sequence[str], adapter_tasks: Sequence[str] = (),
                      split: str = "test", max_samples: int | None = None, batch_size: int = 16,
                      max_new_tokens: int = 32, merged_task: str | None = None,
                      mixture: str = "mix5", prompt_suffix: str | None = None, scoring: str = "generate",
-                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                     candidates: str = "task") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Per-task scores and per-sample predictions on the built-in test splits.
 
     ``scoring="generate"``: greedy generation. ``scoring="rank"``: the most likely of the task's train
-    answers (closed set), for tasks with a small answer vocabulary.
+    answers (closed set), for tasks with a small answer vocabulary; with ``candidates="question"`` only
+    the train answers of the same question template (:func:`question_template`) compete, and each task's
+    results also hold the matching baselines: ``majority`` (the task's most common train answer for every
+    question) and ``majority_by_question`` (the most common train answer of the question's template).
     """
     from asymlora.data import load_mixture
     from asymlora.evaluate.generate import generate_answers, prompt_messages, rank_candidates
@@ -100,13 +149,25 @@ def evaluate_builtin(model: Any, processor: Any, tasks: Sequence[str], adapter_t
         if merged_task is None and adapter_tasks and task not in adapter_tasks:
             for prompt in prompts:
                 prompt.task = None  # unknown to the adapter: -1 (hybrid falls back to the router)
+        baselines: dict[str, Any] = {}
         if scoring.startswith("rank"):
-            candidates = sorted({prompt_messages(s.messages)[1] for s in train if s.task == task})
-            if len(candidates) > 50:
-                raise ConfigError(f"--scoring rank: task {task!r} has {len(candidates)} distinct answers; ranking is "
-                                  "meant for small closed answer sets (use generate)")
-            answers = rank_candidates(model, processor, prompts, candidates, tasks=adapter_tasks,
-                                      calibrate=scoring == "rank-calibrated")
+            pool = answer_pool([prompt_messages(s.messages) for s in train if s.task == task])
+            if len(pool.answers) > 50:
+                raise ConfigError(f"--scoring rank: task {task!r} has {len(pool.answers)} distinct answers; ranking "
+                                  "is meant for small closed answer sets (use generate)")
+            questions = [prompt_messages(s.messages)[0][-1]["content"] for s in chosen]
+            groups: dict[tuple[str, ...], list[int]] = {}
+            for i, question in enumerate(questions):
+                options = pool.candidates(question) if candidates == "question" else pool.answers
+                groups.setdefault(tuple(options), []).append(i)
+            answers = [""] * len(chosen)
+            for options, indices in groups.items():
+                ranked = rank_candidates(model, processor, [prompts[i] for i in indices], list(options),
+                                         tasks=adapter_tasks, calibrate=scoring == "rank-calibrated")
+                for i, answer in zip(indices, ranked):
+                    answers[i] = answer
+            baselines = {"majority": [pool.majority()] * len(chosen),
+                         "majority_by_question": [pool.majority(q) for q in questions]}
         else:
             answers = generate_answers(model, processor, prompts, tasks=adapter_tasks, batch_size=batch_size,
                                        max_new_tokens=max_new_tokens)
@@ -114,6 +175,9 @@ def evaluate_builtin(model: Any, processor: Any, tasks: Sequence[str], adapter_t
         # Tasks of user mixtures without a registered metric are scored by normalised exact match.
         scored = score_task(task, answers, references, metric=None if task in TASK_METRICS else "exact_match")
         per_sample = scored.pop("per_sample")
+        for name, guesses in baselines.items():
+            baseline = score_task(task, guesses, references, metric=scored["metric"])
+            scored[name] = baseline[baseline["metric"]]
         results[task] = scored
         predictions.extend({"task": task, "id": s.id, "prediction": a, "reference": r, "score": v}
                            for s, a, r, v in zip(chosen, answers, references, per_sample))
@@ -145,7 +209,7 @@ def _cli_eval(args: argparse.Namespace) -> int:
                                                     args.dtype)
     setup = {"model": args.model, "projector": args.projector, "adapter": args.adapter,
              "merge_task": args.merge_task, "split": args.split, "max_samples": args.max_samples,
-             "prompt_suffix": args.prompt_suffix, "scoring": args.scoring,
+             "prompt_suffix": args.prompt_suffix, "scoring": args.scoring, "candidates": args.candidates,
              "decoding": f"greedy, max_new_tokens={args.max_new_tokens}"}
     name = args.name or (Path(args.adapter).name if args.adapter else "base")
     out = Path(args.out)
@@ -168,7 +232,7 @@ def _cli_eval(args: argparse.Namespace) -> int:
     task_results, predictions = evaluate_builtin(
         model, processor, tasks, adapter_tasks, args.split, args.max_samples, args.batch_size,
         args.max_new_tokens, merged_task=args.merge_task, mixture=args.mixture, prompt_suffix=args.prompt_suffix,
-        scoring=args.scoring)
+        scoring=args.scoring, candidates=args.candidates)
     results = {"name": name, "tasks": task_results, "mean": mean_score(task_results), "setup": setup,
                "seconds": round(time.time() - start, 1)}
     paths = write_report(out, results, predictions)
@@ -210,6 +274,10 @@ def register_cli(subparsers: Any) -> None:
                         help="generate: greedy answers; rank: the most likely of the task's train answers "
                         "(closed set; for small answer sets); rank-calibrated: ranked by log p(answer | image) "
                         "- log p(answer | no image), i.e. by what the image adds")
+    parser.add_argument("--candidates", choices=["task", "question"], default="task",
+                        help="with --scoring rank*: which train answers compete: all of the task's, or those of "
+                        "questions with the same template (answer words masked: 'what color is the _?'); results "
+                        "then also hold the majority and per-question-template majority baselines")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy decoding length")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
