@@ -17,3 +17,43 @@ def test_layer_speed_script_writes_results(tmp_path):
     impls = {(row["method"], row["impl"]) for row in data["rows"]}
     assert ("asymlora_moe (dense)", "loop") in impls and ("asymlora_moe (dense)", "fused") in impls
     assert "| lora | 1 | fused |" in (tmp_path / "layer_speed_tiny_cpu.md").read_text()
+
+
+def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache, monkeypatch):
+    """benchmarks/quality.py on the tiny model and tiny mixture: matched budgets, mixed and single-domain
+    runs, a resumable results file and the RESULTS tables."""
+    import importlib.util
+
+    import pytest
+
+    from asymlora.assets import locate
+    from asymlora.cli import main
+
+    if locate("easyvqa") is None:
+        pytest.skip("easy-VQA is not installed: asymlora setup --only easyvqa")
+    assert main(["data", "build", "--only", "easyvqa", "ocr", "--max-per-split", "16"]) == 0
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "tiny", "--projector", "", "--mixture", "tiny", "--steps", "1", "--batch-size", "2",
+            "--eval-samples", "1", "--max-new-tokens", "2", "--methods", "lora", "asymlora", "--seeds", "0",
+            "--single-domain", "--name", "t", "--out", str(tmp_path / "res")]
+    assert quality.main(argv) == 0
+    data = json.loads((tmp_path / "res" / "quality_t.json").read_text())
+    ranks = data["ranks"]
+    assert ranks["lora"]["r"] == 16 and ranks["asymlora"]["r"] < 16  # E = 2 heads: a smaller rank, same budget
+    assert abs(ranks["asymlora"]["params"] - data["budget"]) / data["budget"] < 0.1
+    settings = sorted((r["setting"], r["method"], tuple(r["tasks"])) for r in data["runs"])
+    assert settings == [("mixed", "asymlora", ("easyvqa", "ocr")), ("mixed", "lora", ("easyvqa", "ocr")),
+                        ("single", "asymlora", ("easyvqa",)), ("single", "asymlora", ("ocr",)),
+                        ("single", "lora", ("easyvqa",)), ("single", "lora", ("ocr",))]
+    mixed = next(r for r in data["runs"] if r["setting"] == "mixed" and r["method"] == "asymlora")
+    assert mixed["adapter_params"] == ranks["asymlora"]["params"]  # the trained adapter has the counted size
+    assert set(mixed["scores"]) == {"easyvqa", "ocr"} and mixed["train_seconds"] > 0
+    report = (tmp_path / "res" / "quality_t.md").read_text()
+    assert "Conflict cost" in report and "| asymlora |" in report
+    assert (tmp_path / "res" / "quality_t.png").read_bytes()[:4] == b"\x89PNG"
+    before = (tmp_path / "res" / "quality_t.json").read_text()
+    assert quality.main(argv) == 0  # every run is done: nothing retrains
+    assert json.loads((tmp_path / "res" / "quality_t.json").read_text())["runs"] == json.loads(before)["runs"]

@@ -1,0 +1,338 @@
+"""Quality benchmark: LoRA vs LoRA-MoE vs AsymLoRA (task-routed, dense MoE, hybrid) on a task mixture.
+
+Each method is trained with ``asymlora train`` (the preset ``default_<method>``, i.e. the default model
+after alignment on ``mix5``) at a matched trainable-parameter budget, for several seeds, and every task
+is evaluated on its test split with ``asymlora eval``'s built-in metrics. Optionally each method is also
+trained on one task at a time (the single-domain setting), so the cost of mixing conflicting tasks is
+visible, and once at matched rank.
+
+    python benchmarks/quality.py                                    # every method, 3 seeds, mix5
+    python benchmarks/quality.py --steps 40 --seeds 0 --eval-samples 40   # a short CPU run
+    python benchmarks/quality.py --single-domain --matched-rank      # the two extra settings
+    python benchmarks/quality.py --model tiny --mixture tiny --steps 4 --eval-samples 4  # smoke test
+
+Budgets: LoRA at ``--rank`` (r=16) sets the budget of trainable adapter parameters (projector excluded);
+every other method gets the integer rank whose adapter parameter count is closest to it (counted on the
+real model structure, built on the meta device). ``alpha = 2 r`` everywhere. Trained on one task,
+task-routed AsymLoRA and hybrid have one head, i.e. they are LoRA (and get LoRA's rank).
+
+Every finished run is appended to ``<out>/quality_<name>.json`` at once, and a rerun skips the runs that
+are already there, so a long benchmark can be stopped and continued. The report (``RESULTS.md``-ready
+markdown and a plot) is rewritten from that file after each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import asymlora.train
+from asymlora.io import write_json_atomic, write_text_atomic
+
+METHODS: dict[str, dict[str, Any]] = {
+    "lora": {"method": "lora"},
+    "lora_moe": {"method": "lora_moe", "num_experts": 4, "routing": "dense", "balance_loss_weight": 0.01},
+    "asymlora": {"method": "asymlora", "routing": "task"},
+    "asymlora_moe": {"method": "asymlora_moe", "num_experts": 4, "routing": "dense", "balance_loss_weight": 0.01},
+    "hybrid": {"method": "asymlora_moe", "routing": "hybrid", "balance_loss_weight": 0.01},  # E = tasks
+}
+PRESET = "default_asymlora_moe"  # model, data and training sections shared by every method
+
+
+def adapter_values(method: str, r: int, tasks: list[str]) -> dict[str, Any]:
+    values = copy.deepcopy(METHODS[method])
+    if values.get("routing") in ("task", "hybrid"):
+        values["num_experts"] = len(tasks)
+    if values["method"] != "lora" and values.get("num_experts", 1) == 1:
+        values = {"method": "lora"}  # one task: task routing has one head, i.e. LoRA
+    values.update({"r": r, "alpha": 2 * r, "target_modules": "all-linear", "modules_to_save": ["projector"],
+                   "tasks": tasks})
+    return values
+
+
+def count_adapter_params(model_dir: Path, values: dict[str, Any]) -> int:
+    """Trainable adapter parameters (A, B banks, routers, task biases; projector excluded) of ``values``
+    on the model in ``model_dir``, counted on a meta-device copy (no weights are loaded)."""
+    import transformers
+
+    import asymlora
+    from asymlora import AsymLoraConfig
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = transformers.AutoModelForImageTextToText.from_config(config)
+    wrapped = asymlora.get_model(model, AsymLoraConfig.from_dict({**values, "modules_to_save": []}))
+    return sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+
+
+def matched_rank(model_dir: Path, method: str, tasks: list[str], budget: int, max_rank: int = 64) -> tuple[int, int]:
+    """(rank, params) of ``method`` closest to ``budget`` trainable adapter parameters."""
+    best: tuple[int, int] | None = None
+    for r in range(1, max_rank + 1):
+        params = count_adapter_params(model_dir, adapter_values(method, r, tasks))
+        if best is None or abs(params - budget) < abs(best[1] - budget):
+            best = (r, params)
+        if params > budget:
+            break
+    assert best is not None
+    return best
+
+
+def run_config(args: argparse.Namespace, method: str, r: int, seed: int, tasks: list[str], mixture: Any,
+               output_dir: Path) -> dict[str, Any]:
+    values = _read_yaml(Path(asymlora.train.__file__).resolve().parent / "configs" / f"{PRESET}.yaml")
+    values["model"] = {**values.get("model", {}), "path": args.model}
+    if args.projector is not None:
+        values["model"]["projector"] = args.projector or None
+    values["data"] = {**values.get("data", {}), "mixture": mixture, "eval_split": None}
+    values["adapter"] = adapter_values(method, r, tasks)
+    values["projector_lr"] = args.projector_lr
+    values["training"] = {**values.get("training", {}), "output_dir": str(output_dir), "max_steps": args.steps,
+                          "per_device_train_batch_size": args.batch_size, "learning_rate": args.lr,
+                          "seed": seed, "save_steps": max(args.steps, 1), "save_total_limit": 1,
+                          "logging_steps": max(1, min(10, args.steps // 4)), "report_to": []}
+    return values
+
+
+def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tasks: list[str],
+                   mixture: Any, eval_mixture: str, output_dir: Path) -> dict[str, Any]:
+    from asymlora.evaluate.report import mean_score
+    from asymlora.evaluate.run import evaluate_builtin, load_for_eval
+    from asymlora.train import TrainConfig, run_training
+
+    config = TrainConfig.from_dict(run_config(args, method, r, seed, tasks, mixture, output_dir),
+                                   source=f"quality:{method}")
+    start = time.time()
+    run_dir = run_training(config)
+    train_seconds = time.time() - start
+    state = json.loads((run_dir / "trainer_state.json").read_text()) if (run_dir / "trainer_state.json").is_file() \
+        else {}
+    losses = [e["loss"] for e in state.get("log_history", []) if "loss" in e]
+    manifest = json.loads((run_dir / "adapter_config.json").read_text())
+    model, processor, adapter_tasks = load_for_eval(adapter=str(run_dir))
+    trainable = sum(p.numel() for n, p in model.named_parameters() if "A_bank" in n or "B_bank" in n
+                    or "router" in n or "task_bias" in n)
+    start = time.time()
+    results, _ = evaluate_builtin(model, processor, tasks, adapter_tasks, split="test",
+                                  max_samples=args.eval_samples, batch_size=args.eval_batch_size,
+                                  max_new_tokens=args.max_new_tokens, mixture=eval_mixture,
+                                  prompt_suffix=args.prompt_suffix)
+    del model
+    return {"method": method, "r": r, "seed": seed, "tasks": tasks, "adapter_params": trainable,
+            "scores": {t: {"metric": v["metric"], "value": v[v["metric"]], "higher_is_better": v["higher_is_better"],
+                           "count": v["count"]} for t, v in results.items()},
+            "mean": mean_score(results), "train_seconds": round(train_seconds, 1),
+            "eval_seconds": round(time.time() - start, 1), "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None, "adapter": manifest.get("method", method)}
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def summarize(runs: list[dict[str, Any]], setting: str, tasks: list[str]) -> list[dict[str, Any]]:
+    """One row per method of ``setting``: per-task and mean scores over seeds."""
+    rows = []
+    for method in METHODS:
+        mine = [r for r in runs if r["setting"] == setting and r["method"] == method]
+        if not mine:
+            continue
+        row: dict[str, Any] = {"method": method, "seeds": sorted({r["seed"] for r in mine}),
+                               "r": sorted({r["r"] for r in mine}), "adapter_params": mine[0]["adapter_params"],
+                               "train_seconds": statistics.mean(r["train_seconds"] for r in mine)}
+        if setting == "single":  # one run per task and seed: that task's score
+            for task in tasks:
+                row[task] = [r["scores"][task]["value"] for r in mine if r["tasks"] == [task]]
+        else:
+            for task in tasks:
+                row[task] = [r["scores"][task]["value"] for r in mine if task in r["scores"]]
+            row["mean"] = [r["mean"] for r in mine]
+        rows.append(row)
+    return rows
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    runs, tasks, setup = data["runs"], data["tasks"], data["setup"]
+    metrics = {}
+    for run in runs:
+        for task, score in run["scores"].items():
+            metrics[task] = score["metric"] + ("" if score["higher_is_better"] else " ↓")
+    lines = [f"Setup: {json.dumps(setup)}", ""]
+    for setting, title in (("mixed", "Trained on the mixture (mean ± std over seeds)"),
+                           ("matched_rank", "Mixture, matched rank instead of matched budget"),
+                           ("single", "Single-domain: one adapter per task (each cell its own run)")):
+        rows = summarize(runs, setting, tasks)
+        if not rows:
+            continue
+        lines += [f"### {title}", "",
+                  "| method | r | adapter params | seeds | " + " | ".join(f"{t} ({metrics.get(t, '')})" for t in tasks)
+                  + (" | mean |" if setting != "single" else " |") + " train s/run |",
+                  "|---" * (len(tasks) + (6 if setting != "single" else 5)) + "|"]
+        for row in rows:
+            cells = [_fmt(row[t]) for t in tasks] + ([_fmt(row["mean"])] if setting != "single" else [])
+            lines.append(f"| {row['method']} | {'/'.join(map(str, row['r']))} | {row['adapter_params']:,} | "
+                         f"{len(row['seeds'])} | " + " | ".join(cells) + f" | {row['train_seconds']:.0f} |")
+        lines.append("")
+    mixed = {row["method"]: row for row in summarize(runs, "mixed", tasks)}
+    single = {row["method"]: row for row in summarize(runs, "single", tasks)}
+    if mixed and single:
+        lines += ["### Conflict cost: mixed − single-domain (per task; negative = mixing hurts)", "",
+                  "| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        for method in mixed:
+            if method not in single:
+                continue
+            cells = []
+            for task in tasks:
+                m, s = mixed[method][task], single[method][task]
+                sign = 1 if all(run["scores"].get(task, {}).get("higher_is_better", True) for run in runs
+                                if task in run["scores"]) else -1
+                cells.append(f"{sign * (statistics.mean(m) - statistics.mean(s)):+.3f}" if m and s else "")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(data: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = data["tasks"]
+    rows = summarize(data["runs"], "mixed", tasks)
+    labels = [*tasks, "mean"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 2, 3.6))
+    width = 0.8 / max(len(rows), 1)
+    for i, row in enumerate(rows):
+        higher = {t: next((r["scores"][t]["higher_is_better"] for r in data["runs"] if t in r["scores"]), True)
+                  for t in tasks}
+        values = [[v if higher[t] else max(0.0, 1 - v) for v in row[t]] for t in tasks] + [row["mean"]]
+        means = [statistics.mean(v) if v else 0 for v in values]
+        errs = [statistics.stdev(v) if len(v) > 1 else 0 for v in values]
+        ax.bar([k + i * width for k in range(len(labels))], means, width, yerr=errs, label=row["method"], capsize=2)
+    ax.set_xticks([k + width * (len(rows) - 1) / 2 for k in range(len(labels))], labels)
+    ax.set_ylabel("score (CER as 1 − CER)")
+    ax.set_title("quality: adapters trained on the mixture")
+    ax.legend(fontsize=7, ncol=min(len(rows), 5))
+    fig.tight_layout()
+    with_tmp = path.with_suffix(".tmp.png")
+    fig.savefig(with_tmp, dpi=120)
+    plt.close(fig)
+    with_tmp.replace(path)
+    return path
+
+
+def write_outputs(data: dict[str, Any], out: Path, name: str) -> None:
+    write_json_atomic(out / f"quality_{name}.json", data)
+    write_text_atomic(out / f"quality_{name}.md", to_markdown(data))
+    if summarize(data["runs"], "mixed", data["tasks"]):
+        plot(data, out / f"quality_{name}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="'default', 'tiny' or a local LLaVA-style model dir")
+    parser.add_argument("--projector", default=None, help="projector to start from (default: the preset's, "
+                        "'aligned'); '' for none")
+    parser.add_argument("--mixture", default="mix5", help="built-in mixture name or mixture YAML")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank that sets the parameter budget")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--projector-lr", type=float, default=1e-4)
+    parser.add_argument("--eval-samples", type=int, default=None, help="test items per task (default: all)")
+    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--prompt-suffix", default=None, help="appended to every test question")
+    parser.add_argument("--single-domain", action="store_true", help="also train each method on each task alone")
+    parser.add_argument("--matched-rank", action="store_true", help="also one seed of every method at r = --rank")
+    parser.add_argument("--name", default=None, help="results name (default: <mixture>_<steps>steps)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--runs-dir", default="runs/quality", help="where the training runs go")
+    args = parser.parse_args(argv)
+
+    from asymlora.data import load_mixture
+    from asymlora.train import resolve_model_dir
+
+    mixture = load_mixture(args.mixture)
+    tasks = list(mixture.tasks)
+    model_dir = resolve_model_dir(args.model)
+    name = args.name or f"{Path(args.mixture).stem}_{args.steps}steps"
+    out = Path(args.out)
+    path = out / f"quality_{name}.json"
+    data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    budget = count_adapter_params(model_dir, adapter_values("lora", args.rank, tasks))
+    ranks = {m: matched_rank(model_dir, m, tasks, budget) for m in args.methods}
+    data.update({"tasks": tasks, "budget": budget, "ranks": {m: {"r": r, "params": p} for m, (r, p) in ranks.items()},
+                 "setup": {"model": args.model, "mixture": args.mixture, "steps": args.steps,
+                           "batch_size": args.batch_size, "lr": args.lr, "projector_lr": args.projector_lr,
+                           "eval_samples": args.eval_samples, "budget_rank": args.rank,
+                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+                           or "cpu", "torch": torch.__version__, "threads": torch.get_num_threads()}})
+    for method, (r, params) in ranks.items():
+        print(f"{method}: r={r} -> {params:,} adapter params (budget {budget:,})")
+
+    plan: list[tuple[str, str, int, int, list[str]]] = []
+    for seed in args.seeds:
+        plan += [("mixed", m, ranks[m][0], seed, tasks) for m in args.methods]
+    if args.matched_rank:
+        plan += [("matched_rank", m, args.rank, args.seeds[0], tasks) for m in args.methods if ranks[m][0] != args.rank]
+    if args.single_domain:
+        single_ranks = {m: matched_rank(model_dir, m, [tasks[0]], budget)[0] for m in args.methods}  # E without tasks
+        plan += [("single", m, single_ranks[m], args.seeds[0], [t]) for m in args.methods for t in tasks]
+    done = {(r["setting"], r["method"], r["r"], r["seed"], tuple(r["tasks"])) for r in data["runs"]}
+    for setting, method, r, seed, run_tasks in plan:
+        if (setting, method, r, seed, tuple(run_tasks)) in done:
+            continue
+        if len(run_tasks) == 1:  # that task's entry of the mixture, alone
+            entries = [copy.deepcopy(e) for e in _mixture_entries(args.mixture) if e.get("task") == run_tasks[0]]
+            run_mixture: Any = {"name": f"single-{run_tasks[0]}", "datasets": entries}
+        else:
+            run_mixture = args.mixture
+        label = f"{setting}-{method}-r{r}-s{seed}" + (f"-{run_tasks[0]}" if setting == "single" else "")
+        print(f"== {label}", flush=True)
+        result = train_and_eval(args, method, r, seed, run_tasks, run_mixture, args.mixture,
+                                Path(args.runs_dir) / name / label)
+        data["runs"].append({"setting": setting, **result})
+        write_outputs(data, out, name)
+        print(f"   mean {result['mean']:.3f}  train {result['train_seconds']:.0f}s  "
+              + "  ".join(f"{t}={s['value']:.3f}" for t, s in result["scores"].items()), flush=True)
+    write_outputs(data, out, name)
+    print(to_markdown(data))
+    return 0
+
+
+def _mixture_entries(mixture: str) -> list[dict[str, Any]]:
+    """The dataset entries of a mixture (a built-in name or a YAML path), as written in its YAML."""
+    from asymlora.data.mixture import BUILTIN_DIR
+
+    path = Path(mixture) if Path(mixture).suffix in (".yaml", ".yml") else BUILTIN_DIR / f"{mixture}.yaml"
+    entries = list(_read_yaml(path)["datasets"])
+    for entry in entries:  # paths in a user mixture are relative to its file
+        if "path" in entry and not Path(entry["path"]).is_absolute():
+            entry["path"] = str((path.parent / entry["path"]).resolve())
+    return entries
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    from asymlora.io import load_yaml
+
+    return load_yaml(path.read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,755 @@
+"""Full-model training step time, tokens/s and peak memory of the four methods, fused vs loop; merged inference.
+
+Training: for lora (E=1), lora_moe (dense router, E separate A/B pairs), asymlora (task-routed, shared A,
+E B heads) and asymlora_moe (dense router, shared A) at every E of ``--experts``, one full training step
+(forward, LM loss + balance loss for routed methods, backward, AdamW step over the trainable parameters,
+zero_grad) of a whole decoder, median over ``--iters`` steps after ``--warmup``. Each is measured twice:
+
+- ``fused``: asymlora's layer (``get_model``): one matmul for A, one for the stacked B heads;
+- ``loop``: the formulation of reference implementations, injected into the same ``nn.Linear`` modules:
+  one ``nn.Linear`` per ``A_e`` / ``B_e`` and a Python loop ``sum_e g_e * B_e(A(x))`` (``A_e`` per expert
+  for LoRA-MoE), with the same router (fp32 ``nn.Linear`` + softmax), task one-hot gates, scaling,
+  adapter dtype and Switch balance loss.
+
+Inference: forward latency (prefill, logits of the last position) of the plain base model, the adapter
+model unmerged, and merged with ``model.merge(task=0)`` (lora, task-routed asymlora; asymlora_moe cannot be
+merged and is reported unmerged), timed round-robin so the three see the same machine state.
+
+The decoder is a randomly initialised ``LlamaForCausalLM`` (timing does not depend on weight values);
+inputs are random token ids (text only: the decoder is the cost). Presets:
+
+- ``tiny``: a 2-layer toy decoder (a smoke test; seconds on CPU);
+- ``default``: SmolLM2-135M's shape (the default model's language model: hidden 576, intermediate 1536,
+  30 layers, 9 heads, 3 kv heads, vocab 49152);
+- ``7b``: LLaMA-7B's shape (hidden 4096, intermediate 11008, 32 heads, vocab 32000) with only
+  ``--layers`` decoder layers (default 4), bf16: per-layer representative (GPU).
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over each configuration's steps. On CPU there
+is no allocator statistic, so with ``--isolate`` (the default on CPU, except for the tiny preset) every
+training configuration runs in a fresh subprocess and its peak RSS (``getrusage`` max RSS, which includes
+the Python/torch runtime and the model weights) is reported; without isolation, CPU memory is "n/a".
+
+    python benchmarks/speed.py --preset tiny                  # smoke test
+    python benchmarks/speed.py                                # default preset on the available device
+    python benchmarks/speed.py --preset 7b --device cuda      # LLaMA-7B-shaped layers, bf16
+
+Writes ``benchmarks/results/speed_<preset>_<device>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asymlora import AsymLoraConfig, AsymLoraModel, find_target_modules, get_model
+from asymlora.config import LayerSpec
+from asymlora.io import write_json_atomic, write_text_atomic
+from asymlora.routing import balance_loss
+
+METHODS = ("lora", "lora_moe", "asymlora", "asymlora_moe")
+IMPLS = ("fused", "loop")
+ROUTING = {"lora": "-", "lora_moe": "dense", "asymlora": "task", "asymlora_moe": "dense"}
+RESULT_TAG = "@@SPEED_RESULT "
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, tie_word_embeddings=True)
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                    tie_word_embeddings=True)
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                tie_word_embeddings=False)
+
+# Per preset: the model shape, r, and per-device run sizes (layers, batch, seq, dtype, warmup, iters).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(model=TINY, r=4, experts=(3, 4, 8),
+                 cpu=dict(layers=2, batch=2, seq=16, dtype="float32", warmup=1, iters=2),
+                 cuda=dict(layers=2, batch=2, seq=16, dtype="float32", warmup=1, iters=2)),
+    # CPU: all 30 layers at 256 tokens/step, 1 + 3 steps per configuration: an estimated ~10-15 min on 2
+    # idle cores (unverified; see docs/benchmarks.md). --layers 8 is ~3x quicker, but the tied 49152-word
+    # LM head (~8 layers' worth of compute) then weighs more and dilutes every ratio.
+    "default": dict(model=SMOLLM2_135M, r=16, experts=(3, 4, 8),
+                    cpu=dict(layers=30, batch=2, seq=128, dtype="float32", warmup=1, iters=3),
+                    cuda=dict(layers=30, batch=8, seq=512, dtype="bfloat16", warmup=3, iters=10)),
+    "7b": dict(model=LLAMA_7B, r=32, experts=(3, 4, 8),
+               cpu=dict(layers=1, batch=1, seq=64, dtype="float32", warmup=1, iters=2),
+               cuda=dict(layers=4, batch=8, seq=1024, dtype="bfloat16", warmup=3, iters=10)),
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Settings:
+    """Everything one run depends on (JSON-serialisable: it is handed to isolated subprocesses)."""
+
+    preset: str
+    device: str
+    model: dict[str, Any]
+    layers: int
+    batch: int
+    seq: int
+    r: int
+    alpha: float
+    dtype: str
+    adapter_dtype: str
+    experts: list[int]
+    methods: list[str]
+    impls: list[str]
+    warmup: int
+    iters: int
+    balance_weight: float
+    grad_ckpt: bool
+    isolate: bool
+    inference: bool
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------- models
+def build_base(s: Settings) -> nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` of the preset's shape with ``s.layers`` layers, frozen."""
+    import transformers as tf
+
+    torch.manual_seed(s.seed)
+    config = tf.LlamaConfig(**{**s.model, "num_hidden_layers": s.layers}, use_cache=False)
+    with torch.device(s.device):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=_DTYPES[s.dtype], attn_implementation="sdpa")
+    model.requires_grad_(False)
+    return model
+
+
+def adapter_config(method: str, experts: int, s: Settings) -> AsymLoraConfig:
+    """The asymlora config of one benchmarked method (all linear layers of the decoder)."""
+    common = dict(r=s.r, alpha=s.alpha, adapter_dtype=s.adapter_dtype, balance_loss_weight=s.balance_weight,
+                  target_modules="all-linear")
+    if method == "lora":
+        return AsymLoraConfig(method="lora", **common)
+    if method == "asymlora":
+        return AsymLoraConfig(method="asymlora", routing="task", tasks=[f"task{i}" for i in range(experts)], **common)
+    return AsymLoraConfig(method=method, routing="dense", num_experts=experts, **common)
+
+
+class LoopContext:
+    """Per-forward state shared by the loop layers: task ids, and router outputs for the balance loss."""
+
+    def __init__(self) -> None:
+        self.task_ids: torch.Tensor | None = None
+        self.collecting = False
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+class LoopLinear(nn.Module):
+    """The reference formulation of one adapted layer: per-expert ``nn.Linear`` modules and a Python loop.
+
+    ``y = W x + s * sum_e g_e(x) * B_e(A_(e)(x))`` with ``g`` = softmax of an fp32 router (dense), the
+    one-hot of the sample's task (task routing) or 1 (LoRA); same parameters, dtypes and scaling as
+    :class:`asymlora.AsymLoraLinear` for the same :class:`~asymlora.config.LayerSpec`.
+    """
+
+    def __init__(self, base: nn.Linear, spec: LayerSpec, context: LoopContext,
+                 adapter_dtype: str = "float32") -> None:
+        super().__init__()
+        self.base_layer = base
+        self.spec = spec
+        self.context = context
+        self.scaling = spec.scaling
+        weight = base.weight
+        dtype = weight.dtype if adapter_dtype == "auto" else _DTYPES[adapter_dtype]
+        factory = {"device": weight.device, "dtype": dtype}
+        self.lora_A = nn.ModuleList(nn.Linear(base.in_features, spec.r, bias=False, **factory)
+                                    for _ in range(spec.num_A))
+        self.lora_B = nn.ModuleList(nn.Linear(spec.r, base.out_features, bias=False, **factory)
+                                    for _ in range(spec.num_experts))
+        for head in self.lora_B:
+            nn.init.zeros_(head.weight)
+        self.router: nn.Linear | None = None
+        if spec.has_router:
+            self.router = nn.Linear(base.in_features, spec.num_experts, device=weight.device, dtype=torch.float32)
+            nn.init.normal_(self.router.weight, std=0.02)
+            nn.init.zeros_(self.router.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        experts = self.spec.num_experts
+        xa = x.to(self.lora_A[0].weight.dtype)
+        if self.router is not None:
+            probs = F.softmax(self.router(x.float()), dim=-1)
+            if self.context.collecting:
+                flat = probs.reshape(-1, experts)
+                self.context.records.append((flat, F.one_hot(flat.detach().argmax(-1), experts).to(flat.dtype)))
+            gates = probs.to(xa.dtype)
+        elif experts > 1:
+            ids = self.context.task_ids
+            gates = F.one_hot(ids.to(x.device), experts).to(xa.dtype).view(ids.shape[0], *([1] * (x.dim() - 2)),
+                                                                           experts)
+        else:
+            gates = None
+        shared = self.lora_A[0](xa) if len(self.lora_A) == 1 else None
+        delta: torch.Tensor | None = None
+        for e in range(experts):
+            codes = shared if shared is not None else self.lora_A[e](xa)
+            term = self.lora_B[e](codes)
+            if gates is not None:
+                term = gates[..., e:e + 1] * term
+            delta = term if delta is None else delta + term
+        return out + (delta * self.scaling).to(out.dtype)
+
+
+class Variant:
+    """One adapted model being benchmarked: ``loss(batch)`` and ``detach()`` (restore the plain base)."""
+
+    impl = ""
+
+    def __init__(self, base: nn.Module, config: AsymLoraConfig, names: list[str]) -> None:
+        self.base = base
+        self.config = config
+        self.names = names
+
+    @property
+    def model(self) -> nn.Module:
+        return self.base
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        """Put the original ``nn.Linear`` modules back (frozen); the variant is unusable afterwards."""
+        for name in self.names:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.base.get_submodule(parent_name) if parent_name else self.base
+            setattr(parent, child, getattr(parent, child).base_layer)
+        self.base.requires_grad_(False)
+
+
+class FusedVariant(Variant):
+    """asymlora's own layers (``get_model``); the loss is what the trainer optimises."""
+
+    impl = "fused"
+
+    def __init__(self, base: nn.Module, config: AsymLoraConfig) -> None:
+        self.wrapped: AsymLoraModel = get_model(base, config)
+        super().__init__(base, config, list(self.wrapped.adapter_layers))
+
+    @property
+    def model(self) -> nn.Module:
+        return self.wrapped
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.wrapped(input_ids=batch["input_ids"], labels=batch["labels"], task_ids=batch["task_ids"])
+        aux = self.wrapped.aux_loss
+        weight = self.config.balance_loss_weight
+        return out.loss + weight * aux if weight and aux.requires_grad else out.loss
+
+
+class LoopVariant(Variant):
+    """The same targets as ``get_model``, adapted by :class:`LoopLinear`; same loss (LM + balance)."""
+
+    impl = "loop"
+
+    def __init__(self, base: nn.Module, config: AsymLoraConfig) -> None:
+        names = find_target_modules(base, config)
+        super().__init__(base, config, names)
+        base.requires_grad_(False)
+        self.context = LoopContext()
+        self.layers: dict[str, LoopLinear] = {}
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            layer = LoopLinear(getattr(parent, child), config.spec_for(name), self.context, config.adapter_dtype)
+            layer.base_layer.requires_grad_(False)
+            setattr(parent, child, layer)
+            self.layers[name] = layer
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ctx = self.context
+        ctx.task_ids, ctx.records, ctx.collecting = batch["task_ids"], [], self.base.training
+        try:
+            out = self.base(input_ids=batch["input_ids"], labels=batch["labels"])
+        finally:
+            ctx.collecting = False  # gradient checkpointing re-runs layers in backward: record once
+        weight = self.config.balance_loss_weight
+        if not (weight and ctx.records):
+            return out.loss
+        mask = (batch["labels"] != -100).reshape(-1)
+        aux = sum(balance_loss(probs, dispatch, mask) for probs, dispatch in ctx.records)
+        ctx.records = []
+        return out.loss + weight * aux
+
+
+def attach(base: nn.Module, method: str, experts: int, impl: str, s: Settings) -> Variant:
+    """Adapt ``base`` in place with one method in one formulation."""
+    config = adapter_config(method, experts, s)
+    return FusedVariant(base, config) if impl == "fused" else LoopVariant(base, config)
+
+
+@torch.no_grad()
+def copy_fused_to_loop(fused: FusedVariant, loop: LoopVariant) -> None:
+    """Give the loop layers exactly the fused layers' adapter weights (A rows, B heads, router)."""
+    for name, src in fused.wrapped.adapter_layers.items():
+        dst = loop.layers[name]
+        r = src.spec.r
+        for a, lin in enumerate(dst.lora_A):
+            lin.weight.copy_(src.A_bank[a * r:(a + 1) * r])
+        for e, lin in enumerate(dst.lora_B):
+            lin.weight.copy_(src.B_bank[e])
+        if src.router is not None:
+            dst.router.weight.copy_(src.router.weight)
+            dst.router.bias.copy_(src.router.bias)
+
+
+@torch.no_grad()
+def randomize_b(variant: Variant, std: float = 0.02, seed: int = 0) -> None:
+    """Non-zero B heads (B starts at zero), so the adapters change the output."""
+    gen = torch.Generator().manual_seed(seed)
+    if isinstance(variant, FusedVariant):
+        tensors = [layer.B_bank for layer in variant.wrapped.adapter_layers.values()]
+    else:
+        tensors = [lin.weight for layer in variant.layers.values() for lin in layer.lora_B]
+    for t in tensors:
+        t.copy_(torch.randn(t.shape, generator=gen).to(t) * std)
+
+
+def make_batch(s: Settings, experts: int) -> dict[str, torch.Tensor]:
+    """Random token ids (batch, seq), labels = ids, task ids cycling over the E tasks."""
+    gen = torch.Generator().manual_seed(s.seed + 1)
+    ids = torch.randint(0, s.model["vocab_size"], (s.batch, s.seq), generator=gen)
+    return {"input_ids": ids.to(s.device), "labels": ids.clone().to(s.device),
+            "task_ids": (torch.arange(s.batch) % max(experts, 1)).to(s.device)}
+
+
+# ---------------------------------------------------------------------------------------- timing
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_calls(fn: Callable[[], Any], device: str, warmup: int, iters: int) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` calls (device-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _rss_mib() -> float | None:
+    """The current resident set size of this process (psutil, else /proc), or None."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        pass
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _max_rss_mib() -> float | None:
+    """This process's peak RSS so far (``getrusage``), or None where unavailable."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _free(device: str, collect: bool = True) -> None:
+    """Collect garbage (tens to hundreds of ms: skipped for the toy model) and return cached CUDA memory."""
+    if collect:
+        gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn.Module | None = None) -> dict:
+    """Time full training steps of one (method, E, formulation); builds the base model when not given.
+
+    ``base`` is adapted in place and restored afterwards. Memory: CUDA peak allocated; on CPU, the process's
+    peak RSS when this function runs alone in a fresh process (``isolated``), else None.
+    """
+    isolated = base is None
+    if base is None:
+        base = build_base(s)
+    batch = make_batch(s, experts)
+    variant = attach(base, method, experts, impl, s)
+    model = variant.model
+    model.train()
+    if s.grad_ckpt:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = variant.trainable()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    cuda = s.device.startswith("cuda")
+    _free(s.device, s.preset != "tiny")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start_mib = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mib()
+    last: list[torch.Tensor] = []
+
+    def step() -> None:
+        loss = variant.loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        last[:] = [loss.detach()]
+
+    try:
+        times = time_calls(step, s.device, s.warmup, s.iters)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else (_max_rss_mib() if isolated else None)
+        loss_value = float(last[0]) if last else float("nan")
+    finally:
+        if s.grad_ckpt:
+            base.gradient_checkpointing_disable()
+        optimizer.state.clear()
+        variant.detach()
+        _free(s.device, s.preset != "tiny")
+    median = statistics.median(times)
+    return dict(method=method, E=experts, impl=impl, routing=ROUTING[method], ms=median * 1e3,
+                ms_min=min(times) * 1e3, tokens_per_s=s.batch * s.seq / median,
+                peak_mib=peak, start_mib=start_mib,
+                peak_above_start_mib=None if peak is None or start_mib is None else peak - start_mib,
+                trainable=sum(p.numel() for p in params), loss=loss_value)
+
+
+def _run_isolated(s: Settings, method: str, experts: int, impl: str) -> dict:
+    job = json.dumps({"settings": asdict(s), "method": method, "E": experts, "impl": impl})
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", job,
+                           "--threads", str(torch.get_num_threads())],
+                          capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    raise RuntimeError(f"isolated run of {method} E={experts} {impl} failed (rc {proc.returncode}):\n"
+                       f"{proc.stderr[-3000:]}")
+
+
+def train_jobs(s: Settings) -> list[tuple[str, int, str]]:
+    """(method, E, formulation) in measurement order: fused then loop for each (method, E)."""
+    jobs = []
+    for method in s.methods:
+        for experts in ([1] if method == "lora" else s.experts):
+            jobs.extend((method, experts, impl) for impl in s.impls)
+    return jobs
+
+
+def bench_train(s: Settings, base: nn.Module | None, log: Callable[[str], None]) -> list[dict]:
+    rows = []
+    jobs = train_jobs(s)
+    begin = time.perf_counter()
+    for i, (method, experts, impl) in enumerate(jobs, 1):
+        if s.isolate:
+            row = _run_isolated(s, method, experts, impl)
+        else:
+            row = run_train_config(s, method, experts, impl, base)
+        rows.append(row)
+        log(f"[{i}/{len(jobs)}] train {method:12s} E={experts} {impl:5s} {row['ms']:10.2f} ms/step "
+            f"{row['tokens_per_s']:10.0f} tok/s  (elapsed {time.perf_counter() - begin:.0f} s)")
+    return rows
+
+
+def bench_inference(s: Settings, base: nn.Module, log: Callable[[str], None]) -> list[dict]:
+    """Prefill latency of plain base vs adapter unmerged vs merged (task 0), timed round-robin."""
+    plain = copy.deepcopy(base).eval()
+    groups = [("lora", 1)] if "lora" in s.methods else []
+    if "asymlora" in s.methods:
+        groups += [("asymlora", e) for e in s.experts]
+    if "asymlora_moe" in s.methods and s.experts:
+        groups.append(("asymlora_moe", max(s.experts)))
+    rows = []
+    for method, experts in groups:
+        batch = make_batch(s, experts)
+        variant = attach(base, method, experts, "fused", s)
+        randomize_b(variant, seed=s.seed)
+        wrapped = variant.wrapped
+        wrapped.eval()
+        mergeable = method != "asymlora_moe"
+
+        @torch.inference_mode()
+        def forward(model: nn.Module, adapter: bool, batch: dict = batch) -> None:
+            kwargs = {"task_ids": batch["task_ids"] * 0} if adapter else {}
+            model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1, **kwargs)
+
+        times: dict[str, list[float]] = {"base": [], "unmerged": [], "merged": []}
+        try:
+            for i in range(s.warmup + s.iters):
+                keep = i >= s.warmup
+                for key, model, adapter in (("base", plain, False), ("unmerged", wrapped, True)):
+                    t = time_calls(lambda m=model, a=adapter: forward(m, a), s.device, 0, 1)[0]
+                    if keep:
+                        times[key].append(t)
+                if mergeable:
+                    wrapped.merge(task=0)
+                    t = time_calls(lambda m=wrapped: forward(m, True), s.device, 0, 1)[0]
+                    wrapped.unmerge()
+                    if keep:
+                        times["merged"].append(t)
+        finally:
+            wrapped.unmerge()
+            variant.detach()
+            _free(s.device, s.preset != "tiny")
+        med = {k: statistics.median(v) * 1e3 if v else None for k, v in times.items()}
+        row = dict(method=method, E=experts, base_ms=med["base"], unmerged_ms=med["unmerged"],
+                   merged_ms=med["merged"], unmerged_vs_base=med["unmerged"] / med["base"],
+                   merged_vs_base=None if med["merged"] is None else med["merged"] / med["base"])
+        rows.append(row)
+        merged = "n/a" if row["merged_ms"] is None else f"{row['merged_ms']:.2f}"
+        log(f"infer {method:12s} E={experts} base {row['base_ms']:.2f} ms, unmerged {row['unmerged_ms']:.2f} ms, "
+            f"merged {merged} ms")
+    del plain
+    _free(s.device, s.preset != "tiny")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- report
+def _find(rows: list[dict], method: str, experts: int, impl: str = "fused") -> dict | None:
+    return next((r for r in rows if r["method"] == method and r["E"] == experts and r["impl"] == impl), None)
+
+
+def target_checks(train: list[dict], infer: list[dict], experts: Sequence[int]) -> list[dict]:
+    """The issue's targets as measured ratios (reported, never asserted)."""
+    checks = []
+    lora = _find(train, "lora", 1)
+
+    def add(name: str, value: float | None, op: str, target: float) -> None:
+        met = None if value is None else (value <= target if op == "<=" else value >= target)
+        checks.append(dict(target=name, value=value, op=op, bound=target, met=met))
+
+    for e in experts:
+        moe, task = _find(train, "asymlora_moe", e), _find(train, "asymlora", e)
+        if lora and moe:
+            add(f"asymlora_moe E={e} step / lora step", moe["ms"] / lora["ms"], "<=", 1.10)
+        if lora and task:
+            add(f"asymlora (task) E={e} step / lora step", task["ms"] / lora["ms"], "<=", 1.03)
+        loop = _find(train, "asymlora_moe", e, "loop")
+        if moe and loop and e == max(experts):
+            add(f"asymlora_moe E={e} loop step / fused step", loop["ms"] / moe["ms"], ">=", 2.0)
+        for row, label in ((moe, "asymlora_moe"), (task, "asymlora (task)")):
+            if lora and row and lora["peak_mib"] and row["peak_mib"]:
+                add(f"{label} E={e} peak memory / lora", row["peak_mib"] / lora["peak_mib"], "<=", 1.05)
+    for row in infer:
+        if row["merged_vs_base"] is not None:
+            add(f"{row['method']} E={row['E']} merged inference / base", row["merged_vs_base"], "<=", 1.01)
+    return checks
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def to_markdown(result: dict) -> str:
+    env, train, infer = result["environment"], result["train"], result["inference"]
+    lines = [
+        f"## Full-model speed, preset {result['preset']}: {env['device_name']}",
+        "",
+        f"- model: {env['model_desc']} (random weights), {env['layers']} decoder layers, {env['dtype']}, "
+        f"adapters {env['adapter_dtype']}, all-linear targets ({env['adapted_linears']} adapted nn.Linear)",
+        f"- batch {env['batch']} x seq {env['seq']} = {env['batch'] * env['seq']} tokens/step, r={env['r']}, "
+        f"alpha={env['alpha']:g}, balance weight {env['balance_weight']:g}, gradient checkpointing "
+        f"{'on' if env['grad_ckpt'] else 'off'}, AdamW",
+        f"- median of {env['iters']} after {env['warmup']} warmup; torch {env['torch']}, transformers "
+        f"{env['transformers']}, {env['threads']} CPU threads",
+        f"- memory: {env['memory']}",
+        "",
+        "### Training step (forward + loss + backward + AdamW step)",
+        "",
+        "| method | routing | E | impl | ms/step | tokens/s | x LoRA | loop / fused | peak MiB | peak - start MiB "
+        "| mem x LoRA | trainable |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lora = _find(train, "lora", 1)
+    for r in train:
+        fused = _find(train, r["method"], r["E"])
+        vs_fused = _fmt(r["ms"] / fused["ms"]) if r["impl"] == "loop" and fused else ""
+        x_lora = _fmt(r["ms"] / lora["ms"]) if lora else "n/a"
+        mem_x = _fmt(r["peak_mib"] / lora["peak_mib"], ".3f") if lora and lora["peak_mib"] and r["peak_mib"] else "n/a"
+        lines.append(f"| {r['method']} | {r['routing']} | {r['E']} | {r['impl']} | {r['ms']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {x_lora} | {vs_fused} | {_fmt(r['peak_mib'], '.0f')} | "
+                     f"{_fmt(r['peak_above_start_mib'], '.0f')} | {mem_x} | "
+                     f"{r['trainable']:,} |")
+    if infer:
+        lines += ["", "### Inference latency (prefill forward, logits of the last position)", "",
+                  "| adapter | E | base ms | unmerged ms | merged ms | unmerged / base | merged / base |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in infer:
+            lines.append(f"| {r['method']} | {r['E']} | {r['base_ms']:.2f} | {r['unmerged_ms']:.2f} | "
+                         f"{_fmt(r['merged_ms'])} | {r['unmerged_vs_base']:.3f} | {_fmt(r['merged_vs_base'], '.3f')} |")
+    if result["targets"]:
+        lines += ["", "### Targets (measured ratios; reported, not asserted)", "",
+                  "| target | measured | bound | within |", "|---|---|---|---|"]
+        for c in result["targets"]:
+            within = "n/a" if c["met"] is None else ("yes" if c["met"] else "no")
+            lines.append(f"| {c['target']} | {_fmt(c['value'], '.3f')} | {c['op']} {c['bound']:g} | {within} |")
+    return "\n".join(lines) + "\n"
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _memory_mode(s: Settings) -> str:
+    if s.device.startswith("cuda"):
+        return ("torch.cuda.max_memory_allocated per configuration (includes the model weights); "
+                "start = allocated before the first step")
+    if s.isolate:
+        return ("peak RSS (getrusage) of a fresh subprocess per configuration: includes the Python/torch "
+                "runtime and the model weights; start = RSS after building the model")
+    return "n/a on CPU without --isolate (no allocator statistics)"
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: per preset and device)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--r", type=int, default=None, help="LoRA rank (default: per preset)")
+    parser.add_argument("--alpha", type=float, default=None, help="default: 2 r")
+    parser.add_argument("--experts", type=int, nargs="+", default=None, help="E values (default: 3 4 8)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="base model dtype")
+    parser.add_argument("--adapter-dtype", choices=("float32", "auto"), default="float32",
+                        help="adapter parameters: float32 (asymlora's default) or the base dtype")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--balance-weight", type=float, default=0.01)
+    parser.add_argument("--grad-ckpt", action="store_true", help="non-reentrant gradient checkpointing")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="one fresh subprocess per training configuration (CPU peak RSS); default: on for "
+                             "CPU except the tiny preset")
+    parser.add_argument("--no-inference", dest="inference", action="store_false")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    preset = PRESETS[args.preset]
+    run = preset["cuda" if device == "cuda" else "cpu"]
+    r = args.r or preset["r"]
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    isolate = args.isolate if args.isolate is not None else (device == "cpu" and args.preset != "tiny")
+    return Settings(
+        preset=args.preset, device=device, model=dict(preset["model"]), layers=pick(args.layers, run["layers"]),
+        batch=pick(args.batch, run["batch"]), seq=pick(args.seq, run["seq"]), r=r,
+        alpha=pick(args.alpha, 2.0 * r), dtype=pick(args.dtype, run["dtype"]), adapter_dtype=args.adapter_dtype,
+        experts=list(args.experts or preset["experts"]), methods=list(args.methods), impls=list(args.impls),
+        warmup=pick(args.warmup, run["warmup"]), iters=max(1, pick(args.iters, run["iters"])),
+        balance_weight=args.balance_weight, grad_ckpt=args.grad_ckpt, isolate=bool(isolate) and device == "cpu",
+        inference=args.inference, seed=args.seed,
+    )
+
+
+def _child(job_json: str) -> None:
+    job = json.loads(job_json)
+    s = Settings(**job["settings"])
+    row = run_train_config(s, job["method"], job["E"], job["impl"])
+    print(RESULT_TAG + json.dumps(row), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the benchmark; writes ``<out-dir>/speed_<preset>_<device>.{json,md}`` and returns the result."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.child:
+            _child(args.child)
+            return {}
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    s = resolve_settings(args)
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, flush=True)
+
+    import transformers
+
+    begin = time.perf_counter()
+    base = build_base(s)
+    adapted = len(find_target_modules(base, adapter_config("lora", 1, s)))
+    shape = s.model
+    env = dict(
+        device_name=_device_name(s.device), torch=torch.__version__,
+        transformers=transformers.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
+        model_desc=(f"LlamaForCausalLM hidden {shape['hidden_size']}, intermediate {shape['intermediate_size']}, "
+                    f"{shape['num_attention_heads']} heads / {shape['num_key_value_heads']} kv, "
+                    f"vocab {shape['vocab_size']}"),
+        base_parameters=sum(p.numel() for p in base.parameters()), adapted_linears=adapted,
+        memory=_memory_mode(s), **{k: v for k, v in asdict(s).items() if k != "model"}, model=s.model,
+    )
+    if s.device.startswith("cuda"):
+        env["weights_mib"] = torch.cuda.memory_allocated() / 2**20
+    log(f"preset {s.preset} on {env['device_name']}: {s.layers} layers, {s.dtype}, batch {s.batch} x seq {s.seq}, "
+        f"r={s.r}, E={s.experts}, {len(train_jobs(s))} training configurations"
+        f"{' (one subprocess each)' if s.isolate else ''}")
+    if s.isolate:
+        del base
+        _free(s.device, s.preset != "tiny")
+        base = None
+    train = bench_train(s, base, log)
+    infer: list[dict] = []
+    if s.inference:
+        if base is None:
+            base = build_base(s)
+        infer = bench_inference(s, base, log)
+    result = dict(preset=s.preset, environment=env, train=train, inference=infer,
+                  targets=target_checks(train, infer, s.experts), seconds=time.perf_counter() - begin)
+    stem = Path(args.out_dir) / f"speed_{s.preset}_{'cuda' if s.device.startswith('cuda') else 'cpu'}"
+    write_json_atomic(stem.with_suffix(".json"), result)
+    md = to_markdown(result)
+    write_text_atomic(stem.with_suffix(".md"), md)
+    log(md)
+    log(f"wrote {stem}.json and {stem}.md in {result['seconds']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

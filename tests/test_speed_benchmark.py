@@ -1,0 +1,86 @@
+"""benchmarks/speed.py: the tiny preset writes a complete table, and the loop formulation it compares
+against computes exactly what asymlora's fused layers compute (like is compared with like)."""
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).parent.parent
+
+
+def _load_speed():
+    name = "asymlora_bench_speed"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+speed = _load_speed()
+TINY = ["--preset", "tiny", "--device", "cpu", "--threads", "1", "--quiet"]
+
+
+def test_tiny_preset_writes_every_configuration(tmp_path):
+    result = speed.main([*TINY, "--iters", "1", "--warmup", "0", "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "speed_tiny_cpu.json").read_text())
+    assert data["train"] == result["train"]
+    rows = {(r["method"], r["E"], r["impl"]): r for r in data["train"]}
+    expected = {("lora", 1, impl) for impl in speed.IMPLS}
+    expected |= {(m, e, impl) for m in ("lora_moe", "asymlora", "asymlora_moe") for e in (3, 4, 8)
+                 for impl in speed.IMPLS}
+    assert set(rows) == expected
+    for row in rows.values():
+        assert row["ms"] > 0 and row["tokens_per_s"] > 0 and row["trainable"] > 0
+        assert row["loss"] == pytest.approx(row["loss"])  # finite
+    # Both formulations train the same number of parameters.
+    for method, e, _ in expected:
+        assert rows[(method, e, "fused")]["trainable"] == rows[(method, e, "loop")]["trainable"]
+    env = data["environment"]
+    assert env["batch"] == 2 and env["seq"] == 16 and env["layers"] == 2 and env["torch"] == torch.__version__
+    infer = {(r["method"], r["E"]): r for r in data["inference"]}
+    assert infer[("asymlora", 8)]["merged_ms"] > 0 and infer[("lora", 1)]["merged_vs_base"] > 0
+    assert infer[("asymlora_moe", 8)]["merged_ms"] is None  # a router-gated adapter cannot be merged
+    assert any(t["target"].startswith("asymlora_moe E=8 loop") for t in data["targets"])
+    md = (tmp_path / "speed_tiny_cpu.md").read_text()
+    assert "| asymlora_moe | dense | 8 | loop |" in md and "merged / base" in md
+
+
+@pytest.mark.parametrize("method,experts", [("asymlora_moe", 3), ("asymlora", 3), ("lora_moe", 4), ("lora", 1)])
+def test_loop_formulation_matches_fused(method, experts):
+    s = speed.resolve_settings(speed.parse_args(TINY))
+    base = speed.build_base(s)
+    twin = copy.deepcopy(base)
+    fused = speed.attach(base, method, experts, "fused", s)
+    loop = speed.attach(twin, method, experts, "loop", s)
+    assert isinstance(loop, speed.LoopVariant) and loop.names == fused.names
+    speed.randomize_b(fused, std=0.2)
+    with torch.no_grad():  # routers away from uniform, so the gates matter
+        for layer in fused.wrapped.adapter_layers.values():
+            if layer.router is not None:
+                layer.router.weight.normal_(std=0.5)
+    speed.copy_fused_to_loop(fused, loop)
+    batch = speed.make_batch(s, experts)
+    fused.model.train()
+    loop.model.train()
+    loss_fused, loss_loop = fused.loss(batch), loop.loss(batch)
+    loop.detach()  # loop.base is the plain base model again: the adapters must change the loss
+    with torch.no_grad():
+        loss_base = loop.base(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    assert abs(loss_fused.item() - loss_base.item()) > 1e-3
+    torch.testing.assert_close(loss_loop, loss_fused, rtol=1e-5, atol=1e-6)
+    if method == "asymlora_moe":  # the balance loss is part of both losses
+        assert fused.wrapped.aux_loss.item() > 0
+    loss_fused.backward()
+    loss_loop.backward()
+    name = fused.names[0]
+    grad_fused = fused.wrapped.adapter_layers[name].B_bank.grad
+    grad_loop = torch.stack([lin.weight.grad for lin in loop.layers[name].lora_B])
+    torch.testing.assert_close(grad_loop, grad_fused, rtol=1e-4, atol=1e-6)
