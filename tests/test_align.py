@@ -28,3 +28,25 @@ def test_align_writes_projector_and_record(tmp_path, isolated_cache):
     from asymlora.zoo import load_projector
 
     load_projector(tiny_llava(), out)
+
+
+def test_easyvqa_captions_say_what_the_questions_reveal():
+    from asymlora.align import captions_for
+
+    def record(image, question, answer):
+        return {"image": image, "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                                  {"from": "gpt", "value": answer}]}
+
+    records = [
+        record("a.png", "What is the color of the circle?", "red"),          # colour + the named shape
+        record("b.png", "What shape is in the image?", "triangle"),          # shape only
+        record("c.png", "Is a blue shape present?", "yes"),                  # positive, yes: blue
+        record("d.png", "Is there not a green shape?", "no"),                # negated, no: green
+        record("d.png", "What is the green shape?", "rectangle"),
+        record("e.png", "Does the image contain a circle?", "no"),           # two absent shapes ...
+        record("e.png", "Is there not a rectangle?", "yes"),                 # ... leave the triangle
+        record("f.png", "Is there a red shape?", "no"),                      # only an absence: no caption
+    ]
+    assert captions_for("easyvqa", records) == [("a.png", "A red circle."), ("b.png", "A triangle."),
+                                                ("c.png", "A blue shape."), ("d.png", "A green rectangle."),
+                                                ("e.png", "A triangle.")]

@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 import shlex
 import sys
 import time
@@ -46,19 +47,62 @@ def _question(record: dict[str, Any]) -> str:
     return record["conversations"][0]["value"].replace("<image>", "").strip().lower()
 
 
+EASYVQA_SHAPES = ("circle", "rectangle", "triangle")
+EASYVQA_COLORS = ("red", "green", "blue", "yellow", "teal", "brown", "black", "gray")
+_NEGATION = re.compile(r"\b(not|no)\b")
+
+
+def _easyvqa_captions(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """What each easy-VQA image is known to show, from every question about it, as one caption.
+
+    Open questions give the asked attribute, and the other attribute when the question names it
+    ("what is the color of the circle?" -> red): colour and shape. A yes/no question tells that the
+    named colour or shape is present when a positive question is answered yes or a negated one no;
+    two shapes known absent leave the third.
+    The caption says what is known: "A red circle.", "A circle.", or "A red shape.".
+    """
+    known: dict[str, dict[str, str]] = defaultdict(dict)
+    absent: dict[str, set[str]] = defaultdict(set)
+    for record in records:
+        question, answer = _question(record), _answer(record).lower()
+        words = re.findall(r"[a-z]+", question)
+        named = {"shape": [w for w in words if w in EASYVQA_SHAPES], "color": [w for w in words if w in EASYVQA_COLORS]}
+        facts: dict[str, str] = {}
+        if answer in ("yes", "no"):
+            present = (answer == "yes") != bool(_NEGATION.search(question))
+            if present:
+                facts.update({kind: names[0] for kind, names in named.items() if len(names) == 1})
+            elif len(named["shape"]) == 1 and not named["color"]:
+                absent[record["image"]].add(named["shape"][0])
+        else:
+            kind = "shape" if answer in EASYVQA_SHAPES else "color" if answer in EASYVQA_COLORS else None
+            if kind is None:
+                continue
+            facts[kind] = answer
+            other = "color" if kind == "shape" else "shape"
+            if len(named[other]) == 1:
+                facts[other] = named[other][0]
+        known[record["image"]].update(facts)
+    for image, shapes in absent.items():
+        left = [s for s in EASYVQA_SHAPES if s not in shapes]
+        if len(left) == 1:
+            known[image].setdefault("shape", left[0])
+    captions = []
+    for image in sorted(known):
+        color, shape = known[image].get("color"), known[image].get("shape")
+        if color and shape:
+            captions.append((image, f"A {color} {shape}."))
+        elif shape:
+            captions.append((image, f"A {shape}."))
+        elif color:
+            captions.append((image, f"A {color} shape."))
+    return captions
+
+
 def captions_for(name: str, records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(image path relative to the dataset dir, caption) pairs from one built-in dataset's records."""
     if name == "easyvqa":
-        shape: dict[str, str] = {}
-        color: dict[str, str] = {}
-        for record in records:
-            question = _question(record)
-            if question.startswith("what shape"):
-                shape[record["image"]] = _answer(record)
-            elif question.startswith(("what color", "what is the color")):
-                color[record["image"]] = _answer(record)
-        images = sorted(set(shape) & set(color))
-        return [(image, f"A {color[image]} {shape[image]}.") for image in images]
+        return _easyvqa_captions(records)
     if name == "fashion":
         return [(r["image"], f"A photo of a {_answer(r)}.") for r in records]
     if name == "digits":
