@@ -1,0 +1,97 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) shards the adapter banks and routers like any other
+parameter, and the sharded model computes the same loss, aux loss and gradients as the unsharded one.
+
+accelerate enables FSDP only on GPU-like devices, so `asymlora train` under FSDP needs a GPU; this test
+runs the sharding itself on CPU with two gloo processes, which is what FSDP does underneath.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from asymlora import AsymLoraConfig, get_model
+
+fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
+
+
+def _build(method: str):
+    from tiny_models import tiny_llava
+
+    adapter = {"method": method, "r": 4, "alpha": 8, "tasks": ["a", "b"], "modules_to_save": ["projector"]}
+    if method != "asymlora":
+        adapter.update(num_experts=2, routing="dense", balance_loss_weight=0.1)
+    wrapped = get_model(tiny_llava(), AsymLoraConfig.from_dict(adapter))
+    torch.manual_seed(1)
+    with torch.no_grad():  # nonzero B, so that A and the router get gradients too
+        for name, param in wrapped.named_parameters():
+            if "B_bank" in name:
+                param.normal_(0, 0.05)
+    return wrapped
+
+
+def _loss_and_grads(wrapped, batch, task_ids):
+    out = wrapped(**batch, task_ids=task_ids)
+    aux = wrapped.aux_loss
+    loss = out.loss + 0.1 * aux
+    loss.backward()
+    grads = {}
+    for name, param in wrapped.named_parameters():
+        if param.grad is not None:
+            grad = param.grad
+            grads[name] = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).detach().clone()
+    return float(out.loss.detach()), float(aux.detach()), grads
+
+
+def _worker(rank: int, port: int, method: str, queue) -> None:
+    from tiny_models import image_batch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        wrapped = _build(method)
+        for layer in wrapped.base_model.model.language_model.layers:
+            fully_shard(layer)
+        fully_shard(wrapped.base_model)
+        sharded = {n: type(p).__name__ for n, p in wrapped.named_parameters() if p.requires_grad}
+        batch = image_batch("llava", batch=2)  # every rank sees the full batch: the mean gradient is its gradient
+        loss, aux, grads = _loss_and_grads(wrapped, batch, torch.tensor([0, 1]))
+        if rank == 0:
+            queue.put((loss, aux, {n: g.numpy() for n, g in grads.items()}, sharded))  # by value
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("method", ["asymlora_moe", "asymlora"])
+def test_fully_sharded_adapter_matches_unsharded(method):
+    from tiny_models import image_batch
+
+    reference = _build(method)
+    ref_loss, ref_aux, ref_grads = _loss_and_grads(reference, image_batch("llava", batch=2), torch.tensor([0, 1]))
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = _free_port()
+    procs = [context.Process(target=_worker, args=(rank, port, method, queue)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    loss, aux, grads, sharded = queue.get(timeout=300)  # raises if a rank died
+    for proc in procs:
+        proc.join(timeout=300)
+    assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
+    adapter = [n for n in sharded if "A_bank" in n or "B_bank" in n or "router" in n]
+    assert adapter and all(sharded[n] == "DTensor" for n in adapter)  # sharded, not replicated
+    assert loss == pytest.approx(ref_loss, rel=1e-5) and aux == pytest.approx(ref_aux, rel=1e-5, abs=1e-7)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(torch.from_numpy(grads[name]), grad, rtol=1e-4, atol=1e-6, msg=name)
