@@ -63,6 +63,7 @@ def _worker(rank: int, port: int, method: str, queue) -> None:
         loss, aux, grads = _loss_and_grads(wrapped, batch, torch.tensor([0, 1]))
         if rank == 0:
             queue.put((loss, aux, {n: g.numpy() for n, g in grads.items()}, sharded))  # by value
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
