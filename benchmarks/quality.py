@@ -106,6 +106,7 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
                    mixture: Any, eval_mixture: str, output_dir: Path) -> dict[str, Any]:
     from asymlora.evaluate.report import mean_score
     from asymlora.evaluate.run import evaluate_builtin, load_for_eval
+    from asymlora.model import param_report
     from asymlora.train import TrainConfig, run_training
 
     config = TrainConfig.from_dict(run_config(args, method, r, seed, tasks, mixture, output_dir),
@@ -118,8 +119,8 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
     losses = [e["loss"] for e in state.get("log_history", []) if "loss" in e]
     manifest = json.loads((run_dir / "adapter_config.json").read_text())
     model, processor, adapter_tasks = load_for_eval(adapter=str(run_dir))
-    trainable = sum(p.numel() for n, p in model.named_parameters() if "A_bank" in n or "B_bank" in n
-                    or "router" in n or "task_bias" in n)
+    roles = param_report(model)["by_role"]
+    trainable = sum(n for role, n in roles.items() if role != "modules_to_save")  # A, B banks, routers, biases
     start = time.time()
     results, _ = evaluate_builtin(model, processor, tasks, adapter_tasks, split="test",
                                   max_samples=args.eval_samples, batch_size=args.eval_batch_size,

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from asymlora.errors import ConfigError
 
@@ -170,14 +169,6 @@ def _encode(samples: Sequence[Any], encoder: Any, limit: int) -> list[dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------- gradients
-def _lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross entropy over supervised tokens (the training loss before its division)."""
-    logits = logits[:, :-1]
-    targets = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-
-
 def task_pass(model: Any, items: Sequence[dict[str, Any]], collator: Any, batch_size: int) -> dict[str, Any]:
     """Gradient of one task's mean LM loss over ``items`` (encoded samples), and its routing statistics.
 
@@ -191,6 +182,8 @@ def task_pass(model: Any, items: Sequence[dict[str, Any]], collator: Any, batch_
         raise ConfigError("the chosen samples have no supervised (answer) token; nothing to take a gradient of")
     model.zero_grad(set_to_none=True)
     model.pop_routing_stats()
+    from asymlora.train import next_token_loss
+
     total = 0.0
     with model.collect_routing_stats():
         for start in range(0, len(items), batch_size):
@@ -199,7 +192,7 @@ def task_pass(model: Any, items: Sequence[dict[str, Any]], collator: Any, batch_
             task_ids = batch.pop("task_ids").to(device)
             inputs = {k: v.to(device) for k, v in batch.items()}
             outputs = model(**inputs, task_ids=task_ids, routing_labels=labels)
-            loss = _lm_loss_sum(outputs.logits, labels) / tokens
+            loss = next_token_loss(outputs.logits, labels)[0].sum() / tokens
             loss.backward()
             total += float(loss.detach())
     stats = model.pop_routing_stats()

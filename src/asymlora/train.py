@@ -237,6 +237,16 @@ class NonFiniteLossError(AsymLoraError):
     """The training loss became NaN or inf."""
 
 
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position next-token cross entropy (B, T-1), 0 where the label is -100, and the mask of the
+    supervised positions. The training loss is its sum over supervised tokens divided by their count."""
+    logits = logits[:, :-1]
+    targets = labels[:, 1:].to(logits.device)
+    token_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 ignore_index=-100, reduction="none").view(targets.shape)
+    return token_loss, targets != -100
+
+
 def make_trainer_class() -> type:
     """Build the Trainer subclass (transformers is imported lazily so the CLI starts fast)."""
     from transformers import Trainer
@@ -306,11 +316,7 @@ def make_trainer_class() -> type:
             labels = inputs.pop("labels")
             task_ids = inputs.pop("task_ids", None)
             outputs = model(**inputs, task_ids=task_ids, routing_labels=labels)
-            logits = outputs.logits[:, :-1]
-            targets = labels[:, 1:].to(logits.device)
-            token_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                         ignore_index=-100, reduction="none").view(targets.shape)
-            supervised = targets != -100
+            token_loss, supervised = next_token_loss(outputs.logits, labels)
             sample_sums = token_loss.sum(dim=1)
             sample_counts = supervised.sum(dim=1)
             if num_items_in_batch is not None and model.training:
