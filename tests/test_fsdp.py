@@ -1,5 +1,6 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) shards the adapter banks and routers like any other
-parameter, and the sharded model computes the same loss, aux loss and gradients as the unsharded one.
+parameter, the sharded model computes the same loss, aux loss and gradients as the unsharded one, and
+its adapter saves (gathered, from one rank) and loads (each rank taking its shard) exactly.
 
 accelerate enables FSDP only on GPU-like devices, so `asymlora train` under FSDP needs a GPU; this test
 runs the sharding itself on CPU with two gloo processes, which is what FSDP does underneath.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import traceback
 
 import pytest
 import torch
@@ -48,7 +50,28 @@ def _loss_and_grads(wrapped, batch, task_ids):
     return float(out.loss.detach()), float(aux.detach()), grads
 
 
-def _worker(rank: int, port: int, method: str, queue) -> None:
+def _save_and_reload(wrapped, rank: int, out_dir: str) -> dict[str, str]:
+    """Save the sharded adapter both ways Trainer does, wipe it, load it back; returns the shard types."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    import asymlora
+
+    wrapped.save_pretrained(f"{out_dir}/gathered", is_main_process=rank == 0)
+    # Trainer under FSDP's FULL_STATE_DICT: accelerate gathers this dict and Trainer._save passes it on.
+    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        wrapped.save_pretrained(f"{out_dir}/trainer", state_dict=full)
+    dist.barrier()
+    with torch.no_grad():
+        for param in wrapped.trainable_state_dict().values():
+            param.zero_()
+    asymlora.load(wrapped, f"{out_dir}/gathered")
+    reloaded = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().numpy().copy()
+                for n, p in wrapped.trainable_state_dict().items()}
+    return reloaded
+
+
+def _worker(rank: int, port: int, method: str, queue, out_dir: str) -> None:
     from tiny_models import image_batch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -61,9 +84,13 @@ def _worker(rank: int, port: int, method: str, queue) -> None:
         sharded = {n: type(p).__name__ for n, p in wrapped.named_parameters() if p.requires_grad}
         batch = image_batch("llava", batch=2)  # every rank sees the full batch: the mean gradient is its gradient
         loss, aux, grads = _loss_and_grads(wrapped, batch, torch.tensor([0, 1]))
+        reloaded = _save_and_reload(wrapped, rank, out_dir)
         if rank == 0:
-            queue.put((loss, aux, {n: g.numpy() for n, g in grads.items()}, sharded))  # by value
+            queue.put((loss, aux, {n: g.numpy() for n, g in grads.items()}, sharded, reloaded))  # by value
         dist.barrier()  # neither rank tears the group down while the other still uses it
+    except BaseException:
+        queue.put(f"rank {rank} failed:\n{traceback.format_exc()}")  # fail the test now, not at the timeout
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -75,7 +102,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("method", ["asymlora_moe", "asymlora"])
-def test_fully_sharded_adapter_matches_unsharded(method):
+def test_fully_sharded_adapter_matches_unsharded(method, tmp_path):
+    from safetensors.torch import load_file
     from tiny_models import image_batch
 
     reference = _build(method)
@@ -83,10 +111,13 @@ def test_fully_sharded_adapter_matches_unsharded(method):
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = _free_port()
-    procs = [context.Process(target=_worker, args=(rank, port, method, queue)) for rank in range(2)]
+    procs = [context.Process(target=_worker, args=(rank, port, method, queue, str(tmp_path))) for rank in range(2)]
     for proc in procs:
         proc.start()
-    loss, aux, grads, sharded = queue.get(timeout=300)  # raises if a rank died
+    result = queue.get(timeout=300)  # raises if a rank died without a word
+    if isinstance(result, str):
+        pytest.fail(result)
+    loss, aux, grads, sharded, reloaded = result
     for proc in procs:
         proc.join(timeout=300)
     assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
@@ -96,3 +127,13 @@ def test_fully_sharded_adapter_matches_unsharded(method):
     assert grads.keys() == ref_grads.keys()
     for name, grad in ref_grads.items():
         torch.testing.assert_close(torch.from_numpy(grads[name]), grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The saved adapter holds every trainable tensor whole, identical to the unsharded model's.
+    expected = {n: p.detach() for n, p in reference.trainable_state_dict().items()}
+    for kind in ("gathered", "trainer"):
+        saved = load_file(str(tmp_path / kind / "adapter_model.safetensors"))
+        assert saved.keys() == expected.keys(), kind
+        for name, value in expected.items():
+            assert torch.equal(saved[name], value), (kind, name)
+    assert reloaded.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(torch.from_numpy(reloaded[name]), value), name

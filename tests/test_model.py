@@ -181,6 +181,27 @@ def test_save_load_round_trip_is_exact(tmp_path, case):
         assert torch.equal(model(**batch, task_ids=ids).logits, restored(**batch, task_ids=ids).logits)
 
 
+def test_save_from_a_given_state_dict(tmp_path):
+    """Trainer under FSDP / ZeRO-3 hands save_pretrained a gathered state dict (wrapper-prefixed keys)."""
+    model = asymlora.get_model(tiny_llava(), AsymLoraConfig(method="asymlora_moe", r=4, num_experts=2,
+                                                            modules_to_save=["projector"]))
+    randomize_adapter(model, seed=5)
+    given = {k: v.detach().clone() + 1.0 for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "given", state_dict=given)
+    saved = load_file(tmp_path / "given" / "adapter_model.safetensors")
+    assert saved.keys() == model.trainable_state_dict().keys()
+    for key, value in saved.items():  # the given tensors, not the model's own
+        assert torch.equal(value, given["base_model." + key]), key
+    partial = {k: v for k, v in given.items() if "router" not in k}
+    with pytest.raises(CheckpointError, match="router.*missing from the state dict"):
+        model.save_pretrained(tmp_path / "partial", state_dict=partial)
+    with pytest.raises(CheckpointError, match="stage3_gather_16bit_weights_on_model_save"):
+        model.save_pretrained(tmp_path / "empty", state_dict={})
+    assert not (tmp_path / "partial").exists() and not (tmp_path / "empty").exists()
+    model.save_pretrained(tmp_path / "other_rank", is_main_process=False)
+    assert not (tmp_path / "other_rank").exists()
+
+
 def test_load_refuses_mismatched_dirs(tmp_path):
     model = asymlora.get_model(tiny_llava(), AsymLoraConfig(method="lora", r=4))
     model.save_pretrained(tmp_path / "a")

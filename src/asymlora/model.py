@@ -198,11 +198,25 @@ class AsymLoraModel(nn.Module):
                 names[name] = param
         return names
 
-    def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically, file by file)."""
+    def save_pretrained(self, save_directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        is_main_process: bool = True, **_: Any) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically, file by file).
+
+        Sharded parameters (FSDP2 / tensor-parallel ``DTensor``) are gathered to full tensors first: that
+        is a collective, so under FSDP call this on every rank, with ``is_main_process`` true on one.
+        ``state_dict``: an already gathered full state dict (what ``Trainer`` passes under FSDP's
+        FULL_STATE_DICT or DeepSpeed ZeRO-3), keyed by this wrapper's or the base model's parameter
+        names; every trainable tensor must be in it (a CheckpointError names the first missing one).
+        """
+        if state_dict is None:
+            tensors = {k: _full_tensor(v.detach()) for k, v in self.trainable_state_dict().items()}
+        else:
+            tensors = {k: _state_dict_entry(state_dict, k) for k in self.trainable_state_dict()}
+        if not is_main_process:
+            return
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.trainable_state_dict().items()}
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         with atomic_path(out / WEIGHTS_NAME) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt", "asymlora_version": __version__})
         write_json_atomic(out / CONFIG_NAME, self.adapter_manifest())
@@ -253,6 +267,34 @@ class AsymLoraModel(nn.Module):
 
     def param_report(self) -> dict[str, Any]:
         return param_report(self)
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded DTensor (a collective over its mesh); any other tensor as it is."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
+
+
+def _state_dict_entry(state_dict: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """``name`` (a base-model parameter name) in a full state dict of the base model or of the wrapper."""
+    for key in (name, "base_model." + name):
+        if key in state_dict:
+            return _full_tensor(state_dict[key])
+    hint = (" (DeepSpeed ZeRO-3 hands an empty one unless stage3_gather_16bit_weights_on_model_save is true)"
+            if not state_dict else "")
+    raise CheckpointError(f"state_dict: the trainable tensor {name!r} is missing from the state dict given to "
+                          f"save_pretrained ({len(state_dict)} keys){hint}; nothing was written")
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter, sharding it first where the parameter is a DTensor (FSDP2)."""
+    value = value.to(param.dtype)
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is not None:  # each rank read the whole file, so each takes its own shard locally
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(param.device), mesh, param.placements, src_data_rank=None)
+    param.copy_(value)
 
 
 def _image_token_id(model: nn.Module) -> int | None:
@@ -408,7 +450,7 @@ def load(model: nn.Module, adapter_dir: str | Path, is_trainable: bool = True) -
                                   f"the model expects {tuple(params[key].shape)}")
     with torch.no_grad():
         for key, value in tensors.items():
-            params[key].copy_(value.to(params[key].dtype))
+            _copy_into(params[key], value)
     if not is_trainable:
         for param in wrapped.parameters():
             param.requires_grad_(False)

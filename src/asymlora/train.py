@@ -407,11 +407,13 @@ def make_trainer_class() -> type:
 
         # ---- checkpoints ----------------------------------------------------------------------------
         def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+            # Under FSDP / DeepSpeed ZeRO-3, save_model gathers the full state dict on every rank and
+            # hands it here; otherwise the adapter reads its own (unsharded) parameters.
             output_dir = output_dir or self.args.output_dir
             if not self.args.should_save:
                 return
             os.makedirs(output_dir, exist_ok=True)
-            self.adapter_model.save_pretrained(output_dir)
+            self.adapter_model.save_pretrained(output_dir, state_dict=state_dict)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
 
