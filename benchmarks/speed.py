@@ -81,11 +81,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model=TINY, r=4, experts=(3, 4, 8),
                  cpu=dict(layers=2, batch=2, seq=16, dtype="float32", warmup=1, iters=2),
                  cuda=dict(layers=2, batch=2, seq=16, dtype="float32", warmup=1, iters=2)),
-    # CPU: all 30 layers at 256 tokens/step, 1 + 3 steps per configuration: an estimated ~10-15 min on 2
-    # idle cores (unverified; see docs/benchmarks.md). --layers 8 is ~3x quicker, but the tied 49152-word
-    # LM head (~8 layers' worth of compute) then weighs more and dilutes every ratio.
+    # CPU: all 30 layers at 256 tokens/step, 2 + 9 steps per configuration (with 3 timed steps, the same
+    # configuration's ratio to LoRA moved by up to 0.25 between runs on 2 shared cores). --layers 8 is ~3x
+    # quicker, but the tied 49152-word LM head (~8 layers' worth of compute) then weighs more and dilutes
+    # every ratio.
     "default": dict(model=SMOLLM2_135M, r=16, experts=(3, 4, 8),
-                    cpu=dict(layers=30, batch=2, seq=128, dtype="float32", warmup=1, iters=3),
+                    cpu=dict(layers=30, batch=2, seq=128, dtype="float32", warmup=2, iters=9),
                     cuda=dict(layers=30, batch=8, seq=512, dtype="bfloat16", warmup=3, iters=10)),
     "7b": dict(model=LLAMA_7B, r=32, experts=(3, 4, 8),
                cpu=dict(layers=1, batch=1, seq=64, dtype="float32", warmup=1, iters=2),
@@ -411,12 +412,19 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
         torch.cuda.reset_peak_memory_stats()
     start_mib = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mib()
     last: list[torch.Tensor] = []
+    phases: dict[str, list[float]] = {"fwd_bwd": [], "optimizer": []}
 
     def step() -> None:
+        start = time.perf_counter()
         loss = variant.loss(batch)
         loss.backward()
+        _sync(s.device)
+        middle = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _sync(s.device)
+        phases["fwd_bwd"].append(middle - start)
+        phases["optimizer"].append(time.perf_counter() - middle)
         last[:] = [loss.detach()]
 
     try:
@@ -430,8 +438,11 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
         variant.detach()
         _free(s.device, s.preset != "tiny")
     median = statistics.median(times)
+    measured = {name: values[-len(times):] for name, values in phases.items()}  # the timed calls, not warmup
     return dict(method=method, E=experts, impl=impl, routing=ROUTING[method], ms=median * 1e3,
                 ms_min=min(times) * 1e3, tokens_per_s=s.batch * s.seq / median,
+                fwd_bwd_ms=statistics.median(measured["fwd_bwd"]) * 1e3,
+                optimizer_ms=statistics.median(measured["optimizer"]) * 1e3,
                 peak_mib=peak, start_mib=start_mib,
                 peak_above_start_mib=None if peak is None or start_mib is None else peak - start_mib,
                 trainable=sum(p.numel() for p in params), loss=loss_value)
@@ -546,6 +557,9 @@ def target_checks(train: list[dict], infer: list[dict], experts: Sequence[int]) 
             add(f"asymlora_moe E={e} step / lora step", moe["ms"] / lora["ms"], "<=", 1.10)
         if lora and task:
             add(f"asymlora (task) E={e} step / lora step", task["ms"] / lora["ms"], "<=", 1.03)
+            if lora.get("fwd_bwd_ms") and task.get("fwd_bwd_ms"):  # the step less AdamW over E B heads
+                add(f"asymlora (task) E={e} forward+backward / lora's", task["fwd_bwd_ms"] / lora["fwd_bwd_ms"],
+                    "<=", 1.03)
         loop = _find(train, "asymlora_moe", e, "loop")
         if moe and loop and e == max(experts):
             add(f"asymlora_moe E={e} loop step / fused step", loop["ms"] / moe["ms"], ">=", 2.0)
@@ -578,18 +592,20 @@ def to_markdown(result: dict) -> str:
         "",
         "### Training step (forward + loss + backward + AdamW step)",
         "",
-        "| method | routing | E | impl | ms/step | tokens/s | x LoRA | loop / fused | peak MiB | peak - start MiB "
-        "| mem x LoRA | trainable |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | routing | E | impl | ms/step | fwd+bwd ms | AdamW ms | tokens/s | x LoRA | fwd+bwd x LoRA "
+        "| loop / fused | peak MiB | peak - start MiB | mem x LoRA | trainable |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lora = _find(train, "lora", 1)
     for r in train:
         fused = _find(train, r["method"], r["E"])
         vs_fused = _fmt(r["ms"] / fused["ms"]) if r["impl"] == "loop" and fused else ""
         x_lora = _fmt(r["ms"] / lora["ms"]) if lora else "n/a"
+        fb_lora = _fmt(r["fwd_bwd_ms"] / lora["fwd_bwd_ms"]) if lora and lora.get("fwd_bwd_ms") and r.get("fwd_bwd_ms") else "n/a"
         mem_x = _fmt(r["peak_mib"] / lora["peak_mib"], ".3f") if lora and lora["peak_mib"] and r["peak_mib"] else "n/a"
         lines.append(f"| {r['method']} | {r['routing']} | {r['E']} | {r['impl']} | {r['ms']:.2f} | "
-                     f"{r['tokens_per_s']:.0f} | {x_lora} | {vs_fused} | {_fmt(r['peak_mib'], '.0f')} | "
+                     f"{_fmt(r.get('fwd_bwd_ms'))} | {_fmt(r.get('optimizer_ms'))} | "
+                     f"{r['tokens_per_s']:.0f} | {x_lora} | {fb_lora} | {vs_fused} | {_fmt(r['peak_mib'], '.0f')} | "
                      f"{_fmt(r['peak_above_start_mib'], '.0f')} | {mem_x} | "
                      f"{r['trainable']:,} |")
     if infer:

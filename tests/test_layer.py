@@ -84,6 +84,32 @@ def test_fused_matches_loop_float64(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+def test_fused_gradients_match_loop_float64(case):
+    """The fused path (and the per-sample head gather of task routing) backpropagates as the loop does."""
+    layer, ctx = make_layer(**case)
+    torch.manual_seed(2)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    ctx.task_ids = torch.tensor([2, -1, 1]) if case.get("routing") == "hybrid" else torch.tensor([1, 2, 1])
+    weights = torch.randn(3, 5, layer.out_features, dtype=torch.float64)
+    params = [x] + [p for p in layer.parameters() if p.requires_grad]
+    fused = torch.autograd.grad((layer(x) * weights).sum(), params)
+    expected = torch.autograd.grad((loop_reference(layer, x, ctx.task_ids) * weights).sum(), params)
+    for got, want in zip(fused, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_task_routing_expands_ids_over_beams_and_rows():
+    """generate() repeats each sample for its beams; a 2-D input has one sample per row."""
+    layer, ctx = make_layer(method="asymlora", tasks=TASKS)
+    ctx.task_ids = torch.tensor([2, 0])
+    x = torch.randn(4, 3, 12, dtype=torch.float64)  # 2 samples x 2 beams
+    torch.testing.assert_close(layer(x), loop_reference(layer, x, torch.tensor([2, 2, 0, 0])), rtol=1e-12, atol=1e-12)
+    rows = torch.randn(2, 12, dtype=torch.float64)
+    torch.testing.assert_close(layer(rows), loop_reference(layer, rows[:, None], ctx.task_ids)[:, 0],
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
 def test_zero_initialised_B_is_identity(case):
     config = AsymLoraConfig(r=4, **case)
     base = nn.Linear(8, 6)

@@ -15,6 +15,12 @@ Fused computation for T tokens (no Python loop over experts):
     gated = g[:, :, None] * codes.view(T, n_A, r)             (T, E, r)    broadcast over E if n_A = 1
     delta = gated.reshape(T, E*r) @ B_stacked^T * s           (T, d_out)   one matmul,
 with B_stacked = B_bank.permute(1, 0, 2).reshape(d_out, E*r).
+
+Task routing (no router, E > 1) has a one-hot gate that is the same for every token of a sample, so the
+gated product above would spend E times LoRA's FLOPs multiplying zeros. There, for N samples of L tokens,
+the same sum is taken with each sample's own head, still in one batched matmul:
+    codes = dropout(X) A_bank^T                               (N, L, r)    (n_A = E: A_(task) gathered)
+    delta = bmm(codes, B_bank[task_ids]^T) * s                (N, L, d_out) LoRA's FLOPs, no expert loop
 """
 
 from __future__ import annotations
@@ -107,6 +113,14 @@ class AsymLoraLinear(nn.Module):
     # ------------------------------------------------------------------------------------ routing
     def _token_task_ids(self, x: torch.Tensor) -> torch.Tensor | None:
         """Per-token task ids (T,) from the per-sample ids in the routing context."""
+        ids = self._sample_task_ids(x)
+        if ids is None:
+            return None
+        per_sample = math.prod(x.shape[1:-1]) if x.dim() >= 3 else 1
+        return ids.unsqueeze(1).expand(ids.shape[0], per_sample).reshape(-1)
+
+    def _sample_task_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Task ids (N,), one per row of ``x``'s first dimension, from the routing context's per-sample ids."""
         ctx = self.routing_context
         ids = ctx.task_ids if ctx is not None else None
         if ids is None:
@@ -116,7 +130,6 @@ class AsymLoraLinear(nn.Module):
                 )
             return None
         batch = x.shape[0] if x.dim() >= 2 else 1
-        per_sample = math.prod(x.shape[1:-1]) if x.dim() >= 3 else 1
         if batch != ids.shape[0]:
             if ids.shape[0] and batch % ids.shape[0] == 0:  # e.g. beams expanded by generate()
                 ids = ids.repeat_interleave(batch // ids.shape[0])
@@ -125,7 +138,7 @@ class AsymLoraLinear(nn.Module):
                     f"{self.name}: input has batch size {batch} but {ids.shape[0]} task ids were given; "
                     "task-dependent routing is only defined for layers whose inputs are (batch, seq, features)"
                 )
-        return ids.to(x.device).unsqueeze(1).expand(batch, per_sample).reshape(-1)
+        return ids.to(x.device)
 
     def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
         ctx = self.routing_context
@@ -163,6 +176,18 @@ class AsymLoraLinear(nn.Module):
         stacked_B = self.B_bank.permute(1, 0, 2).reshape(self.out_features, experts * r)
         return F.linear(gated.reshape(tokens, experts * r), stacked_B) * self.scaling
 
+    def task_delta(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """s * B_(task) A_(task) dropout(x) for x (N, L, d_in) and one task id per sample (N,): task routing
+        without multiplying the zero gates (see "Task routing" in the module docstring)."""
+        spec = self.spec
+        r = spec.r
+        x = self.dropout(x).to(self.A_bank.dtype)
+        if spec.num_A == 1:
+            codes = F.linear(x, self.A_bank)  # (N, L, r): the shared A.x
+        else:  # lora_moe: each task has its own A rows
+            codes = torch.bmm(x, self.A_bank.view(spec.num_experts, r, self.in_features)[task_ids].transpose(1, 2))
+        return torch.bmm(codes, self.B_bank[task_ids].transpose(1, 2)) * self.scaling  # (N, L, d_out)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.merged_task is not None:
@@ -171,6 +196,10 @@ class AsymLoraLinear(nn.Module):
         if ctx is not None and ctx.disabled:
             return result
         spec = self.spec
+        if self.router is None and spec.num_experts > 1 and x.dim() >= 2:  # task routing
+            ids = self._sample_task_ids(x)  # raises if the forward was given none
+            delta = self.task_delta(x.reshape(ids.shape[0], -1, self.in_features), ids)
+            return result + delta.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
         x_flat = x.reshape(-1, self.in_features)
         needs_ids = spec.needs_task_ids or spec.has_task_bias
         collecting = ctx is not None and ctx.collecting and self.router is not None
