@@ -86,3 +86,32 @@ def test_rank_with_question_candidates_reports_baselines(tmp_path):
         assert 0 <= results["tasks"][task]["majority"] <= 1 and 0 <= results["tasks"][task]["majority_by_question"] <= 1
     rows = [json.loads(line) for line in (tmp_path / "q" / "predictions.jsonl").read_text().splitlines()]
     assert {r["prediction"] for r in rows if r["task"] == "isred"} <= {"yes", "no"}
+
+
+def test_shuffled_images_move_every_question_to_another_image():
+    from collections import Counter
+    from pathlib import Path
+
+    from asymlora.evaluate.run import _Prompt, _shuffle_images
+
+    paths = [Path(f"{i // 2}.png") for i in range(7)]  # questions come in pairs about one image
+    prompts = [_Prompt(messages=[], images=[p]) for p in paths]
+    _shuffle_images(prompts)
+    assert all(prompt.images != [path] for prompt, path in zip(prompts, paths))
+    assert Counter(p.images[0] for p in prompts) == Counter(paths)  # the same images, moved
+
+
+def test_blind_control_and_baselines_in_generate_mode(tmp_path):
+    setup_with_test_split(tmp_path, "lora", 2)
+    common = ["--model", str(tmp_path / "model"), "--max-samples", "4", "--max-new-tokens", "2",
+              "--mixture", str(tmp_path / "mix.yaml")]
+    assert main(["eval", *common, "--out", str(tmp_path / "own")]) == 0
+    assert main(["eval", *common, "--images", "shuffled", "--out", str(tmp_path / "blind")]) == 0
+    own = json.loads((tmp_path / "own" / "results.json").read_text())
+    blind = json.loads((tmp_path / "blind" / "results.json").read_text())
+    assert own["setup"]["images"] == "own" and blind["setup"]["images"] == "shuffled"
+    for task in ("isred", "color"):  # closed answer sets: the answer-prior baselines, the same in both runs
+        assert own["tasks"][task]["majority"] == blind["tasks"][task]["majority"]
+        assert 0 <= own["tasks"][task]["majority_by_question"] <= 1
+    report = (tmp_path / "blind" / "report.md").read_text()
+    assert "| task | metric | score | majority | majority_by_question |" in report

@@ -99,10 +99,29 @@ def write_report(out: Path, results: dict[str, Any], predictions: Sequence[dict[
                       "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
     name = results.get("name", out.name)
     table = markdown_table({name: results})
-    write_text_atomic(out / "report.md", f"# {name}\n\n{_describe(results)}\n\n{table}")
+    write_text_atomic(out / "report.md", f"# {name}\n\n{_describe(results)}\n\n{table}{_baselines(results)}")
     plot = bar_chart({name: results}, out / "scores.png", title=name)
     return {"results": out / "results.json", "report": out / "report.md", "plot": plot,
             "predictions": out / "predictions.jsonl"}
+
+
+BASELINES = {"majority": "the task's most common train answer",
+             "majority_by_question": "the most common train answer of the question's template"}
+
+
+def _baselines(results: dict[str, Any]) -> str:
+    """A table of the answer-prior baselines on the same items, for the tasks that have them."""
+    rows = [(task, result) for task, result in results.get("tasks", {}).items()
+            if any(key in result for key in BASELINES)]
+    if not rows:
+        return ""
+    lines = ["", "Baselines on the same items (" + "; ".join(f"{k}: {v}" for k, v in BASELINES.items()) + "):", "",
+             "| task | metric | score | " + " | ".join(BASELINES) + " |", "|---|---|---|" + "---|" * len(BASELINES)]
+    for task, result in rows:
+        metric, value, _ = headline(result)
+        cells = [f"{result[k]:.3f}" if k in result else "" for k in BASELINES]
+        lines.append(f"| {task} | {metric} | {value:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _describe(results: dict[str, Any]) -> str:

@@ -19,6 +19,8 @@ import torch
 
 from asymlora.errors import ConfigError
 
+MAX_CLOSED_ANSWERS = 50  # tasks with at most this many distinct train answers get majority baselines
+
 
 @dataclass
 class _Prompt:
@@ -122,8 +124,12 @@ def evaluate_builtin(model: Any, processor: Any, tasks: Sequence[str], adapter_t
                      split: str = "test", max_samples: int | None = None, batch_size: int = 16,
                      max_new_tokens: int = 32, merged_task: str | None = None,
                      mixture: str = "mix5", prompt_suffix: str | None = None, scoring: str = "generate",
-                     candidates: str = "task") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                     candidates: str = "task", images: str = "own") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Per-task scores and per-sample predictions on the built-in test splits.
+
+    ``images="shuffled"`` is the blind control: each question is asked about the image of another test
+    sample of the same task (a fixed rotation by half the list, skipping samples that share the image), so
+    whatever score survives comes from the question alone.
 
     ``scoring="generate"``: greedy generation. ``scoring="rank"``: the most likely of the task's train
     answers (closed set), for tasks with a small answer vocabulary; with ``candidates="question"`` only
@@ -137,7 +143,9 @@ def evaluate_builtin(model: Any, processor: Any, tasks: Sequence[str], adapter_t
 
     loaded = load_mixture(mixture)
     samples = loaded.load(split=split)
-    train = loaded.load(split="train") if scoring.startswith("rank") else []
+    if images not in ("own", "shuffled"):
+        raise ConfigError(f"--images: {images!r} is not one of own, shuffled")
+    train = loaded.load(split="train")
     results: dict[str, Any] = {}
     predictions: list[dict[str, Any]] = []
     for task in tasks:
@@ -146,16 +154,21 @@ def evaluate_builtin(model: Any, processor: Any, tasks: Sequence[str], adapter_t
         if not chosen:
             raise ConfigError(f"--tasks: no {split} samples for task {task!r} in mixture {mixture!r}")
         prompts = [_tasks_prompt(s, prompt_suffix) for s in chosen]
+        if images == "shuffled":
+            _shuffle_images(prompts)
         if merged_task is None and adapter_tasks and task not in adapter_tasks:
             for prompt in prompts:
                 prompt.task = None  # unknown to the adapter: -1 (hybrid falls back to the router)
         baselines: dict[str, Any] = {}
+        pool = answer_pool([prompt_messages(s.messages) for s in train if s.task == task])
+        questions = [prompt_messages(s.messages)[0][-1]["content"] for s in chosen]
+        if len(pool.answers) <= MAX_CLOSED_ANSWERS:  # a closed answer set: the answer-prior baselines
+            baselines = {"majority": [pool.majority()] * len(chosen),
+                         "majority_by_question": [pool.majority(q) for q in questions]}
         if scoring.startswith("rank"):
-            pool = answer_pool([prompt_messages(s.messages) for s in train if s.task == task])
-            if len(pool.answers) > 50:
+            if len(pool.answers) > MAX_CLOSED_ANSWERS:
                 raise ConfigError(f"--scoring rank: task {task!r} has {len(pool.answers)} distinct answers; ranking "
                                   "is meant for small closed answer sets (use generate)")
-            questions = [prompt_messages(s.messages)[0][-1]["content"] for s in chosen]
             groups: dict[tuple[str, ...], list[int]] = {}
             for i, question in enumerate(questions):
                 options = pool.candidates(question) if candidates == "question" else pool.answers
@@ -166,8 +179,6 @@ def evaluate_builtin(model: Any, processor: Any, tasks: Sequence[str], adapter_t
                                          tasks=adapter_tasks, calibrate=scoring == "rank-calibrated")
                 for i, answer in zip(indices, ranked):
                     answers[i] = answer
-            baselines = {"majority": [pool.majority()] * len(chosen),
-                         "majority_by_question": [pool.majority(q) for q in questions]}
         else:
             answers = generate_answers(model, processor, prompts, tasks=adapter_tasks, batch_size=batch_size,
                                        max_new_tokens=max_new_tokens)
@@ -182,6 +193,18 @@ def evaluate_builtin(model: Any, processor: Any, tasks: Sequence[str], adapter_t
         predictions.extend({"task": task, "id": s.id, "prediction": a, "reference": r, "score": v}
                            for s, a, r, v in zip(chosen, answers, references, per_sample))
     return results, predictions
+
+
+def _shuffle_images(prompts: list[_Prompt]) -> None:
+    """Give each prompt the images of the prompt half the list away (the next one with other images)."""
+    originals = [list(p.images) for p in prompts]
+    n = len(prompts)
+    for i, prompt in enumerate(prompts):
+        for step in range(n):
+            other = originals[(i + n // 2 + step) % n]
+            if other != originals[i]:
+                prompt.images = other
+                break
 
 
 def evaluate_benchmark(model: Any, processor: Any, bench: str, data: str, image_root: str | None = None,
@@ -210,6 +233,7 @@ def _cli_eval(args: argparse.Namespace) -> int:
     setup = {"model": args.model, "projector": args.projector, "adapter": args.adapter,
              "merge_task": args.merge_task, "split": args.split, "max_samples": args.max_samples,
              "prompt_suffix": args.prompt_suffix, "scoring": args.scoring, "candidates": args.candidates,
+             "images": args.images,
              "decoding": f"greedy, max_new_tokens={args.max_new_tokens}"}
     name = args.name or (Path(args.adapter).name if args.adapter else "base")
     out = Path(args.out)
@@ -232,7 +256,7 @@ def _cli_eval(args: argparse.Namespace) -> int:
     task_results, predictions = evaluate_builtin(
         model, processor, tasks, adapter_tasks, args.split, args.max_samples, args.batch_size,
         args.max_new_tokens, merged_task=args.merge_task, mixture=args.mixture, prompt_suffix=args.prompt_suffix,
-        scoring=args.scoring, candidates=args.candidates)
+        scoring=args.scoring, candidates=args.candidates, images=args.images)
     results = {"name": name, "tasks": task_results, "mean": mean_score(task_results), "setup": setup,
                "seconds": round(time.time() - start, 1)}
     paths = write_report(out, results, predictions)
@@ -278,6 +302,8 @@ def register_cli(subparsers: Any) -> None:
                         help="with --scoring rank*: which train answers compete: all of the task's, or those of "
                         "questions with the same template (answer words masked: 'what color is the _?'); results "
                         "then also hold the majority and per-question-template majority baselines")
+    parser.add_argument("--images", choices=["own", "shuffled"], default="own",
+                        help="shuffled: the blind control, each question asked about another test sample's image")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy decoding length")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
