@@ -49,6 +49,23 @@ def test_checkpoint_holds_every_trainable_tensor(tmp_path):
     assert (out / "checkpoint-6" / "optimizer.pt").is_file() and (out / "checkpoint-6" / "scheduler.pt").is_file()
 
 
+def test_optimizer_groups_give_routers_and_projector_their_learning_rates(tmp_path):
+    values = train_setup(tmp_path, max_steps=2, save_steps=2)
+    values["router_lr"] = 2e-2  # adapter 5e-3, projector 1e-3 (train_setup)
+    out = run_training(TrainConfig.from_dict(values))
+    groups = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)["param_groups"]
+    model = asymlora.load(tiny_llava(), out)
+    names = [n for n, p in model.base_model.named_parameters() if p.requires_grad]
+    by_lr: dict[float, int] = {}
+    for group in groups:
+        by_lr[group["lr"]] = by_lr.get(group["lr"], 0) + len(group["params"])
+    routers = sum(".router." in n for n in names)
+    projector = sum(n.startswith("model.multi_modal_projector.") for n in names)
+    assert routers and projector
+    assert by_lr == {5e-3: len(names) - routers - projector, 2e-2: routers, 1e-3: projector}
+    assert groups[0]["lr"] == 5e-3  # the adapter group comes first: it is the one the Trainer logs
+
+
 KILL_AFTER_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})

@@ -32,6 +32,8 @@ def test_overrides_and_sections(tmp_path):
     ("{}\n", ["modle.path=x"], r"unknown section 'modle' \(did you mean 'model'\?\)"),
     ("{}\n", ["training.learning_rate"], "expected key=value"),
     ("data: {on_error: ignore}\n", [], "data.on_error"),
+    ("router_lr: -1\n", [], r"router_lr: -1 is not a learning rate"),
+    ("{}\n", ["projector_lr=fast"], r"projector_lr: 'fast' is not a learning rate"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -7,6 +7,7 @@ One YAML file holds four sections and two top-level keys::
     adapter:  AsymLoraConfig fields (tasks default to the mixture's task names)
     training: transformers.TrainingArguments fields (output_dir, learning_rate, bf16, ...)
     projector_lr: 2.0e-5      # learning rate of modules_to_save (e.g. the projector); null = same as lr
+    router_lr: null           # learning rate of the routers and task biases; null = same as lr
     resume: false             # true = the last checkpoint in output_dir, or a checkpoint path
 
 Loss = LM loss (mean over supervised tokens only, across gradient accumulation and ranks)
@@ -35,7 +36,7 @@ from asymlora.config import AsymLoraConfig
 from asymlora.errors import AsymLoraError, ConfigError, MissingAssetError
 from asymlora.io import load_yaml, write_json_atomic, write_text_atomic
 
-SECTIONS = ("model", "data", "adapter", "training", "projector_lr", "resume")
+SECTIONS = ("model", "data", "adapter", "training", "projector_lr", "router_lr", "resume")
 
 
 @dataclass
@@ -69,6 +70,7 @@ class TrainConfig:
     adapter: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     projector_lr: float | None = None
+    router_lr: float | None = None
     resume: bool | str = False
     source: str = "config"
 
@@ -126,8 +128,9 @@ class TrainConfig:
         if data.get("on_error", "fail") not in ("fail", "skip"):
             raise ConfigError(f"{source}: data.on_error: {data['on_error']!r} is not one of ('fail', 'skip')")
         return cls(model=ModelSection(**model), data=DataSection(**data), adapter=dict(values.get("adapter") or {}),
-                   training=dict(values.get("training") or {}), projector_lr=values.get("projector_lr"),
-                   resume=values.get("resume", False), source=source)
+                   training=dict(values.get("training") or {}), projector_lr=_learning_rate(values, "projector_lr", source),
+                   router_lr=_learning_rate(values, "router_lr", source), resume=values.get("resume", False),
+                   source=source)
 
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -148,7 +151,18 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
                 "adapter": self.adapter, "training": self.training, "projector_lr": self.projector_lr,
-                "resume": self.resume}
+                "router_lr": self.router_lr, "resume": self.resume}
+
+
+def _learning_rate(values: dict[str, Any], key: str, source: str) -> float | None:
+    """A top-level learning rate (``projector_lr`` / ``router_lr``): null, or a number > 0."""
+    value = values.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{source}: {key}: {value!r} is not a learning rate (a number > 0, or null for "
+                          "training.learning_rate)")
+    return float(value)
 
 
 def _training_fields() -> list[str]:
@@ -258,11 +272,13 @@ def make_trainer_class() -> type:
         """HF Trainer with the asymlora loss, per-task logging, adapter checkpoints and mixture sampling."""
 
         def __init__(self, *args: Any, tasks: Sequence[str] = (), projector_lr: float | None = None,
+                     router_lr: float | None = None,
                      sampler_weights: Sequence[float] | None = None, sample_lengths: Sequence[int] | None = None,
                      num_samples: int | None = None, group_by_length: bool = False, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.tasks = list(tasks)
             self.projector_lr = projector_lr
+            self.router_lr = router_lr
             self.sampler_weights = sampler_weights
             self.sample_lengths = sample_lengths
             self.num_samples = num_samples
@@ -290,20 +306,23 @@ def make_trainer_class() -> type:
             wrapped = self.adapter_model
             saved = tuple(prefix + "." for prefix in wrapped.saved_modules)
             decay = set(self.get_decay_parameter_names(wrapped.base_model))
-            groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+            # Kinds, in this order (the Trainer logs the learning rate of group 0): 0 adapter A/B banks,
+            # 1 routers and task biases (router_lr), 2 modules_to_save (projector_lr).
+            groups: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
             for name, param in wrapped.base_model.named_parameters():
                 if not param.requires_grad:
                     continue
-                is_saved = name.startswith(saved)
+                is_router = ".router." in name or name.endswith("task_bias")
+                kind = 2 if name.startswith(saved) else 1 if is_router else 0
                 # Routers and task biases are not decayed: decay would pull routing toward uniform.
-                decays = name in decay and ".router." not in name and not name.endswith("task_bias")
-                groups.setdefault((is_saved, decays), []).append(param)
+                decays = name in decay and not is_router
+                groups.setdefault((kind, decays), []).append(param)
+            rates = {1: self.router_lr, 2: self.projector_lr}
             param_groups = []
-            # Adapter groups first: the Trainer logs the learning rate of group 0.
-            for (is_saved, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
+            for (kind, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
                 group: dict[str, Any] = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
-                if is_saved and self.projector_lr is not None:
-                    group["lr"] = self.projector_lr
+                if rates.get(kind) is not None:
+                    group["lr"] = rates[kind]
                 param_groups.append(group)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, wrapped)
             self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
@@ -531,6 +550,7 @@ def run_training(config: TrainConfig, resume: str | bool | None = None) -> Path:
     trainer = trainer_cls(
         model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"], data_collator=collator,
         processing_class=processor, tasks=adapter_config.tasks, projector_lr=config.projector_lr,
+        router_lr=config.router_lr,
         sampler_weights=data["weights"], sample_lengths=data["lengths"], num_samples=config.data.num_samples,
         group_by_length=config.data.group_by_length,
     )
