@@ -57,3 +57,56 @@ def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache
     before = (tmp_path / "res" / "quality_t.json").read_text()
     assert quality.main(argv) == 0  # every run is done: nothing retrains
     assert json.loads((tmp_path / "res" / "quality_t.json").read_text())["runs"] == json.loads(before)["runs"]
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vision_probe_learns_what_the_features_hold():
+    import torch
+
+    probe = _load_benchmark("vision_probe")
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (300,), generator=gen)
+    signal = torch.nn.functional.one_hot(labels, 3).float() * 4 + torch.randn(300, 3, generator=gen)
+    features = torch.cat([signal, torch.randn(300, 20, generator=gen)], dim=1)
+    assert probe.linear_probe(features[:200], labels[:200], features[200:], labels[200:]) > 0.95
+    noise = torch.randn(300, 23, generator=gen)
+    assert probe.linear_probe(noise[:200], labels[:200], noise[200:], labels[200:]) < 0.6  # chance is 1/3
+
+
+def test_vision_probe_labels_easyvqa_images_from_their_questions():
+    probe = _load_benchmark("vision_probe")
+
+    def record(image, question, answer):
+        return {"image": image, "conversations": [{"from": "human", "value": "<image>\n" + question},
+                                                  {"from": "gpt", "value": answer}]}
+
+    labels = probe.easyvqa_labels([record("a.png", "What color is the circle?", "red"),
+                                   record("b.png", "What shape is in the image?", "triangle"),
+                                   record("c.png", "Is there a blue shape?", "yes")])
+    assert labels == {"a.png": {"color": "red", "shape": "circle"}, "b.png": {"shape": "triangle"},
+                      "c.png": {"color": "blue"}}
+
+
+def test_vision_probe_script_on_pixels(tmp_path, isolated_cache):
+    import pytest
+
+    from asymlora.assets import locate
+    from asymlora.cli import main
+
+    if locate("easyvqa") is None or locate("fashion") is None:
+        pytest.skip("easy-VQA / Fashion-MNIST are not installed: asymlora setup --only easyvqa fashion")
+    assert main(["data", "build", "--only", "easyvqa", "fashion", "--max-per-split", "40"]) == 0
+    probe = _load_benchmark("vision_probe")
+    result = probe.main(["--encoders", "pixels", "--per-split", "40", "--out-dir", str(tmp_path)])
+    assert set(result["accuracy"]["pixels"]) == {"easyvqa_color", "easyvqa_shape", "fashion"}
+    assert all(0 <= v <= 1 for v in result["accuracy"]["pixels"].values())
+    assert result["counts"]["fashion"] == {"train": 40, "test": 40}
+    assert "| pixels |" in (tmp_path / "vision_probe_cpu.md").read_text()

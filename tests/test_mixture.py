@@ -104,6 +104,7 @@ def test_builtin_entries_read_the_dataset_cache(tmp_path, monkeypatch):
 def test_builtin_mixture_by_name():
     mixture = load_mixture("mix5")
     assert mixture.name == "mix5" and mixture.tasks == ["easyvqa", "fashion", "digits", "emoji", "ocr"]
+    assert load_mixture("easyvqa").tasks == ["easyvqa"]
     with pytest.raises(ConfigError, match="did you mean 'mix5'"):
         load_mixture("mix4")
 
