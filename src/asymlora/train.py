@@ -1,6 +1,6 @@
 """`asymlora train CONFIG.yaml [key=value ...]`: multi-task visual instruction tuning on HF Trainer.
 
-One YAML file holds four sections and two top-level keys::
+One YAML file holds four sections and three top-level keys::
 
     model:    {path: default | LOCAL_HF_DIR, dtype: float32, projector: null | FILE.safetensors}
     data:     {mixture: mix5 | FILE.yaml | {inline}, max_length: 1024, eval_split: val, ...}
