@@ -118,10 +118,23 @@ def test_analyze_routed_adapter(adapters):
     for per_layer in routing["expert_load_per_layer"].values():
         assert all(sum(row) == pytest.approx(1.0) for row in per_layer)
     assert all(0 <= h <= routing["max_entropy"] + 1e-6 for h in routing["entropy"])
+    assert set(routing["task_expert_mi_per_layer"]) == set(routing["expert_load_per_layer"])
+    assert all(-1e-12 <= v <= routing["max_task_expert_mi"] + 1e-9 for v in routing["task_expert_mi_per_layer"].values())
     for name in ("grad_cosine.png", "expert_load.png", "routing_entropy.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     report = (out / "analysis.md").read_text()
     assert "## Expert load per task" in report and "## Gradient cosine: shared A" in report
+    assert "## Task-expert mutual information" in report
+
+
+def test_task_expert_information_bounds():
+    import math
+
+    from asymlora.analyze import task_expert_information
+
+    assert task_expert_information([[0.5, 0.5], [0.5, 0.5]]) == 0.0  # every task routes alike
+    assert task_expert_information([[1.0, 0.0], [0.0, 1.0]]) == pytest.approx(math.log(2))  # own experts
+    assert 0 < task_expert_information([[0.7, 0.3], [0.3, 0.7]]) < math.log(2)
 
 
 def test_analyze_task_routed_adapter(adapters):

@@ -245,6 +245,15 @@ def gradient_conflict(passes: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def task_expert_information(loads: Sequence[Sequence[float]]) -> float:
+    """Mutual information (nats) between the task (each row equally likely) and the expert a routing slot
+    goes to, from one layer's per-task expert load (T x E, rows sum to 1). 0 when every task routes alike;
+    at most ln(min(T, E)), reached when each task has experts of its own."""
+    tasks, experts = len(loads), len(loads[0])
+    marginal = [sum(row[e] for row in loads) / tasks for e in range(experts)]
+    return sum(row[e] * math.log(row[e] / marginal[e]) for row in loads for e in range(experts) if row[e] > 0) / tasks
+
+
 def routing_summary(passes: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """Per-task expert load (T x E, rows sum to 1; averaged over routed layers with the most common E)
     and router entropy per layer; None when no layer has a router."""
@@ -280,9 +289,14 @@ def routing_summary(passes: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     for t in range(len(passes)):
         values = [per_layer_entropy[n][t] for n in names if per_layer_entropy[n][t] is not None]
         mean_entropy.append(sum(values) / len(values) if values else float("nan"))
+    information = {n: task_expert_information(per_layer_load[n]) for n in names
+                   if all(row is not None for row in per_layer_load[n])}
     return {"num_experts": experts, "layers": len(names), "expert_load": mean_load,
             "expert_load_per_layer": per_layer_load, "entropy": mean_entropy,
-            "entropy_per_layer": per_layer_entropy, "max_entropy": math.log(experts)}
+            "entropy_per_layer": per_layer_entropy, "max_entropy": math.log(experts),
+            "task_expert_mi_per_layer": information,
+            "task_expert_mi": sum(information.values()) / len(information) if information else float("nan"),
+            "max_task_expert_mi": math.log(min(len(passes), experts))}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -446,6 +460,17 @@ def markdown_report(result: dict[str, Any]) -> str:
                   "| **mean** | " + " | ".join(_fmt(v) for v in routing["entropy"]) + " |"]
         parts += [f"| {name} | " + " | ".join(_fmt(v) for v in values) + " |"
                   for name, values in routing["entropy_per_layer"].items()]
+        information = routing.get("task_expert_mi_per_layer") or {}
+        if information:
+            top = sorted(information.items(), key=lambda kv: -kv[1])[:5]
+            parts += ["", f"## Task-expert mutual information (nats; max ln min(T, E) = "
+                      f"{routing['max_task_expert_mi']:.3f})", "",
+                      "How much a layer's choice of top expert depends on the task, from each layer's per-task "
+                      "load (the layer-averaged load above can hide it: layers preferring different experts "
+                      "for a task cancel out).", "",
+                      f"Mean over layers: {_fmt(routing['task_expert_mi'], 4)}. Highest:", "",
+                      "| layer | MI |", "|---|---|"]
+            parts += [f"| {name} | {_fmt(value, 4)} |" for name, value in top]
     return "\n".join(parts) + "\n"
 
 
