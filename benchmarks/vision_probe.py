@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -81,8 +82,7 @@ def _rgb(paths: Sequence[Path]) -> list[Image.Image]:
 
 
 def pixel_features(paths: Sequence[Path]) -> torch.Tensor:
-    images = [torch.from_numpy(__import__("numpy").asarray(im.resize((16, 16), Image.BILINEAR), dtype="float32"))
-              for im in _rgb(paths)]
+    images = [torch.from_numpy(np.asarray(im.resize((16, 16), Image.BILINEAR), dtype="float32")) for im in _rgb(paths)]
     return torch.stack(images).reshape(len(images), -1) / 255.0
 
 
@@ -113,8 +113,6 @@ def efficientnet_encoder(size: int) -> Callable[[Sequence[Path]], torch.Tensor]:
     net.eval()
 
     def encode(paths: Sequence[Path]) -> torch.Tensor:
-        import numpy as np
-
         batch = np.stack([np.asarray(im.resize((size, size), Image.BICUBIC), dtype="float32") for im in _rgb(paths)])
         pixels = (torch.from_numpy(batch).permute(0, 3, 1, 2) - 127.0) / 128.0  # EfficientNet-Lite's input scaling
         with torch.no_grad():
