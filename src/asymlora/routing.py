@@ -7,7 +7,9 @@ Semantics (p = softmax(logits), T tokens, E experts):
 - task:   g_t = onehot(task_t)
 - dense:  g_t = p_t
 - topk:   g_t,e = p_t,e / sum_{j in topk(p_t)} p_t,j  for e in topk(p_t), else 0   (gate values kept in
-          the product, so the router receives the LM loss gradient through them)
+          the product, so the router receives the LM loss gradient through them); for k = 1,
+          g_t,e = p_t,e for the top expert (Switch Transformer): renormalised, that gate would be the
+          constant 1 and the router would learn from the balance loss alone
 - hybrid: g_t = softmax(logits_t + bias[task_t]); tokens whose task id is -1 use softmax(logits_t)
 - balance loss (Switch Transformer): E * sum_e f_e * P_e, f_e = share of routing slots sent to
   expert e (argmax for dense/hybrid, the k chosen for topk, each counting 1/k), P_e = mean p_t,e,
@@ -47,7 +49,8 @@ def dense_routing(logits: torch.Tensor) -> Routing:
 def topk_routing(logits: torch.Tensor, top_k: int) -> Routing:
     probs = logits.softmax(dim=-1)
     values, indices = probs.topk(top_k, dim=-1)
-    values = values / values.sum(dim=-1, keepdim=True)
+    if top_k > 1:  # k = 1 keeps p itself (see "Semantics")
+        values = values / values.sum(dim=-1, keepdim=True)
     gates = torch.zeros_like(probs).scatter(-1, indices, values)
     dispatch = torch.zeros_like(probs).scatter(-1, indices, 1.0 / top_k).detach()
     return Routing(gates=gates, probs=probs, dispatch=dispatch)
