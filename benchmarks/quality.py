@@ -1,4 +1,4 @@
-"""Quality benchmark: LoRA vs LoRA-MoE vs AsymLoRA (task-routed, dense MoE, hybrid) on a task mixture.
+"""Quality benchmark: LoRA vs LoRA-MoE vs AsymLoRA (task-routed, dense and top-2 MoE, hybrid) on a task mixture.
 
 Each method is trained with ``asymlora train`` (the preset ``default_<method>``, i.e. the default model
 after alignment on ``mix5``) at a matched trainable-parameter budget, for several seeds, and every task
@@ -42,6 +42,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "lora_moe": {"method": "lora_moe", "num_experts": 4, "routing": "dense", "balance_loss_weight": 0.01},
     "asymlora": {"method": "asymlora", "routing": "task"},
     "asymlora_moe": {"method": "asymlora_moe", "num_experts": 4, "routing": "dense", "balance_loss_weight": 0.01},
+    # Top-2 of 4: each head trains on the tokens routed to it, so the heads do not stay identical the way
+    # zero-initialised heads under dense gates do (docs/RESULTS.md, "Why the dense routers stay uniform").
+    "asymlora_moe_top2": {"method": "asymlora_moe", "num_experts": 4, "routing": "topk", "top_k": 2,
+                          "balance_loss_weight": 0.01},
     "hybrid": {"method": "asymlora_moe", "routing": "hybrid", "balance_loss_weight": 0.01},  # E = tasks
 }
 PRESET = "default_asymlora_moe"  # model, data and training sections shared by every method
