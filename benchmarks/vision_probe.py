@@ -7,7 +7,7 @@ efficientnet efficientnet_lite0``). Before building a second tower into the mode
 each encoder's features hold: a multinomial logistic regression (L2, L-BFGS) on frozen, mean-pooled
 features, trained on the train split and scored on the test split of
 
-- easy-VQA colour (8 classes) and shape (3), labels read from the questions (``asymlora align``'s captions);
+- easy-VQA colour (8 classes) and shape (3), labels read from the questions (``asymlora.align.easyvqa_attributes``);
 - Fashion-MNIST class (10).
 
 Features: DINOv2 at 112 px (the default model's input) from the layer the model uses (-4) and the last
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,25 +35,13 @@ from PIL import Image
 from asymlora.io import write_json_atomic, write_text_atomic
 
 ENCODERS = ("pixels", "dinov2_l-4", "dinov2_l-1", "efficientnet_112", "efficientnet_224")
-_CAPTION = re.compile(r"^A (?:(?P<color>[a-z]+) )?(?P<shape>circle|rectangle|triangle|shape)\.$")
 
 
 def easyvqa_labels(records: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
     """Per image (path relative to the dataset dir): the colour and/or shape its questions reveal."""
-    from asymlora.align import captions_for
+    from asymlora.align import easyvqa_attributes
 
-    labels: dict[str, dict[str, str]] = {}
-    for image, caption in captions_for("easyvqa", records):
-        match = _CAPTION.match(caption)
-        if match is None:
-            raise ValueError(f"easy-VQA caption {caption!r} of {image} is not 'A [colour] shape.'")
-        known = {}
-        if match["color"]:
-            known["color"] = match["color"]
-        if match["shape"] != "shape":
-            known["shape"] = match["shape"]
-        labels[image] = known
-    return labels
+    return easyvqa_attributes(records)
 
 
 def probe_tasks(per_split: int) -> dict[str, dict[str, list[tuple[Path, str]]]]:
@@ -62,13 +49,12 @@ def probe_tasks(per_split: int) -> dict[str, dict[str, list[tuple[Path, str]]]]:
     from asymlora.datasets import dataset_dir, load_split
 
     tasks: dict[str, dict[str, list[tuple[Path, str]]]] = {"easyvqa_color": {}, "easyvqa_shape": {}, "fashion": {}}
-    root = dataset_dir("easyvqa")
+    root, fashion_root = dataset_dir("easyvqa"), dataset_dir("fashion")
     for split in ("train", "test"):
         labels = easyvqa_labels(load_split("easyvqa", split))
         for attribute in ("color", "shape"):
             pairs = [(root / image, known[attribute]) for image, known in sorted(labels.items()) if attribute in known]
             tasks[f"easyvqa_{attribute}"][split] = pairs[:per_split]
-        fashion_root = dataset_dir("fashion")
         seen: dict[str, str] = {}
         for record in load_split("fashion", split):
             seen.setdefault(record["image"], record["conversations"][-1]["value"])

@@ -22,8 +22,6 @@ def test_layer_speed_script_writes_results(tmp_path):
 def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache, monkeypatch):
     """benchmarks/quality.py on the tiny model and tiny mixture: matched budgets, mixed and single-domain
     runs, a resumable results file and the RESULTS tables."""
-    import importlib.util
-
     import pytest
 
     from asymlora.assets import locate
@@ -32,9 +30,7 @@ def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache
     if locate("easyvqa") is None:
         pytest.skip("easy-VQA is not installed: asymlora setup --only easyvqa")
     assert main(["data", "build", "--only", "easyvqa", "ocr", "--max-per-split", "16"]) == 0
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = _load_benchmark("quality")
     monkeypatch.chdir(tmp_path)
     argv = ["--model", "tiny", "--projector", "", "--mixture", "tiny", "--steps", "1", "--batch-size", "2",
             "--eval-samples", "1", "--max-new-tokens", "2", "--methods", "lora", "asymlora", "--seeds", "0",

@@ -12,6 +12,7 @@ import os
 import socket
 import traceback
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -50,8 +51,9 @@ def _loss_and_grads(wrapped, batch, task_ids):
     return float(out.loss.detach()), float(aux.detach()), grads
 
 
-def _save_and_reload(wrapped, rank: int, out_dir: str) -> dict[str, str]:
-    """Save the sharded adapter both ways Trainer does, wipe it, load it back; returns the shard types."""
+def _save_and_reload(wrapped, rank: int, out_dir: str) -> dict[str, np.ndarray]:
+    """Save the sharded adapter both ways Trainer does, wipe it, load it back; returns the reloaded
+    trainable tensors, gathered whole."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     import asymlora

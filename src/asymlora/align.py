@@ -52,14 +52,14 @@ EASYVQA_COLORS = ("red", "green", "blue", "yellow", "teal", "brown", "black", "g
 _NEGATION = re.compile(r"\b(not|no)\b")
 
 
-def _easyvqa_captions(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """What each easy-VQA image is known to show, from every question about it, as one caption.
+def easyvqa_attributes(records: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """What each easy-VQA image is known to show, from every question about it: ``{"color": ..., "shape":
+    ...}`` (either or both) per image path, for the images whose questions reveal anything.
 
     Open questions give the asked attribute, and the other attribute when the question names it
     ("what is the color of the circle?" -> red): colour and shape. A yes/no question tells that the
     named colour or shape is present when a positive question is answered yes or a negated one no;
     two shapes known absent leave the third.
-    The caption says what is known: "A red circle.", "A circle.", or "A red shape.".
     """
     known: dict[str, dict[str, str]] = defaultdict(dict)
     absent: dict[str, set[str]] = defaultdict(set)
@@ -87,9 +87,15 @@ def _easyvqa_captions(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         left = [s for s in EASYVQA_SHAPES if s not in shapes]
         if len(left) == 1:
             known[image].setdefault("shape", left[0])
+    return {image: facts for image, facts in sorted(known.items()) if facts}
+
+
+def _easyvqa_captions(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """One caption per easy-VQA image saying what :func:`easyvqa_attributes` knows of it: "A red circle.",
+    "A circle.", or "A red shape."."""
     captions = []
-    for image in sorted(known):
-        color, shape = known[image].get("color"), known[image].get("shape")
+    for image, facts in easyvqa_attributes(records).items():
+        color, shape = facts.get("color"), facts.get("shape")
         if color and shape:
             captions.append((image, f"A {color} {shape}."))
         elif shape:

@@ -162,11 +162,12 @@ def evaluate_builtin(model: Any, processor: Any, tasks: Sequence[str], adapter_t
         baselines: dict[str, Any] = {}
         pool = answer_pool([prompt_messages(s.messages) for s in train if s.task == task])
         questions = [prompt_messages(s.messages)[0][-1]["content"] for s in chosen]
-        if len(pool.answers) <= MAX_CLOSED_ANSWERS:  # a closed answer set: the answer-prior baselines
+        closed = len(pool.answers) <= MAX_CLOSED_ANSWERS
+        if closed:  # a closed answer set: the answer-prior baselines
             baselines = {"majority": [pool.majority()] * len(chosen),
                          "majority_by_question": [pool.majority(q) for q in questions]}
         if scoring.startswith("rank"):
-            if len(pool.answers) > MAX_CLOSED_ANSWERS:
+            if not closed:
                 raise ConfigError(f"--scoring rank: task {task!r} has {len(pool.answers)} distinct answers; ranking "
                                   "is meant for small closed answer sets (use generate)")
             groups: dict[tuple[str, ...], list[int]] = {}
