@@ -198,6 +198,22 @@ class AsymLoraModel(nn.Module):
                 names[name] = param
         return names
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, where ``strict`` allows the frozen base weights to be absent.
+
+        An adapter checkpoint (asymlora's, or DeepSpeed's saved with ``exclude_frozen_parameters``) holds
+        the trainable tensors only; every trainable tensor, and no unknown key, is still required.
+        """
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if not strict:
+            return result
+        frozen = {name for name, param in self.named_parameters() if not param.requires_grad}
+        missing = [key for key in result.missing_keys if key not in frozen]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"state_dict: missing trainable tensors {missing[:5]} ({len(missing)} in all), "
+                                  f"unexpected keys {result.unexpected_keys[:5]} ({len(result.unexpected_keys)})")
+        return type(result)(missing, result.unexpected_keys)
+
     def save_pretrained(self, save_directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
                         is_main_process: bool = True, **_: Any) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically, file by file).

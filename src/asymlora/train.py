@@ -19,6 +19,7 @@ scheduler, RNG and data position; resuming continues exactly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -106,12 +107,28 @@ class TrainConfig:
         for key, value in list(values.items()):  # YAML 1.1 reads a bare `no` as False
             if key.endswith("_strategy") and value is False:
                 values[key] = "no"
-        if values.get("gradient_checkpointing"):
-            values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        # transformers 5.24 renamed gradient_checkpointing[_kwargs] to activation_checkpointing[_kwargs]: the
+        # presets use the old names (all versions know them), passed on under the names this version reads.
+        new_name = "activation_checkpointing" in _training_fields()
+        for suffix in ("", "_kwargs"):
+            if new_name and values.get(f"activation_checkpointing{suffix}") is None and \
+                    f"gradient_checkpointing{suffix}" in values:
+                values[f"activation_checkpointing{suffix}"] = values.pop(f"gradient_checkpointing{suffix}")
+        prefix = "activation" if new_name else "gradient"
+        if values.get(f"{prefix}_checkpointing") and not values.get(f"{prefix}_checkpointing_kwargs"):
+            values[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False}  # non-reentrant by default
         try:
-            return TrainingArguments(**values)
+            args = TrainingArguments(**values)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{self.source}: training: {err}") from None
+        ds_config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+        if "optimizer" in ds_config:
+            # DeepSpeed would build its optimizer from model.parameters(): one group, so projector_lr,
+            # router_lr and the routers' exemption from weight decay would be silently dropped.
+            raise ConfigError(f"{self.source}: training.deepspeed: remove the 'optimizer' section; asymlora builds "
+                              "the optimizer itself (training.optim, learning_rate, projector_lr, router_lr) and "
+                              "DeepSpeed runs it (ZeRO shards its state as usual)")
+        return args
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -436,6 +453,20 @@ def make_trainer_class() -> type:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
 
+        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+            if not self.is_deepspeed_enabled:
+                return super()._save_optimizer_and_scheduler(output_dir)
+            # DeepSpeed's own checkpoint (optimizer partitions, its module state, RNG of its engine), without
+            # the frozen base weights: the Trainer keeps those only for PEFT models, and a copy of the base
+            # model in every checkpoint is what a 7B run cannot afford. Resuming loads it non-strictly for the
+            # frozen tensors only (AsymLoraModel.load_state_dict).
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            from accelerate.utils import DeepSpeedSchedulerWrapper
+            from transformers.trainer import SCHEDULER_NAME
+
+            if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             asymlora.load(self.adapter_model, resume_from_checkpoint)
 
@@ -469,6 +500,18 @@ def resolve_model_dir(path: str) -> Path:
     return model_dir
 
 
+def _gathered(module: torch.nn.Module) -> Any:
+    """A context in which ``module``'s parameters are whole: ZeRO-3 partitions them while loading."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    # Every rank writes the same values; rank 0's are kept and partitioned again on exit.
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
+
+
 def load_model_and_processor(section: ModelSection) -> tuple[Any, Any]:
     """Load the frozen base model (its Auto class follows its config) and its processor."""
     import transformers
@@ -485,7 +528,7 @@ def load_model_and_processor(section: ModelSection) -> tuple[Any, Any]:
     except (OSError, ValueError, TypeError):
         processor = transformers.AutoTokenizer.from_pretrained(model_dir)
     if section.projector:
-        from asymlora.zoo import load_projector
+        from asymlora.zoo import find_projector, load_projector
 
         path = section.projector
         if path == "aligned":
@@ -493,7 +536,8 @@ def load_model_and_processor(section: ModelSection) -> tuple[Any, Any]:
 
             path = aligned_projector_path()
         try:
-            load_projector(model, path)
+            with _gathered(find_projector(model)):
+                load_projector(model, path)
         except (KeyError, RuntimeError, ValueError) as err:
             raise ConfigError(f"model.projector: {path} does not match this model's projector: {err}") from None
     return model, processor
@@ -526,6 +570,28 @@ def build_datasets(config: TrainConfig, processor: Any, tasks: Sequence[str], se
     return result
 
 
+def _set_up_processes(args: Any) -> None:
+    """Start the process group before the model is built, and fill DeepSpeed's "auto" values for it.
+
+    ZeRO-3 partitions the model while ``from_pretrained`` loads it, with the DeepSpeed config that
+    ``TrainingArguments`` filled in when it was created, before any process group existed: with world
+    size 1, so its ``train_batch_size`` is wrong under ``accelerate launch`` and zero.Init refuses it.
+    """
+    _ = args.device  # sets up the process group (accelerate's PartialState)
+    if not args.deepspeed or args.world_size == 1:
+        return
+    import deepspeed
+    import torch.distributed as dist
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    if dist.is_initialized() and not deepspeed.comm.is_initialized():
+        deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(args.deepspeed)  # also what zero.Init reads
+    args.hf_deepspeed_config.trainer_config_process(args)
+    args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.hf_deepspeed_config)
+
+
 def run_training(config: TrainConfig, resume: str | bool | None = None) -> Path:
     """Train as configured; returns the output dir holding the final adapter."""
     import transformers
@@ -535,10 +601,13 @@ def run_training(config: TrainConfig, resume: str | bool | None = None) -> Path:
     from asymlora.data.mixture import load_mixture
 
     args = config.training_arguments()
-    transformers.set_seed(args.seed)
+    _set_up_processes(args)
     mixture_tasks = load_mixture(config.data.mixture).tasks
     adapter_config = config.adapter_config(mixture_tasks)
     base, processor = load_model_and_processor(config.model)
+    # Seeded after loading: the adapter's initial values must not depend on how the base model was
+    # loaded (ZeRO-3's zero.Init draws random numbers while loading, a plain load does not).
+    transformers.set_seed(args.seed)
     model = asymlora.get_model(base, adapter_config)
     data = build_datasets(config, processor, adapter_config.tasks, args.seed)
     tokenizer = getattr(processor, "tokenizer", processor)
