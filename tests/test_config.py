@@ -24,6 +24,10 @@ TASKS = ["vqa", "ocr", "caption"]
         (dict(tasks=["a", "a"]), "tasks:"),
         (dict(overrides={"mlp": {"rank": 4}}), "overrides"),
         (dict(overrides={"mlp": {"method": "nope"}}), "method:"),
+        (dict(b_init_std=-1.0, router_init_std=0.0), "b_init_std:"),
+        (dict(b_init_std=0.01), "b_init_std: needs router_init_std: 0"),
+        (dict(method="asymlora_moe", routing="topk", b_init_std=0.01, router_init_std=0.0), "b_init_std:"),
+        (dict(method="lora", b_init_std=0.01, router_init_std=0.0), "b_init_std:"),
     ],
 )
 def test_bad_config_raises_one_clear_error(kwargs, field):

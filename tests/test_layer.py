@@ -120,6 +120,28 @@ def test_zero_initialised_B_is_identity(case):
     assert torch.equal(layer(x), base(x))
 
 
+def test_centred_B_init_is_identity_with_heads_apart():
+    """b_init_std: the heads start apart and cancel under the uniform gates of a zero router."""
+    torch.manual_seed(0)
+    config = AsymLoraConfig(r=4, method="asymlora_moe", num_experts=4, b_init_std=0.05, router_init_std=0.0,
+                            overrides={"attn": {"method": "lora", "num_experts": 1}})
+    base = nn.Linear(32, 48)
+    layer = AsymLoraLinear(base, config.spec_for("mlp"), name="mlp", b_init_std=config.b_init_std,
+                           router_init_std=config.router_init_std)
+    layer.routing_context = RoutingContext()
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=1e-6)
+    heads = layer.B_bank.detach().flatten(1)
+    torch.testing.assert_close(heads.sum(0), torch.zeros_like(heads[0]), rtol=0, atol=1e-6)
+    assert heads.std(dim=1).sub(0.05).abs().max() < 0.005  # each head keeps the std asked for
+    cosine = torch.nn.functional.cosine_similarity(heads[:, None], heads[None], dim=-1)
+    assert cosine[~torch.eye(4, dtype=torch.bool)].max() < 0  # centred: every pair points apart
+    layer(x).pow(2).sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0  # the router can tell the heads apart from step 1
+    other = AsymLoraLinear(nn.Linear(32, 48), config.spec_for("attn"), name="attn", b_init_std=config.b_init_std)
+    assert not other.B_bank.any()  # lora layers keep the zero init
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_topk_router_gets_gradient_from_output(top_k):
     layer, ctx = make_layer(dtype=torch.float32, method="asymlora_moe", num_experts=4, routing="topk", top_k=top_k)

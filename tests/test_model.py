@@ -63,6 +63,19 @@ def test_families_inject_language_model_only_and_start_at_base(family):
     assert any(n.startswith(projector + ".") for n in trainable)
 
 
+def test_centred_B_init_starts_at_base_model():
+    base = FAMILY_FACTORIES["llava"]()
+    batch = image_batch("llava")
+    with torch.no_grad():
+        expected = base(**batch).logits
+    model = asymlora.get_model(base, AsymLoraConfig(method="asymlora_moe", num_experts=3, r=4, b_init_std=0.02,
+                                                    router_init_std=0.0))
+    assert all(layer.B_bank.abs().min() > 0 for layer in model.adapter_layers.values())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected, rtol=0, atol=1e-5)
+
+
 def test_target_parts_and_names():
     base = tiny_llava()
     model = asymlora.get_model(base, AsymLoraConfig(method="lora", target_modules=["q_proj", "v_proj"],

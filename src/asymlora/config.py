@@ -83,6 +83,11 @@ class LayerSpec:
         return self.routing == "task" and self.num_experts > 1
 
     @property
+    def initialises_B_apart(self) -> bool:  # noqa: N802 - the paper's name
+        """Whether ``b_init_std`` applies: dense AsymLoRA-MoE with E >= 2 (uniform gates cancel centred heads)."""
+        return self.method == "asymlora_moe" and self.routing == "dense" and self.num_experts >= 2
+
+    @property
     def input_dependent(self) -> bool:
         """True when the gate depends on the token (no single merged weight exists)."""
         return self.has_router
@@ -145,6 +150,12 @@ class AsymLoraConfig:
         default=1.0,
         metadata=_meta("hybrid routing: initial task bias toward expert (task id mod E); 0 = pure router"),
     )
+    b_init_std: float = field(
+        default=0.0,
+        metadata=_meta("dense AsymLoRA-MoE: std of each B head's initial values, centred over a layer's heads "
+                       "(they sum to zero), so the heads start apart and, with router_init_std 0 (uniform gates), "
+                       "the adapter is still exactly the base model; 0 = zeros, the LoRA init"),
+    )
 
     def __post_init__(self) -> None:
         self._validate()
@@ -196,9 +207,22 @@ class AsymLoraConfig:
                         f"allowed: {LAYER_FIELDS}{_did_you_mean(key, LAYER_FIELDS)}"
                     )
         # Resolve the global layer spec now so that bad values fail at construction time.
-        self.layer_spec()
-        for pattern in self.overrides:
-            self.layer_spec(pattern)
+        specs = [self.layer_spec()] + [self.layer_spec(pattern) for pattern in self.overrides]
+        self._validate_b_init(specs)
+
+    def _validate_b_init(self, specs: list[LayerSpec]) -> None:
+        std = self.b_init_std
+        if not isinstance(std, (int, float)) or isinstance(std, bool) or not math.isfinite(std) or std < 0:
+            raise ConfigError(f"b_init_std: must be a number >= 0, got {std!r}")
+        if std == 0:
+            return
+        if not any(spec.initialises_B_apart for spec in specs):
+            raise ConfigError("b_init_std: applies to dense asymlora_moe layers with E >= 2 (method: asymlora_moe, "
+                              "routing: dense), and no layer here is one")
+        if self.router_init_std != 0:
+            raise ConfigError(f"b_init_std: needs router_init_std: 0 (got {self.router_init_std!r}): only exactly "
+                              "uniform gates make the centred B heads cancel, so that the adapter starts as the "
+                              "base model")
 
     def layer_spec(self, override_pattern: str | None = None) -> LayerSpec:
         """Resolve the settings of a layer, applying ``overrides[override_pattern]`` if given."""

@@ -53,6 +53,7 @@ class AsymLoraLinear(nn.Module):
         adapter_dtype: str = "float32",
         router_init_std: float = 0.02,
         task_bias_init: float = 0.0,
+        b_init_std: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -78,6 +79,7 @@ class AsymLoraLinear(nn.Module):
             self.task_bias = nn.Parameter(torch.zeros(spec.num_tasks, experts, device=weight.device))
         self._router_init_std = router_init_std
         self._task_bias_init = task_bias_init
+        self._b_init_std = b_init_std if spec.initialises_B_apart else 0.0
         self.reset_adapter_parameters()
         # Set by asymlora.model.get_model: the per-forward task ids, token mask and loss collector.
         self.routing_context: RoutingContext | None = None
@@ -85,9 +87,20 @@ class AsymLoraLinear(nn.Module):
         self._base_backup: torch.Tensor | None = None
 
     def reset_adapter_parameters(self) -> None:
-        """A: kaiming-uniform (as nn.Linear / PEFT); B: zeros; router: N(0, std); task bias: prior."""
+        """A: kaiming-uniform (as nn.Linear / PEFT); B: zeros (or centred noise); router: N(0, std); task bias: prior.
+
+        With ``b_init_std`` > 0 (dense AsymLoRA-MoE), each head starts as N(0, std^2) noise minus the heads'
+        mean, rescaled so each head keeps that std: the heads sum to zero, so under uniform gates the update
+        is exactly 0, yet each head gets a different router gradient from the first step.
+        """
         nn.init.kaiming_uniform_(self.A_bank, a=math.sqrt(5))
         nn.init.zeros_(self.B_bank)
+        if self._b_init_std > 0:
+            with torch.no_grad():
+                experts = self.B_bank.shape[0]
+                noise = torch.randn(self.B_bank.shape, dtype=torch.float32, device=self.B_bank.device)
+                centred = (noise - noise.mean(dim=0, keepdim=True)) * math.sqrt(experts / (experts - 1))
+                self.B_bank.copy_(centred * self._b_init_std)
         if self.router is not None:
             nn.init.normal_(self.router.weight, std=self._router_init_std)
             nn.init.zeros_(self.router.bias)

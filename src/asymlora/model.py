@@ -405,6 +405,7 @@ def get_model(model: nn.Module, config: AsymLoraConfig) -> AsymLoraModel:
         layer = AsymLoraLinear(
             getattr(parent, child), config.spec_for(name), name=name, adapter_dtype=config.adapter_dtype,
             router_init_std=config.router_init_std, task_bias_init=config.task_bias_init,
+            b_init_std=config.b_init_std,
         )
         layer.routing_context = context
         setattr(parent, child, layer)
