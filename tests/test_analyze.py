@@ -11,7 +11,14 @@ import yaml
 from train_fixtures import train_setup, write_dataset
 
 import asymlora
-from asymlora.analyze import cosine_from_gram, cosine_matrix, gradient_conflict, mean_off_diagonal, task_pass
+from asymlora.analyze import (
+    cosine_from_gram,
+    cosine_matrix,
+    expert_similarity,
+    gradient_conflict,
+    mean_off_diagonal,
+    task_pass,
+)
 from asymlora.cli import main
 from asymlora.errors import ConfigError
 from asymlora.train import TrainConfig, run_training
@@ -125,6 +132,31 @@ def test_analyze_routed_adapter(adapters):
     report = (out / "analysis.md").read_text()
     assert "## Expert load per task" in report and "## Gradient cosine: shared A" in report
     assert "## Task-expert mutual information" in report
+    assert set(result["expert_similarity"]["per_layer"]) == set(routing["expert_load_per_layer"])
+    assert "## Expert similarity" in report
+
+
+@pytest.mark.parametrize("method", ["asymlora_moe", "lora_moe"])
+def test_expert_similarity_matches_the_materialised_updates(method):
+    from asymlora.tiny import tiny_llava
+
+    model = asymlora.get_model(tiny_llava(), asymlora.AsymLoraConfig(method=method, num_experts=3, r=2))
+    torch.manual_seed(0)
+    layers = list(model.adapter_layers.values())
+    with torch.no_grad():
+        for layer in layers:
+            layer.B_bank.normal_()
+        layers[0].B_bank[1] = 2 * layers[0].B_bank[0]
+        if method == "lora_moe":
+            layers[0].A_bank[2:6] = layers[0].A_bank[0:2].repeat(2, 1)
+        layers[0].B_bank[2] = -layers[0].B_bank[0]  # experts 0, 1 compute one update; expert 2 its opposite
+    result = expert_similarity(model)
+    for name, layer in model.adapter_layers.items():
+        A = layer.A_bank.detach().double().view(layer.spec.num_A, 2, -1).expand(3, -1, -1)
+        updates = torch.stack([layer.B_bank[e].double() @ A[e] for e in range(3)]).flatten(1)
+        assert result["per_layer"][name] == pytest.approx(mean_off_diagonal(cosine_matrix(updates)), abs=1e-9)
+    assert result["per_layer"][layers[0].name] == pytest.approx(-1 / 3, abs=1e-9)  # (1 - 1 - 1) / 3
+    assert expert_similarity(asymlora.get_model(tiny_llava(), asymlora.AsymLoraConfig(method="lora"))) is None
 
 
 def test_task_expert_information_bounds():

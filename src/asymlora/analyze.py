@@ -299,6 +299,30 @@ def routing_summary(passes: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
             "max_task_expert_mi": math.log(min(len(passes), experts))}
 
 
+def expert_similarity(model: Any) -> dict[str, Any] | None:
+    """How alike a layer's experts are: the mean pairwise cosine between their updates dW_e = B_e A_(e)
+    (Frobenius inner products, from r x r Gram matrices: <B_e A_e, B_f A_f> = tr(B_e^T B_f A_f A_e^T)).
+    1 = the experts compute one update, whatever the router does; None when no layer has E >= 2."""
+    per_layer: dict[str, float] = {}
+    for name, layer in model.adapter_layers.items():
+        spec = layer.spec
+        if spec.num_experts < 2:
+            continue
+        with torch.no_grad():
+            B = layer.B_bank.detach().double().cpu()  # (E, d_out, r)
+            A = layer.A_bank.detach().double().cpu().view(spec.num_A, spec.r, -1)  # (n_A, r, d_in)
+            A = A.expand(spec.num_experts, -1, -1) if spec.num_A == 1 else A
+            gram_B = torch.einsum("eor,fos->efrs", B, B)
+            gram_A = torch.einsum("fsi,eri->efsr", A, A)  # A_f A_e^T
+            gram = torch.einsum("efrs,efsr->ef", gram_B, gram_A)
+        cosine = cosine_from_gram(gram)
+        per_layer[name] = mean_off_diagonal(cosine)
+    if not per_layer:
+        return None
+    finite = [v for v in per_layer.values() if math.isfinite(v)]
+    return {"per_layer": per_layer, "mean": sum(finite) / len(finite) if finite else float("nan")}
+
+
 # ---------------------------------------------------------------------------------------------- driver
 def _notes(spec: Any) -> list[str]:
     notes = []
@@ -362,6 +386,7 @@ def analyze(model: Any, processor: Any, mixture: Any, tasks: Sequence[str] | Non
         "loss": {t: p["loss"] for t, p in zip(tasks, passes)},
         "layers": len(model.adapter_layers), "seed": seed,
         "gradient": gradient_conflict(passes), "routing_stats": routing_summary(passes),
+        "expert_similarity": expert_similarity(model),
         "notes": _notes(spec),
     }
 
@@ -471,6 +496,15 @@ def markdown_report(result: dict[str, Any]) -> str:
                       f"Mean over layers: {_fmt(routing['task_expert_mi'], 4)}. Highest:", "",
                       "| layer | MI |", "|---|---|"]
             parts += [f"| {name} | {_fmt(value, 4)} |" for name, value in top]
+    similarity = result.get("expert_similarity")
+    if similarity:
+        top = sorted(((n, v) for n, v in similarity["per_layer"].items() if math.isfinite(v)), key=lambda kv: -kv[1])
+        parts += ["", "## Expert similarity (cosine between the experts' updates B_e A_(e))", "",
+                  "Mean pairwise cosine of a layer's E updates: near 1, the experts compute one update and "
+                  "routing cannot matter; the centred init of b_init_std starts them at -1/(E-1).", "",
+                  f"Mean over {len(similarity['per_layer'])} layers: {_fmt(similarity['mean'])}. Most alike:", "",
+                  "| layer | cosine |", "|---|---|"]
+        parts += [f"| {name} | {_fmt(value)} |" for name, value in top[:5]]
     return "\n".join(parts) + "\n"
 
 
