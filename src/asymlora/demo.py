@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +33,13 @@ def majority_baselines(tasks: list[str], max_samples: int | None, mixture: str =
     from asymlora.data import load_mixture
     from asymlora.evaluate.generate import prompt_messages
     from asymlora.evaluate.metrics.builtin import score_task
+    from asymlora.evaluate.run import answer_pool
 
     loaded = load_mixture(mixture)
     train, test = loaded.load("train"), loaded.load("test")
     baselines = {}
-    for task in tasks:
-        answers = Counter(prompt_messages(s.messages)[1] for s in train if s.task == task)
-        majority = answers.most_common(1)[0][0]
+    for task in tasks:  # the same majority answer as `asymlora eval`'s baseline (ties broken by name)
+        majority = answer_pool([prompt_messages(s.messages) for s in train if s.task == task]).majority()
         references = [prompt_messages(s.messages)[1] for s in test if s.task == task][:max_samples]
         result = score_task(task, [majority] * len(references), references)
         baselines[task] = result[result["metric"]]
