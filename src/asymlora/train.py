@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -456,11 +457,15 @@ def make_trainer_class() -> type:
         def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
             if not self.is_deepspeed_enabled:
                 return super()._save_optimizer_and_scheduler(output_dir)
-            # DeepSpeed's own checkpoint (optimizer partitions, its module state, RNG of its engine), without
-            # the frozen base weights: the Trainer keeps those only for PEFT models, and a copy of the base
-            # model in every checkpoint is what a 7B run cannot afford. Resuming loads it non-strictly for the
-            # frozen tensors only (AsymLoraModel.load_state_dict).
-            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            # DeepSpeed's own checkpoint (optimizer partitions, its module state), without the frozen base
+            # weights: the Trainer leaves them out only for PEFT models, and a copy of the base model in every
+            # checkpoint is what a 7B run cannot afford. Resuming accepts their absence, and only theirs
+            # (AsymLoraModel.load_state_dict).
+            engine = self.model_wrapped
+            if "exclude_frozen_parameters" in inspect.signature(engine.save_checkpoint).parameters:
+                engine.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            else:  # an older DeepSpeed: the whole module state
+                engine.save_checkpoint(output_dir)
             from accelerate.utils import DeepSpeedSchedulerWrapper
             from transformers.trainer import SCHEDULER_NAME
 
