@@ -83,7 +83,7 @@ class LayerSpec:
         return self.routing == "task" and self.num_experts > 1
 
     @property
-    def initialises_B_apart(self) -> bool:  # noqa: N802 - the paper's name
+    def initialises_B_apart(self) -> bool:  # noqa: N802 - B, the up-projections
         """Whether ``b_init_std`` applies: dense AsymLoRA-MoE with E >= 2 (uniform gates cancel centred heads)."""
         return self.method == "asymlora_moe" and self.routing == "dense" and self.num_experts >= 2
 
