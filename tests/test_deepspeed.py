@@ -7,17 +7,14 @@ resumes to bit-identical tensors.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_fixtures import train_setup
+from train_fixtures import launch_two_processes, log_history, train_setup
 
 pytest.importorskip("deepspeed")
 
@@ -32,17 +29,11 @@ ZERO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps":
 
 def _launch(config: dict, path: Path, *overrides: str) -> None:
     path.write_text(yaml.safe_dump(config))
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "asymlora.cli", "train",
-         str(path), *overrides],
-        capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_processes(path, *overrides, timeout=900)
 
 
 def _losses(run: Path) -> list[float]:
-    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
-    return [entry["loss"] for entry in history if "loss" in entry]
+    return [entry["loss"] for entry in log_history(run) if "loss" in entry]
 
 
 def _projector(tmp_path: Path) -> Path:

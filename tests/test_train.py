@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,17 +12,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_fixtures import train_setup
+from train_fixtures import launch_two_processes, log_history, train_setup
 
 import asymlora
 from asymlora.tiny import tiny_llava
 from asymlora.train import TrainConfig, run_training
 
 TESTS = Path(__file__).parent
-
-
-def log_history(run: Path) -> list[dict]:
-    return json.loads((run / "trainer_state.json").read_text())["log_history"]
 
 
 def test_train_decreases_loss_and_logs_per_task(tmp_path):
@@ -131,13 +126,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     ddp["training"]["output_dir"] = str(tmp_path / "ddp")
     config_path = tmp_path / "ddp.yaml"
     config_path.write_text(yaml.safe_dump(ddp))
-    # The README's command: accelerate launch --multi_gpu --num_processes N -m asymlora.cli train CONFIG
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "asymlora.cli", "train",
-         str(config_path)],
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_processes(config_path)
     one = [e["loss"] for e in log_history(tmp_path / "single") if "loss" in e]
     two = [e["loss"] for e in log_history(tmp_path / "ddp") if "loss" in e]
     assert len(one) == len(two) == 6

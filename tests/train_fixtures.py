@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 from PIL import Image
@@ -50,3 +52,18 @@ def train_setup(tmp: Path, method: str = "asymlora_moe", **training) -> dict:
     args.update(training)
     return {"model": {"path": str(model_dir)}, "data": {"mixture": mixture, "eval_split": None, "max_length": 128},
             "adapter": adapter, "training": args, "projector_lr": 1e-3}
+
+
+def log_history(run: Path) -> list[dict]:
+    """The Trainer's log entries of a finished run."""
+    return json.loads((run / "trainer_state.json").read_text())["log_history"]
+
+
+def launch_two_processes(config_path: Path, *args: str, timeout: int = 600) -> None:
+    """The README's command, on CPU: accelerate launch --multi_gpu --num_processes 2 -m asymlora.cli train."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "asymlora.cli", "train",
+         str(config_path), *args],
+        capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
