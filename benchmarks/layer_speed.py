@@ -3,7 +3,8 @@
 For each method (lora, lora_moe, asymlora task-routed, asymlora_moe dense/topk) and E, times
 ``y = layer(x); y.backward(grad)`` with a frozen base weight and an input that requires grad (as inside
 a network), and compares with the loop formulation that reference implementations use: one
-``nn.Linear`` per expert and a Python loop ``sum_e g_e * B_e(A(x))`` (``A_e`` per expert for LoRA-MoE).
+``nn.Linear`` per expert and a Python loop ``sum_e g_e * B_e(A(x))`` (``A_e`` per expert for LoRA-MoE),
+i.e. ``speed.py``'s :class:`LoopLinear`, which the full-model benchmark uses and tests against the fused layer.
 
     python benchmarks/layer_speed.py                  # CPU shapes (SmolLM2-135M MLP), float32
     python benchmarks/layer_speed.py --preset 7b      # 4096 -> 11008, 4096 tokens, r=32, bf16 (GPU)
@@ -16,55 +17,25 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from asymlora import AsymLoraConfig, AsymLoraLinear
 from asymlora.io import write_json_atomic, write_text_atomic
 from asymlora.model import RoutingContext
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import LoopContext, LoopLinear  # noqa: E402  (the loop reference of the full-model benchmark)
+
 PRESETS = {
     "tiny": dict(d_in=64, d_out=96, tokens=64, r=4, experts=(3,), dtype="float32"),  # a smoke test of the script
     "small": dict(d_in=576, d_out=1536, tokens=2048, r=16, experts=(3, 8), dtype="float32"),
     "7b": dict(d_in=4096, d_out=11008, tokens=4096, r=32, experts=(3, 8), dtype="bfloat16"),
 }
-
-
-class LoopLayer(nn.Module):
-    """The reference formulation: a Python loop over per-expert nn.Linear modules."""
-
-    def __init__(self, base: nn.Linear, r: int, experts: int, shared_A: bool, routing: str, top_k: int = 2):
-        super().__init__()
-        self.base = base
-        n_A = 1 if shared_A else experts
-        self.lora_A = nn.ModuleList(nn.Linear(base.in_features, r, bias=False) for _ in range(n_A))
-        self.lora_B = nn.ModuleList(nn.Linear(r, base.out_features, bias=False) for _ in range(experts))
-        self.router = nn.Linear(base.in_features, experts, bias=False) if routing != "task" else None
-        self.routing, self.top_k, self.experts, self.scaling = routing, top_k, experts, 2.0
-        for b in self.lora_B:
-            nn.init.normal_(b.weight, std=0.01)
-
-    def forward(self, x: torch.Tensor, task_onehot: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.base(x)
-        if self.router is None:
-            gates = task_onehot
-        else:
-            probs = F.softmax(self.router(x.float()), dim=-1)
-            if self.routing == "topk":
-                values, idx = probs.topk(self.top_k, dim=-1)
-                gates = torch.zeros_like(probs).scatter(-1, idx, values / values.sum(-1, keepdim=True))
-            else:
-                gates = probs
-        gates = gates.to(x.dtype)
-        shared = self.lora_A[0](x) if len(self.lora_A) == 1 else None
-        for e in range(self.experts):
-            a = shared if shared is not None else self.lora_A[e](x)
-            out = out + gates[..., e:e + 1] * self.lora_B[e](a) * self.scaling
-        return out
 
 
 def time_fn(fn, device: torch.device, warmup: int, iters: int) -> tuple[float, float]:
@@ -92,11 +63,10 @@ def bench(preset: str, device: torch.device, warmup: int, iters: int) -> list[di
     grad = torch.randn(p["tokens"] // 4, 4, p["d_out"], device=device, dtype=dtype)
     rows = []
 
-    def run(module, extra=None):
+    def run(module):
         def step():
             xi = x.detach().requires_grad_(True)
-            y = module(xi) if extra is None else module(xi, extra)
-            y.backward(grad)
+            module(xi).backward(grad)
         return step
 
     def record(name, experts, module, step, kind):
@@ -118,25 +88,23 @@ def bench(preset: str, device: torch.device, warmup: int, iters: int) -> list[di
     for experts in p["experts"]:
         tasks = [f"t{i}" for i in range(experts)]
         task_ids = torch.arange(x.shape[0], device=device) % experts
-        onehot = F.one_hot(task_ids, experts).unsqueeze(1).expand(-1, x.shape[1], -1).to(dtype)
         methods = [
-            ("asymlora (task)", dict(method="asymlora", tasks=tasks), True, "task"),
-            ("asymlora_moe (dense)", dict(method="asymlora_moe", num_experts=experts, routing="dense"), True, "dense"),
-            ("asymlora_moe (top2)", dict(method="asymlora_moe", num_experts=experts, routing="topk", top_k=2),
-             True, "topk"),
-            ("lora_moe (dense)", dict(method="lora_moe", num_experts=experts, routing="dense"), False, "dense"),
+            ("asymlora (task)", dict(method="asymlora", tasks=tasks)),
+            ("asymlora_moe (dense)", dict(method="asymlora_moe", num_experts=experts, routing="dense")),
+            ("asymlora_moe (top2)", dict(method="asymlora_moe", num_experts=experts, routing="topk", top_k=2)),
+            ("lora_moe (dense)", dict(method="lora_moe", num_experts=experts, routing="dense")),
         ]
-        for name, kwargs, shared, routing in methods:
-            layer = AsymLoraLinear(base, AsymLoraConfig(r=p["r"], **kwargs).layer_spec(), name,
-                                   adapter_dtype="auto").to(device)
+        for name, kwargs in methods:
+            spec = AsymLoraConfig(r=p["r"], **kwargs).layer_spec()
+            layer = AsymLoraLinear(base, spec, name, adapter_dtype="auto").to(device)
             ctx = RoutingContext()
             ctx.task_ids = task_ids
             layer.routing_context = ctx
             record(name, experts, layer, run(layer), "fused")
-            loop = LoopLayer(base, p["r"], experts, shared, routing).to(device=device, dtype=dtype)
-            if loop.router is not None:
-                loop.router.float()
-            record(name, experts, loop, run(loop, onehot), "loop")
+            loop_ctx = LoopContext()
+            loop_ctx.task_ids = task_ids
+            loop = LoopLinear(base, spec, loop_ctx, adapter_dtype="auto")
+            record(name, experts, loop, run(loop), "loop")
     return rows
 
 

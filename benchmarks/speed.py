@@ -157,14 +157,18 @@ class LoopContext:
 class LoopLinear(nn.Module):
     """The reference formulation of one adapted layer: per-expert ``nn.Linear`` modules and a Python loop.
 
-    ``y = W x + s * sum_e g_e(x) * B_e(A_(e)(x))`` with ``g`` = softmax of an fp32 router (dense), the
-    one-hot of the sample's task (task routing) or 1 (LoRA); same parameters, dtypes and scaling as
-    :class:`asymlora.AsymLoraLinear` for the same :class:`~asymlora.config.LayerSpec`.
+    ``y = W x + s * sum_e g_e(x) * B_e(A_(e)(x))`` with ``g`` = softmax of an fp32 router (dense; top-k:
+    the k largest, renormalised for k > 1, as :func:`asymlora.routing.topk_routing`), the one-hot of the
+    sample's task (task routing) or 1 (LoRA); same parameters, dtypes and scaling as
+    :class:`asymlora.AsymLoraLinear` for the same :class:`~asymlora.config.LayerSpec` (hybrid routing is
+    not reproduced). ``benchmarks/layer_speed.py`` times it layer by layer.
     """
 
     def __init__(self, base: nn.Linear, spec: LayerSpec, context: LoopContext,
                  adapter_dtype: str = "float32") -> None:
         super().__init__()
+        if spec.routing == "hybrid":
+            raise ValueError("LoopLinear: hybrid routing has no loop reference here")
         self.base_layer = base
         self.spec = spec
         self.context = context
@@ -190,10 +194,18 @@ class LoopLinear(nn.Module):
         xa = x.to(self.lora_A[0].weight.dtype)
         if self.router is not None:
             probs = F.softmax(self.router(x.float()), dim=-1)
+            if self.spec.routing == "topk":
+                values, indices = probs.topk(self.spec.top_k, dim=-1)
+                if self.spec.top_k > 1:
+                    values = values / values.sum(dim=-1, keepdim=True)
+                gates = torch.zeros_like(probs).scatter(-1, indices, values)
+                dispatch = torch.zeros_like(probs).scatter(-1, indices, 1.0 / self.spec.top_k)
+            else:
+                gates = probs
+                dispatch = F.one_hot(probs.detach().argmax(-1), experts).to(probs.dtype)
             if self.context.collecting:
-                flat = probs.reshape(-1, experts)
-                self.context.records.append((flat, F.one_hot(flat.detach().argmax(-1), experts).to(flat.dtype)))
-            gates = probs.to(xa.dtype)
+                self.context.records.append((probs.reshape(-1, experts), dispatch.reshape(-1, experts).detach()))
+            gates = gates.to(xa.dtype)
         elif experts > 1:
             ids = self.context.task_ids
             gates = F.one_hot(ids.to(x.device), experts).to(xa.dtype).view(ids.shape[0], *([1] * (x.dim() - 2)),

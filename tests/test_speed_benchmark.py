@@ -84,3 +84,41 @@ def test_loop_formulation_matches_fused(method, experts):
     grad_fused = fused.wrapped.adapter_layers[name].B_bank.grad
     grad_loop = torch.stack([lin.weight.grad for lin in loop.layers[name].lora_B])
     torch.testing.assert_close(grad_loop, grad_fused, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("routing,top_k", [("dense", 2), ("topk", 1), ("topk", 2)])
+def test_loop_layer_matches_fused_layer_for_every_router(routing, top_k):
+    """The loop reference (also layer_speed.py's) computes the fused layer's output, gradients and
+    balance-loss inputs, top-k included."""
+    from asymlora import AsymLoraConfig, AsymLoraLinear
+    from asymlora.model import RoutingContext
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 12, bias=False).requires_grad_(False)
+    spec = AsymLoraConfig(method="asymlora_moe", num_experts=4, routing=routing, top_k=top_k, r=3).layer_spec()
+    fused = AsymLoraLinear(base, spec, "layer", adapter_dtype="float32")
+    fused.routing_context = RoutingContext()
+    context = speed.LoopContext()
+    loop = speed.LoopLinear(base, spec, context)
+    with torch.no_grad():
+        fused.B_bank.normal_(std=0.3)
+        fused.router.weight.normal_(std=0.5)
+        loop.lora_A[0].weight.copy_(fused.A_bank)
+        for e, head in enumerate(loop.lora_B):
+            head.weight.copy_(fused.B_bank[e])
+        loop.router.weight.copy_(fused.router.weight)
+        loop.router.bias.copy_(fused.router.bias)
+    x = torch.randn(2, 5, 8)
+    context.collecting = True
+    fused.routing_context.collecting = True
+    out_fused, out_loop = fused(x), loop(x)
+    torch.testing.assert_close(out_loop, out_fused)
+    assert (out_fused - base(x)).abs().max() > 1e-2  # the adapter and its gates matter
+    (_, (probs, dispatch, _, _)), = fused.routing_context.records
+    (loop_probs, loop_dispatch), = context.records
+    torch.testing.assert_close(loop_probs, probs)
+    torch.testing.assert_close(loop_dispatch, dispatch)
+    out_fused.square().sum().backward()
+    out_loop.square().sum().backward()
+    torch.testing.assert_close(loop.router.weight.grad, fused.router.weight.grad)
+    torch.testing.assert_close(torch.stack([h.weight.grad for h in loop.lora_B]), fused.B_bank.grad)
