@@ -9,12 +9,21 @@ visible, and once at matched rank.
     python benchmarks/quality.py                                    # every method, 3 seeds, mix5
     python benchmarks/quality.py --steps 40 --seeds 0 --eval-samples 40   # a short CPU run
     python benchmarks/quality.py --single-domain --matched-rank      # the two extra settings
+    python benchmarks/quality.py --single-domain data                # one-task adapters on equal data
     python benchmarks/quality.py --model tiny --mixture tiny --steps 4 --eval-samples 4  # smoke test
 
 Budgets: LoRA at ``--rank`` (r=16) sets the budget of trainable adapter parameters (projector excluded);
 every other method gets the integer rank whose adapter parameter count is closest to it (counted on the
 real model structure, built on the meta device). ``alpha = 2 r`` everywhere. Trained on one task,
-task-routed AsymLoRA and hybrid have one head, i.e. they are LoRA (and get LoRA's rank).
+task-routed AsymLoRA and hybrid have one head, i.e. they are LoRA: their single-domain reference is LoRA's
+run, which is not repeated.
+
+Single-domain runs come in two designs (``--single-domain steps data`` runs both):
+- ``steps`` (the default): each one-task adapter trains ``--steps`` steps, as long as the mixture adapter.
+  It then sees 1/share times as many samples of its task, so its lead mixes the conflict with more data.
+- ``data``: each one-task adapter trains ``round(steps * share)`` steps (share = the task's sampling
+  weight in the mixture), i.e. on as many samples of its task as the mixture adapter sees on average;
+  what is left of the gap is the cost (or gain) of sharing the adapter.
 
 Every finished run is appended to ``<out>/quality_<name>.json`` at once, and a rerun skips the runs that
 are already there, so a long benchmark can be stopped and continued. The report (``RESULTS.md``-ready
@@ -62,6 +71,26 @@ def adapter_values(method: str, r: int, tasks: list[str]) -> dict[str, Any]:
     return values
 
 
+SINGLE_SETTINGS = {"steps": "single", "data": "single_data"}  # --single-domain design -> run setting
+SINGLE_TITLES = {"single": "equal steps", "single_data": "equal data"}
+
+
+def single_task_form(method: str) -> str:
+    """The method whose one-task adapter ``method``'s is: LoRA for the methods with one head per task."""
+    return "lora" if adapter_values(method, 1, ["task"])["method"] == "lora" else method
+
+
+def task_shares(mixture: str) -> dict[str, float]:
+    """Each task's share of the mixture's training draws (its datasets' weights over the total)."""
+    from asymlora.data import load_mixture
+
+    weights: dict[str, float] = {}
+    for entry in load_mixture(mixture).entries:
+        weights[entry.task] = weights.get(entry.task, 0.0) + entry.weight
+    total = sum(weights.values())
+    return {task: w / total for task, w in weights.items()}
+
+
 def count_adapter_params(model_dir: Path, values: dict[str, Any]) -> int:
     """Trainable adapter parameters (A, B banks, routers, task biases; projector excluded) of ``values``
     on the model in ``model_dir``, counted on a meta-device copy (no weights are loaded)."""
@@ -91,7 +120,7 @@ def matched_rank(model_dir: Path, method: str, tasks: list[str], budget: int, ma
 
 
 def run_config(args: argparse.Namespace, method: str, r: int, seed: int, tasks: list[str], mixture: Any,
-               output_dir: Path) -> dict[str, Any]:
+               output_dir: Path, steps: int) -> dict[str, Any]:
     values = _read_yaml(Path(asymlora.train.__file__).resolve().parent / "configs" / f"{PRESET}.yaml")
     values["model"] = {**values.get("model", {}), "path": args.model}
     if args.projector is not None:
@@ -99,21 +128,21 @@ def run_config(args: argparse.Namespace, method: str, r: int, seed: int, tasks: 
     values["data"] = {**values.get("data", {}), "mixture": mixture, "eval_split": None}
     values["adapter"] = adapter_values(method, r, tasks)
     values["projector_lr"] = args.projector_lr
-    values["training"] = {**values.get("training", {}), "output_dir": str(output_dir), "max_steps": args.steps,
+    values["training"] = {**values.get("training", {}), "output_dir": str(output_dir), "max_steps": steps,
                           "per_device_train_batch_size": args.batch_size, "learning_rate": args.lr,
-                          "seed": seed, "save_steps": max(args.steps, 1), "save_total_limit": 1,
-                          "logging_steps": max(1, min(10, args.steps // 4)), "report_to": []}
+                          "seed": seed, "save_steps": max(steps, 1), "save_total_limit": 1,
+                          "logging_steps": max(1, min(10, steps // 4)), "report_to": []}
     return values
 
 
 def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tasks: list[str],
-                   mixture: Any, eval_mixture: str, output_dir: Path) -> dict[str, Any]:
+                   mixture: Any, eval_mixture: str, output_dir: Path, steps: int) -> dict[str, Any]:
     from asymlora.evaluate.report import mean_score
     from asymlora.evaluate.run import evaluate_builtin, load_for_eval
     from asymlora.model import param_report
     from asymlora.train import TrainConfig, run_training
 
-    config = TrainConfig.from_dict(run_config(args, method, r, seed, tasks, mixture, output_dir),
+    config = TrainConfig.from_dict(run_config(args, method, r, seed, tasks, mixture, output_dir, steps),
                                    source=f"quality:{method}")
     start = time.time()
     run_dir = run_training(config)
@@ -131,7 +160,7 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
                                   max_new_tokens=args.max_new_tokens, mixture=eval_mixture,
                                   prompt_suffix=args.prompt_suffix)
     del model
-    return {"method": method, "r": r, "seed": seed, "tasks": tasks, "adapter_params": trainable,
+    return {"method": method, "r": r, "seed": seed, "tasks": tasks, "steps": steps, "adapter_params": trainable,
             "scores": {t: {"metric": v["metric"], "value": v[v["metric"]], "higher_is_better": v["higher_is_better"],
                            "count": v["count"]} for t, v in results.items()},
             "mean": mean_score(results), "train_seconds": round(train_seconds, 1),
@@ -157,7 +186,7 @@ def summarize(runs: list[dict[str, Any]], setting: str, tasks: list[str]) -> lis
         row: dict[str, Any] = {"method": method, "seeds": sorted({r["seed"] for r in mine}),
                                "r": sorted({r["r"] for r in mine}), "adapter_params": mine[0]["adapter_params"],
                                "train_seconds": statistics.mean(r["train_seconds"] for r in mine)}
-        if setting == "single":  # one run per task and seed: that task's score
+        if setting in SINGLE_TITLES:  # one run per task and seed: that task's score
             for task in tasks:
                 row[task] = [r["scores"][task]["value"] for r in mine if r["tasks"] == [task]]
         else:
@@ -175,36 +204,47 @@ def to_markdown(data: dict[str, Any]) -> str:
         for task, score in run["scores"].items():
             metrics[task] = score["metric"] + ("" if score["higher_is_better"] else " ↓")
     lines = [f"Setup: {json.dumps(setup)}", ""]
-    for setting, title in (("mixed", "Trained on the mixture (mean ± std over seeds)"),
-                           ("matched_rank", "Mixture, matched rank instead of matched budget"),
-                           ("single", "Single-domain: one adapter per task (each cell its own run)")):
+    titles = [("mixed", "Trained on the mixture (mean ± std over seeds)"),
+              ("matched_rank", "Mixture, matched rank instead of matched budget")]
+    titles += [(setting, f"Single-domain, {how}: one adapter per task (each cell its own run)")
+               for setting, how in SINGLE_TITLES.items()]
+    for setting, title in titles:
         rows = summarize(runs, setting, tasks)
         if not rows:
             continue
-        lines += [f"### {title}", "",
-                  "| method | r | adapter params | seeds | " + " | ".join(f"{t} ({metrics.get(t, '')})" for t in tasks)
-                  + (" | mean |" if setting != "single" else " |") + " train s/run |",
-                  "|---" * (len(tasks) + (6 if setting != "single" else 5)) + "|"]
+        single = setting in SINGLE_TITLES
+        lines += [f"### {title}", ""]
+        if single:
+            steps = {t: sorted({r.get("steps", setup["steps"]) for r in runs if r["setting"] == setting
+                                and r["tasks"] == [t]}) for t in tasks}
+            lines += ["Steps per task: " + ", ".join(f"{t} {'/'.join(map(str, s))}" for t, s in steps.items() if s)
+                      + ". Task-routed AsymLoRA and hybrid trained on one task are LoRA (one head).", ""]
+        lines += ["| method | r | adapter params | seeds | " + " | ".join(f"{t} ({metrics.get(t, '')})" for t in tasks)
+                  + (" |" if single else " | mean |") + " train s/run |",
+                  "|---" * (len(tasks) + (5 if single else 6)) + "|"]
         for row in rows:
-            cells = [_fmt(row[t]) for t in tasks] + ([_fmt(row["mean"])] if setting != "single" else [])
+            cells = [_fmt(row[t]) for t in tasks] + ([] if single else [_fmt(row["mean"])])
             lines.append(f"| {row['method']} | {'/'.join(map(str, row['r']))} | {row['adapter_params']:,} | "
                          f"{len(row['seeds'])} | " + " | ".join(cells) + f" | {row['train_seconds']:.0f} |")
         lines.append("")
     mixed = {row["method"]: row for row in summarize(runs, "mixed", tasks)}
-    single = {row["method"]: row for row in summarize(runs, "single", tasks)}
-    if mixed and single:
-        lines += ["### Conflict cost: mixed − single-domain (per task; negative = mixing hurts)", "",
-                  "| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for setting, how in SINGLE_TITLES.items():
+        single_rows = {row["method"]: row for row in summarize(runs, setting, tasks)}
+        if not (mixed and single_rows):
+            continue
+        lines += [f"### Conflict cost, {how}: mixed − single-domain (per task; negative = mixing hurts)", "",
+                  "| method | single-domain reference | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
         for method in mixed:
-            if method not in single:
+            reference = single_rows.get(single_task_form(method))
+            if reference is None:
                 continue
             cells = []
             for task in tasks:
-                m, s = mixed[method][task], single[method][task]
+                m, s = mixed[method][task], reference[task]
                 sign = 1 if all(run["scores"].get(task, {}).get("higher_is_better", True) for run in runs
                                 if task in run["scores"]) else -1
                 cells.append(f"{sign * (statistics.mean(m) - statistics.mean(s)):+.3f}" if m and s else "")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| {method} | {reference['method']} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -263,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--prompt-suffix", default=None, help="appended to every test question")
-    parser.add_argument("--single-domain", action="store_true", help="also train each method on each task alone")
+    parser.add_argument("--single-domain", nargs="*", choices=list(SINGLE_SETTINGS), default=None,
+                        help="also train each method on each task alone: for --steps steps ('steps', the "
+                        "default), and/or on the task's share of them ('data'); see the designs above")
     parser.add_argument("--matched-rank", action="store_true", help="also one seed of every method at r = --rank")
     parser.add_argument("--name", default=None, help="results name (default: <mixture>_<steps>steps)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -296,22 +338,32 @@ def main(argv: list[str] | None = None) -> int:
         plan += [("mixed", m, ranks[m][0], seed, tasks) for m in args.methods]
     if args.matched_rank:
         plan += [("matched_rank", m, args.rank, args.seeds[0], tasks) for m in args.methods if ranks[m][0] != args.rank]
-    if args.single_domain:
-        single_ranks = {m: matched_rank(model_dir, m, [tasks[0]], budget)[0] for m in args.methods}  # E without tasks
-        plan += [("single", m, single_ranks[m], args.seeds[0], [t]) for m in args.methods for t in tasks]
+    single_steps: dict[tuple[str, str], int] = {}  # (setting, task) -> steps of that one-task run
+    if args.single_domain is not None:
+        designs = args.single_domain or ["steps"]
+        shares = task_shares(args.mixture)
+        single_methods = list(dict.fromkeys(single_task_form(m) for m in args.methods))  # asymlora -> lora
+        single_ranks = {m: matched_rank(model_dir, m, [tasks[0]], budget)[0] for m in single_methods}
+        for design in designs:
+            setting = SINGLE_SETTINGS[design]
+            for t in tasks:
+                single_steps[(setting, t)] = args.steps if design == "steps" else max(1, round(args.steps * shares[t]))
+            plan += [(setting, m, single_ranks[m], args.seeds[0], [t]) for m in single_methods for t in tasks]
     done = {(r["setting"], r["method"], r["r"], r["seed"], tuple(r["tasks"])) for r in data["runs"]}
     for setting, method, r, seed, run_tasks in plan:
         if (setting, method, r, seed, tuple(run_tasks)) in done:
             continue
+        run_steps = single_steps.get((setting, run_tasks[0]), args.steps)
         if len(run_tasks) == 1:  # that task's entry of the mixture, alone
-            entries = [copy.deepcopy(e) for e in _mixture_entries(args.mixture) if e.get("task") == run_tasks[0]]
+            entries = [copy.deepcopy(raw) for raw, entry in zip(_mixture_entries(args.mixture), mixture.entries)
+                       if entry.task == run_tasks[0]]
             run_mixture: Any = {"name": f"single-{run_tasks[0]}", "datasets": entries}
         else:
             run_mixture = args.mixture
-        label = f"{setting}-{method}-r{r}-s{seed}" + (f"-{run_tasks[0]}" if setting == "single" else "")
-        print(f"== {label}", flush=True)
+        label = f"{setting}-{method}-r{r}-s{seed}" + (f"-{run_tasks[0]}" if setting in SINGLE_TITLES else "")
+        print(f"== {label} ({run_steps} steps)", flush=True)
         result = train_and_eval(args, method, r, seed, run_tasks, run_mixture, args.mixture,
-                                Path(args.runs_dir) / name / label)
+                                Path(args.runs_dir) / name / label, run_steps)
         data["runs"].append({"setting": setting, **result})
         write_outputs(data, out, name)
         print(f"   mean {result['mean']:.3f}  train {result['train_seconds']:.0f}s  "

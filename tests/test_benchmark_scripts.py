@@ -32,23 +32,28 @@ def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache
     assert main(["data", "build", "--only", "easyvqa", "ocr", "--max-per-split", "16"]) == 0
     quality = _load_benchmark("quality")
     monkeypatch.chdir(tmp_path)
-    argv = ["--model", "tiny", "--projector", "", "--mixture", "tiny", "--steps", "1", "--batch-size", "2",
+    argv = ["--model", "tiny", "--projector", "", "--mixture", "tiny", "--steps", "2", "--batch-size", "2",
             "--eval-samples", "1", "--max-new-tokens", "2", "--methods", "lora", "asymlora", "--seeds", "0",
-            "--single-domain", "--name", "t", "--out", str(tmp_path / "res")]
+            "--single-domain", "steps", "data", "--name", "t", "--out", str(tmp_path / "res")]
     assert quality.main(argv) == 0
     data = json.loads((tmp_path / "res" / "quality_t.json").read_text())
     ranks = data["ranks"]
     assert ranks["lora"]["r"] == 16 and ranks["asymlora"]["r"] < 16  # E = 2 heads: a smaller rank, same budget
     assert abs(ranks["asymlora"]["params"] - data["budget"]) / data["budget"] < 0.1
-    settings = sorted((r["setting"], r["method"], tuple(r["tasks"])) for r in data["runs"])
-    assert settings == [("mixed", "asymlora", ("easyvqa", "ocr")), ("mixed", "lora", ("easyvqa", "ocr")),
-                        ("single", "asymlora", ("easyvqa",)), ("single", "asymlora", ("ocr",)),
-                        ("single", "lora", ("easyvqa",)), ("single", "lora", ("ocr",))]
+    settings = sorted((r["setting"], r["method"], tuple(r["tasks"]), r["steps"]) for r in data["runs"])
+    # one task = one head: task-routed AsymLoRA's one-task adapter is LoRA's, trained once; the equal-data
+    # design trains each one-task adapter on the task's share (1/2) of the steps
+    assert settings == [("mixed", "asymlora", ("easyvqa", "ocr"), 2), ("mixed", "lora", ("easyvqa", "ocr"), 2),
+                        ("single", "lora", ("easyvqa",), 2), ("single", "lora", ("ocr",), 2),
+                        ("single_data", "lora", ("easyvqa",), 1), ("single_data", "lora", ("ocr",), 1)]
+    single = next(r for r in data["runs"] if r["setting"] == "single_data" and r["tasks"] == ["ocr"])
+    assert set(single["scores"]) == {"ocr"}
     mixed = next(r for r in data["runs"] if r["setting"] == "mixed" and r["method"] == "asymlora")
     assert mixed["adapter_params"] == ranks["asymlora"]["params"]  # the trained adapter has the counted size
     assert set(mixed["scores"]) == {"easyvqa", "ocr"} and mixed["train_seconds"] > 0
     report = (tmp_path / "res" / "quality_t.md").read_text()
-    assert "Conflict cost" in report and "| asymlora |" in report
+    assert "Conflict cost, equal steps" in report and "Conflict cost, equal data" in report
+    assert "| asymlora | lora |" in report  # asymlora's conflict cost is measured against LoRA's one-task runs
     assert (tmp_path / "res" / "quality_t.png").read_bytes()[:4] == b"\x89PNG"
     before = (tmp_path / "res" / "quality_t.json").read_text()
     assert quality.main(argv) == 0  # every run is done: nothing retrains
