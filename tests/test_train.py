@@ -61,6 +61,23 @@ def test_optimizer_groups_give_routers_and_projector_their_learning_rates(tmp_pa
     assert groups[0]["lr"] == 5e-3  # the adapter group comes first: it is the one the Trainer logs
 
 
+def test_loraplus_lr_ratio_gives_the_B_banks_their_own_rate(tmp_path):
+    values = train_setup(tmp_path, max_steps=2, save_steps=2)
+    values["loraplus_lr_ratio"] = 4.0  # B at 4 x 5e-3; A and routers at 5e-3, projector 1e-3
+    out = run_training(TrainConfig.from_dict(values))
+    groups = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)["param_groups"]
+    model = asymlora.load(tiny_llava(), out)
+    names = [n for n, p in model.base_model.named_parameters() if p.requires_grad]
+    by_lr: dict[float, int] = {}
+    for group in groups:
+        by_lr[group["lr"]] = by_lr.get(group["lr"], 0) + len(group["params"])
+    B = sum(n.endswith(".B_bank") for n in names)
+    projector = sum(n.startswith("model.multi_modal_projector.") for n in names)
+    assert B and projector
+    assert by_lr == {2e-2: B, 1e-3: projector, 5e-3: len(names) - B - projector}
+    assert groups[0]["lr"] == 5e-3  # A (logged by the Trainer) keeps the base rate
+
+
 KILL_AFTER_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})

@@ -34,6 +34,8 @@ def test_overrides_and_sections(tmp_path):
     ("data: {on_error: ignore}\n", [], "data.on_error"),
     ("router_lr: -1\n", [], r"router_lr: -1 is not a learning rate"),
     ("{}\n", ["projector_lr=fast"], r"projector_lr: 'fast' is not a learning rate"),
+    ("loraplus_lr_ratio: 0\n", [], r"loraplus_lr_ratio: 0 is not a ratio"),
+    ("{}\n", ["loraplus_lr_ratio=.nan"], r"loraplus_lr_ratio: nan is not a ratio"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message):

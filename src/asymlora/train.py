@@ -8,6 +8,7 @@ One YAML file holds four sections and three top-level keys::
     training: transformers.TrainingArguments fields (output_dir, learning_rate, bf16, ...)
     projector_lr: 2.0e-5      # learning rate of modules_to_save (e.g. the projector); null = same as lr
     router_lr: null           # learning rate of the routers and task biases; null = same as lr
+    loraplus_lr_ratio: null   # LoRA+: the B banks learn at lr * ratio (A at lr); null = same as lr
     resume: false             # true = the last checkpoint in output_dir, or a checkpoint path
 
 Loss = LM loss (mean over supervised tokens only, across gradient accumulation and ranks)
@@ -38,7 +39,7 @@ from asymlora.config import AsymLoraConfig
 from asymlora.errors import AsymLoraError, ConfigError, MissingAssetError
 from asymlora.io import load_yaml, write_json_atomic, write_text_atomic
 
-SECTIONS = ("model", "data", "adapter", "training", "projector_lr", "router_lr", "resume")
+SECTIONS = ("model", "data", "adapter", "training", "projector_lr", "router_lr", "loraplus_lr_ratio", "resume")
 
 
 @dataclass
@@ -73,6 +74,7 @@ class TrainConfig:
     training: dict[str, Any] = field(default_factory=dict)
     projector_lr: float | None = None
     router_lr: float | None = None
+    loraplus_lr_ratio: float | None = None
     resume: bool | str = False
     source: str = "config"
 
@@ -127,7 +129,8 @@ class TrainConfig:
             # DeepSpeed would build its optimizer from model.parameters(): one group, so projector_lr,
             # router_lr and the routers' exemption from weight decay would be silently dropped.
             raise ConfigError(f"{self.source}: training.deepspeed: remove the 'optimizer' section; asymlora builds "
-                              "the optimizer itself (training.optim, learning_rate, projector_lr, router_lr) and "
+                              "the optimizer itself (training.optim, learning_rate, projector_lr, router_lr, "
+                              "loraplus_lr_ratio) and "
                               "DeepSpeed runs it (ZeRO shards its state as usual)")
         return args
 
@@ -147,8 +150,10 @@ class TrainConfig:
             raise ConfigError(f"{source}: data.on_error: {data['on_error']!r} is not one of ('fail', 'skip')")
         return cls(model=ModelSection(**model), data=DataSection(**data), adapter=dict(values.get("adapter") or {}),
                    training=dict(values.get("training") or {}), projector_lr=_learning_rate(values, "projector_lr", source),
-                   router_lr=_learning_rate(values, "router_lr", source), resume=values.get("resume", False),
-                   source=source)
+                   router_lr=_learning_rate(values, "router_lr", source),
+                   loraplus_lr_ratio=_positive(values, "loraplus_lr_ratio", source, "a ratio (a number > 0, e.g. 16; "
+                                               "null for B at learning_rate)"),
+                   resume=values.get("resume", False), source=source)
 
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -169,17 +174,21 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
                 "adapter": self.adapter, "training": self.training, "projector_lr": self.projector_lr,
-                "router_lr": self.router_lr, "resume": self.resume}
+                "router_lr": self.router_lr, "loraplus_lr_ratio": self.loraplus_lr_ratio, "resume": self.resume}
 
 
 def _learning_rate(values: dict[str, Any], key: str, source: str) -> float | None:
     """A top-level learning rate (``projector_lr`` / ``router_lr``): null, or a number > 0."""
+    return _positive(values, key, source, "a learning rate (a number > 0, or null for training.learning_rate)")
+
+
+def _positive(values: dict[str, Any], key: str, source: str, what: str) -> float | None:
+    """A top-level number > 0 (or null) of the config, ``key`` naming it in the error."""
     value = values.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{source}: {key}: {value!r} is not a learning rate (a number > 0, or null for "
-                          "training.learning_rate)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise ConfigError(f"{source}: {key}: {value!r} is not {what}")
     return float(value)
 
 
@@ -290,13 +299,14 @@ def make_trainer_class() -> type:
         """HF Trainer with the asymlora loss, per-task logging, adapter checkpoints and mixture sampling."""
 
         def __init__(self, *args: Any, tasks: Sequence[str] = (), projector_lr: float | None = None,
-                     router_lr: float | None = None,
+                     router_lr: float | None = None, loraplus_lr_ratio: float | None = None,
                      sampler_weights: Sequence[float] | None = None, sample_lengths: Sequence[int] | None = None,
                      num_samples: int | None = None, group_by_length: bool = False, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.tasks = list(tasks)
             self.projector_lr = projector_lr
             self.router_lr = router_lr
+            self.loraplus_lr_ratio = loraplus_lr_ratio
             self.sampler_weights = sampler_weights
             self.sample_lengths = sample_lengths
             self.num_samples = num_samples
@@ -325,17 +335,22 @@ def make_trainer_class() -> type:
             saved = tuple(prefix + "." for prefix in wrapped.saved_modules)
             decay = set(self.get_decay_parameter_names(wrapped.base_model))
             # Kinds, in this order (the Trainer logs the learning rate of group 0): 0 adapter A/B banks,
-            # 1 routers and task biases (router_lr), 2 modules_to_save (projector_lr).
+            # 1 routers and task biases (router_lr), 2 modules_to_save (projector_lr), 3 the B banks
+            # when LoRA+ gives them their own rate (only then, so older checkpoints' groups still match).
+            split_B = self.loraplus_lr_ratio is not None
             groups: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
             for name, param in wrapped.base_model.named_parameters():
                 if not param.requires_grad:
                     continue
                 is_router = ".router." in name or name.endswith("task_bias")
                 kind = 2 if name.startswith(saved) else 1 if is_router else 0
+                if kind == 0 and split_B and name.endswith(".B_bank"):
+                    kind = 3
                 # Routers and task biases are not decayed: decay would pull routing toward uniform.
                 decays = name in decay and not is_router
                 groups.setdefault((kind, decays), []).append(param)
-            rates = {1: self.router_lr, 2: self.projector_lr}
+            rates = {1: self.router_lr, 2: self.projector_lr,
+                     3: self.args.learning_rate * self.loraplus_lr_ratio if split_B else None}
             param_groups = []
             for (kind, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
                 group: dict[str, Any] = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
@@ -624,7 +639,7 @@ def run_training(config: TrainConfig, resume: str | bool | None = None) -> Path:
     trainer = trainer_cls(
         model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"], data_collator=collator,
         processing_class=processor, tasks=adapter_config.tasks, projector_lr=config.projector_lr,
-        router_lr=config.router_lr,
+        router_lr=config.router_lr, loraplus_lr_ratio=config.loraplus_lr_ratio,
         sampler_weights=data["weights"], sample_lengths=data["lengths"], num_samples=config.data.num_samples,
         group_by_length=config.data.group_by_length,
     )
