@@ -10,6 +10,7 @@ visible, and once at matched rank.
     python benchmarks/quality.py --steps 40 --seeds 0 --eval-samples 40   # a short CPU run
     python benchmarks/quality.py --single-domain --matched-rank      # the two extra settings
     python benchmarks/quality.py --single-domain data                # one-task adapters on equal data
+    python benchmarks/quality.py --set loraplus_lr_ratio=4 --name mix5_loraplus4   # a variant, in its own file
     python benchmarks/quality.py --model tiny --mixture tiny --steps 4 --eval-samples 4  # smoke test
 
 Budgets: LoRA at ``--rank`` (r=16) sets the budget of trainable adapter parameters (projector excluded);
@@ -132,7 +133,7 @@ def run_config(args: argparse.Namespace, method: str, r: int, seed: int, tasks: 
                           "per_device_train_batch_size": args.batch_size, "learning_rate": args.lr,
                           "seed": seed, "save_steps": max(steps, 1), "save_total_limit": 1,
                           "logging_steps": max(1, min(10, steps // 4)), "report_to": []}
-    return values
+    return asymlora.train.apply_overrides(values, args.set, "quality.py --set")
 
 
 def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tasks: list[str],
@@ -307,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also train each method on each task alone: for --steps steps ('steps', the "
                         "default), and/or on the task's share of them ('data'); see the designs above")
     parser.add_argument("--matched-rank", action="store_true", help="also one seed of every method at r = --rank")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="asymlora train overrides for every run, after the method's (e.g. "
+                        "loraplus_lr_ratio=4); use a --name of their own")
     parser.add_argument("--name", default=None, help="results name (default: <mixture>_<steps>steps)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--runs-dir", default="runs/quality", help="where the training runs go")
@@ -322,12 +326,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     path = out / f"quality_{name}.json"
     data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    before = {**{"overrides": []}, **data.get("setup", {})}
+    now = {"model": args.model, "mixture": args.mixture, "steps": args.steps, "batch_size": args.batch_size,
+           "lr": args.lr, "projector_lr": args.projector_lr, "eval_samples": args.eval_samples, "overrides": args.set}
+    changed = [k for k in now if k in before and before[k] != now[k]] if data["runs"] else []
+    if changed:  # the runs of one file must be comparable
+        raise SystemExit(f"{path}: its runs were made with " + ", ".join(f"{k}={before[k]!r}" for k in changed)
+                         + "; these settings give " + ", ".join(f"{k}={now[k]!r}" for k in changed)
+                         + ": use another --name")
     budget = count_adapter_params(model_dir, adapter_values("lora", args.rank, tasks))
     ranks = {m: matched_rank(model_dir, m, tasks, budget) for m in args.methods}
     data.update({"tasks": tasks, "budget": budget, "ranks": {m: {"r": r, "params": p} for m, (r, p) in ranks.items()},
                  "setup": {"model": args.model, "mixture": args.mixture, "steps": args.steps,
                            "batch_size": args.batch_size, "lr": args.lr, "projector_lr": args.projector_lr,
-                           "eval_samples": args.eval_samples, "budget_rank": args.rank,
+                           "eval_samples": args.eval_samples, "budget_rank": args.rank, "overrides": args.set,
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
                            or "cpu", "torch": torch.__version__, "threads": torch.get_num_threads()}})
     for method, (r, params) in ranks.items():

@@ -58,6 +58,19 @@ def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache
     before = (tmp_path / "res" / "quality_t.json").read_text()
     assert quality.main(argv) == 0  # every run is done: nothing retrains
     assert json.loads((tmp_path / "res" / "quality_t.json").read_text())["runs"] == json.loads(before)["runs"]
+    with pytest.raises(SystemExit, match=r"overrides=\[\]; these settings give overrides=\['loraplus_lr_ratio=2'\]"):
+        quality.main([*argv, "--set", "loraplus_lr_ratio=2"])  # a variant must not join the plain runs' file
+
+
+def test_quality_set_overrides_reach_every_run_config(tmp_path):
+    import argparse
+
+    quality = _load_benchmark("quality")
+    args = argparse.Namespace(model="tiny", projector=None, projector_lr=1e-4, batch_size=2, lr=5e-4,
+                              set=["loraplus_lr_ratio=4", "adapter.dropout=0.1"])
+    values = quality.run_config(args, "asymlora", 4, 0, ["a", "b"], "tiny", tmp_path / "run", steps=3)
+    assert values["loraplus_lr_ratio"] == 4 and values["adapter"]["dropout"] == 0.1
+    assert values["adapter"]["method"] == "asymlora" and values["training"]["max_steps"] == 3
 
 
 def _load_benchmark(name: str):
