@@ -39,6 +39,7 @@ Writes ``benchmarks/results/speed_<preset>_<device>.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -119,6 +120,7 @@ class Settings:
     isolate: bool
     inference: bool
     seed: int = 0
+    routing_stats: bool = True
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -253,12 +255,14 @@ class Variant:
 
 
 class FusedVariant(Variant):
-    """asymlora's own layers (``get_model``); the loss is what the trainer optimises."""
+    """asymlora's own layers (``get_model``); the loss is what the trainer optimises, and with
+    ``routing_stats`` each step also accumulates the routing statistics, as ``asymlora train`` does."""
 
     impl = "fused"
 
-    def __init__(self, base: nn.Module, config: AsymLoraConfig) -> None:
+    def __init__(self, base: nn.Module, config: AsymLoraConfig, routing_stats: bool = True) -> None:
         self.wrapped: AsymLoraModel = get_model(base, config)
+        self.routing_stats = routing_stats
         super().__init__(base, config, list(self.wrapped.adapter_layers))
 
     @property
@@ -266,7 +270,8 @@ class FusedVariant(Variant):
         return self.wrapped
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.wrapped(input_ids=batch["input_ids"], labels=batch["labels"], task_ids=batch["task_ids"])
+        with self.wrapped.collect_routing_stats() if self.routing_stats else contextlib.nullcontext():
+            out = self.wrapped(input_ids=batch["input_ids"], labels=batch["labels"], task_ids=batch["task_ids"])
         aux = self.wrapped.aux_loss
         weight = self.config.balance_loss_weight
         return out.loss + weight * aux if weight and aux.requires_grad else out.loss
@@ -310,7 +315,7 @@ class LoopVariant(Variant):
 def attach(base: nn.Module, method: str, experts: int, impl: str, s: Settings) -> Variant:
     """Adapt ``base`` in place with one method in one formulation."""
     config = adapter_config(method, experts, s)
-    return FusedVariant(base, config) if impl == "fused" else LoopVariant(base, config)
+    return FusedVariant(base, config, s.routing_stats) if impl == "fused" else LoopVariant(base, config)
 
 
 @torch.no_grad()
@@ -598,6 +603,9 @@ def to_markdown(result: dict) -> str:
         f"- batch {env['batch']} x seq {env['seq']} = {env['batch'] * env['seq']} tokens/step, r={env['r']}, "
         f"alpha={env['alpha']:g}, balance weight {env['balance_weight']:g}, gradient checkpointing "
         f"{'on' if env['grad_ckpt'] else 'off'}, AdamW",
+        "- routing statistics (expert load, entropy, per-task load) accumulated every step by the fused "
+        + ("routed methods, as `asymlora train` does; the loop formulation collects none"
+           if env.get("routing_stats") else "methods: off (--no-routing-stats)"),
         f"- median of {env['iters']} after {env['warmup']} warmup; torch {env['torch']}, transformers "
         f"{env['transformers']}, {env['threads']} CPU threads",
         f"- memory: {env['memory']}",
@@ -672,6 +680,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--balance-weight", type=float, default=0.01)
     parser.add_argument("--grad-ckpt", action="store_true", help="non-reentrant gradient checkpointing")
+    parser.add_argument("--routing-stats", action=argparse.BooleanOptionalAction, default=True,
+                        help="fused: accumulate the routing statistics every step, as asymlora train does (the "
+                             "loop formulation, like the reference code, collects none)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="one fresh subprocess per training configuration (CPU peak RSS); default: on for "
                              "CPU except the tiny preset")
@@ -704,7 +715,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         alpha=pick(args.alpha, 2.0 * r), dtype=pick(args.dtype, run["dtype"]), adapter_dtype=args.adapter_dtype,
         experts=list(args.experts or preset["experts"]), methods=list(args.methods), impls=list(args.impls),
         warmup=pick(args.warmup, run["warmup"]), iters=max(1, pick(args.iters, run["iters"])),
-        balance_weight=args.balance_weight, grad_ckpt=args.grad_ckpt, isolate=bool(isolate) and device == "cpu",
+        balance_weight=args.balance_weight, grad_ckpt=args.grad_ckpt, routing_stats=args.routing_stats, isolate=bool(isolate) and device == "cpu",
         inference=args.inference, seed=args.seed,
     )
 

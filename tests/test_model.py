@@ -330,3 +330,57 @@ def test_modules_to_save_only_adapter(tmp_path):
     model.save_pretrained(tmp_path / "p")
     restored = asymlora.load(tiny_llava(), tmp_path / "p")
     assert all(torch.equal(restored.trainable_state_dict()[k], v) for k, v in trainable.items())
+
+
+@pytest.mark.parametrize("routing", ["dense", "topk", "hybrid"])
+def test_stacked_aux_loss_and_routing_stats_equal_the_per_layer_definitions(routing, monkeypatch):
+    """The balance loss and statistics are computed on the layers' router outputs stacked per group of
+    layers routing the same tokens; they must equal the Switch loss and the statistics taken layer by
+    layer (here with two groups: the vision tower's patches and the language model's tokens)."""
+    import asymlora.model as model_module
+
+    config = AsymLoraConfig(method="asymlora_moe", num_experts=3, routing=routing, top_k=2, tasks=TASKS, r=4,
+                            target_parts=["language_model", "vision_tower"])
+    model = asymlora.get_model(tiny_llava(), config)
+    randomize_adapter(model)
+    model.train()
+    seen: dict = {}
+    original = model_module.group_records
+
+    def spy(records):
+        seen["records"] = list(records)
+        seen["groups"] = original(records)
+        return seen["groups"]
+
+    monkeypatch.setattr(model_module, "group_records", spy)
+    batch, task_ids = image_batch("llava"), torch.tensor([0, 2])
+    with model.collect_routing_stats():
+        model(**batch, task_ids=task_ids)
+    stats = model.pop_routing_stats()
+    records = seen["records"]
+    assert len(records) == len(model.adapter_layers) and len(seen["groups"]) == 2
+
+    reference = torch.zeros(())
+    for name, (probs, dispatch, mask, tasks) in records:
+        chosen = dispatch if dispatch is not None else torch.nn.functional.one_hot(probs.argmax(-1), 3).float()
+        weights = mask.float() if mask is not None else torch.ones(probs.shape[0])
+        count = weights.sum().clamp(min=1)
+        f = (chosen * weights[:, None]).sum(0) / count
+        P = (probs * weights[:, None]).sum(0) / count
+        reference = reference + 3 * (f * P).sum()
+        entry = stats[name]
+        torch.testing.assert_close(entry["load"], (chosen * weights[:, None]).sum(0))
+        torch.testing.assert_close(entry["tokens"], weights.sum())
+        entropy = -(probs * probs.log()).sum(-1)
+        torch.testing.assert_close(entry["entropy_sum"], (entropy * weights).sum().detach())
+        task_load = torch.zeros(len(TASKS), 3)
+        for t in range(probs.shape[0]):
+            task_load[tasks[t]] += chosen[t] * weights[t]
+        torch.testing.assert_close(entry["task_load"], task_load)
+    torch.testing.assert_close(model.aux_loss, reference)
+    routers = [layer.router.weight for layer in model.adapter_layers.values()]
+    grads = torch.autograd.grad(model.aux_loss, routers, retain_graph=True)
+    expected = torch.autograd.grad(reference, routers)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+    assert model.pop_routing_stats() == {}  # popped: the next block starts from zero

@@ -224,7 +224,8 @@ class AsymLoraLinear(nn.Module):
         return result + delta.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
 
     def _record(self, routing: Routing, token_mask: torch.Tensor | None, token_task_ids: torch.Tensor | None) -> None:
-        """Hand this forward's router tensors (with their graph) to the context for the balance loss."""
+        """Hand this forward's router tensors (with their graph) to the context for the balance loss
+        (dispatch None for dense and hybrid routing: the model takes the argmax of all layers at once)."""
         self.routing_context.records.append((self.name, (routing.probs, routing.dispatch, token_mask, token_task_ids)))
 
     # ------------------------------------------------------------------------------------ merging

@@ -18,7 +18,7 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from asymlora.errors import AsymLoraError, CheckpointError, ConfigError
 from asymlora.families import Family, family_for, resolve_alias
 from asymlora.io import atomic_path, write_json_atomic
 from asymlora.layer import AsymLoraLinear
-from asymlora.routing import balance_loss
+from asymlora.routing import argmax_dispatch, balance_loss
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,7 +47,7 @@ class RoutingContext:
         self.collecting = False
         self.collect_stats = False
         self.disabled = False
-        self.records: list[tuple[str, Any]] = []  # (layer name, (probs, dispatch, mask, task ids))
+        self.records: list[tuple[str, Any]] = []  # (layer name, (probs, dispatch or None, mask, task ids))
 
 
 class AsymLoraModel(nn.Module):
@@ -64,7 +64,8 @@ class AsymLoraModel(nn.Module):
         self.__dict__["adapter_layers"] = layers
         self.saved_modules = saved_modules
         self.aux_loss: torch.Tensor = torch.zeros(())
-        self.routing_stats: dict[str, dict[str, Any]] = {}
+        # Routing statistics, stacked per group of layers that route the same tokens (see RouterGroup).
+        self._routing_totals: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -151,29 +152,50 @@ class AsymLoraModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
 
     def _balance_loss(self, outputs: Any) -> torch.Tensor:
+        """The summed balance loss of this forward's routed layers, one pass per group of layers that
+        route the same tokens (typically every routed layer of the language model: a few kernels in all,
+        not a dozen per layer)."""
         ctx = self.routing_context
         device = outputs.logits.device if hasattr(outputs, "logits") else torch.device("cpu")
         total = torch.zeros((), device=device)
-        for _, (probs, dispatch, mask, _) in ctx.records:
-            total = total + balance_loss(probs, dispatch, mask).to(device)
-        if ctx.collect_stats:
-            _accumulate_routing_stats(self.routing_stats, ctx.records, len(self.tasks))
+        groups = group_records(ctx.records)
         ctx.records = []
+        for group in groups:
+            total = total + balance_loss(group.probs, group.dispatch, group.mask).to(device)
+        if ctx.collect_stats:
+            _accumulate_routing_stats(self._routing_totals, groups, len(self.tasks))
         return total
 
     @contextlib.contextmanager
-    def collect_routing_stats(self) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
-        """Within this block every forward adds to ``self.routing_stats``: per routed layer, the expert
-        load (tokens per expert), the summed router entropy, the token count and the per-task load."""
+    def collect_routing_stats(self) -> Iterator[None]:
+        """Within this block every forward adds to the routing statistics (read them with
+        :meth:`pop_routing_stats`): per routed layer, the expert load (tokens per expert), the summed
+        router entropy, the token count and the per-task load."""
         self.routing_context.collect_stats = True
         try:
-            yield self.routing_stats
+            yield
         finally:
             self.routing_context.collect_stats = False
 
+    @property
+    def routing_stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The statistics accumulated so far, per routed layer: ``load`` (E,), ``entropy_sum``, ``tokens``
+        and, with task ids, ``task_load`` (tasks, E)."""
+        per_layer: dict[str, dict[str, torch.Tensor]] = {}
+        for names, totals in self._routing_totals.items():
+            for i, name in enumerate(names):
+                entry = {key: value if key == "tokens" else value[i] for key, value in totals.items()}
+                if name in per_layer:  # the layer also routed tokens of another shape (another group)
+                    for key, value in entry.items():
+                        per_layer[name][key] = per_layer[name][key] + value if key in per_layer[name] else value
+                else:
+                    per_layer[name] = entry
+        return per_layer
+
     def pop_routing_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """Return and reset the statistics accumulated since the last call."""
-        stats, self.routing_stats = self.routing_stats, {}
+        stats = self.routing_stats
+        self._routing_totals = {}
         return stats
 
     @contextlib.contextmanager
@@ -322,28 +344,62 @@ def _image_token_id(model: nn.Module) -> int | None:
     return None
 
 
-def _accumulate_routing_stats(totals: dict[str, dict[str, torch.Tensor]], records: list, num_tasks: int) -> None:
-    """Add this forward's detached per-layer statistics (expert load, entropy, per-task load) to ``totals``.
+@dataclass
+class RouterGroup:
+    """The router outputs of the layers (``names``) that routed the same tokens in one forward, stacked."""
+
+    names: tuple[str, ...]
+    probs: torch.Tensor  # (L, T, E), with the graph
+    dispatch: torch.Tensor  # (L, T, E), no grad
+    mask: torch.Tensor | None  # (T,): the tokens the balance loss counts (the same for every layer)
+    token_tasks: torch.Tensor | None  # (T,) task id per token (the same for every layer)
+
+
+def group_records(records: list[tuple[str, Any]]) -> list[RouterGroup]:
+    """Stack the records of layers whose tokens match: same (T, E), device and dtype, and both with or
+    both without a token mask, explicit dispatch and task ids. Their masks and task ids are then the same
+    tensors (both derive from the routing context's per-sample values), so the first layer's are used."""
+    buckets: dict[tuple, list[tuple[str, Any]]] = {}
+    for name, (probs, dispatch, mask, tasks) in records:
+        key = (tuple(probs.shape), probs.device, probs.dtype, mask is None, dispatch is None, tasks is None)
+        buckets.setdefault(key, []).append((name, (probs, dispatch, mask, tasks)))
+    groups = []
+    for members in buckets.values():
+        names = tuple(name for name, _ in members)
+        probs = torch.stack([record[0] for _, record in members])
+        explicit = [record[1] for _, record in members]
+        dispatch = argmax_dispatch(probs) if explicit[0] is None else torch.stack(explicit).detach()
+        _, (_, _, mask, tasks) = members[0]
+        groups.append(RouterGroup(names, probs, dispatch, mask, tasks))
+    return groups
+
+
+def _accumulate_routing_stats(totals: dict[tuple[str, ...], dict[str, torch.Tensor]], groups: list[RouterGroup],
+                              num_tasks: int) -> None:
+    """Add this forward's detached statistics (expert load, entropy, per-task load) to ``totals``, stacked
+    per group of layers (a few kernels per group).
 
     Masks are applied by multiplication (no boolean indexing), so nothing synchronises with the device.
     """
     with torch.no_grad():
-        for name, (probs, dispatch, mask, token_tasks) in records:
-            probs, dispatch = probs.detach(), dispatch.detach().float()
-            weights = mask.to(probs.dtype) if mask is not None else torch.ones(probs.shape[0], device=probs.device)
-            entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
-            entry = totals.setdefault(name, {
-                "load": torch.zeros(probs.shape[-1], device=probs.device),
-                "entropy_sum": torch.zeros((), device=probs.device),
-                "tokens": torch.zeros((), device=probs.device),
+        for group in groups:
+            probs, dispatch = group.probs.detach(), group.dispatch.float()
+            layers, tokens, experts = probs.shape
+            device = probs.device
+            weights = group.mask.to(probs.dtype) if group.mask is not None else torch.ones(tokens, device=device)
+            entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)  # (L, T)
+            entry = totals.setdefault(group.names, {
+                "load": torch.zeros(layers, experts, device=device),
+                "entropy_sum": torch.zeros(layers, device=device),
+                "tokens": torch.zeros((), device=device),
             })
-            entry["load"] += (dispatch * weights.unsqueeze(-1)).sum(0)
-            entry["entropy_sum"] += (entropy * weights).sum()
+            entry["load"] += torch.matmul(weights, dispatch)
+            entry["entropy_sum"] += entropy @ weights
             entry["tokens"] += weights.sum()
-            if token_tasks is not None and num_tasks:
-                known = (token_tasks >= 0).to(weights.dtype) * weights
-                task_load = entry.setdefault("task_load", torch.zeros(num_tasks, probs.shape[-1], device=probs.device))
-                task_load.index_add_(0, token_tasks.clamp(min=0), dispatch * known.unsqueeze(-1))
+            if group.token_tasks is not None and num_tasks:
+                known = (group.token_tasks >= 0).to(weights.dtype) * weights
+                task_load = entry.setdefault("task_load", torch.zeros(layers, num_tasks, experts, device=device))
+                task_load.index_add_(1, group.token_tasks.clamp(min=0), dispatch * known[:, None])
 
 
 # ---------------------------------------------------------------------------------------- injection

@@ -14,6 +14,9 @@ Semantics (p = softmax(logits), T tokens, E experts):
 - balance loss (Switch Transformer): E * sum_e f_e * P_e, f_e = share of routing slots sent to
   expert e (argmax for dense/hybrid, the k chosen for topk, each counting 1/k), P_e = mean p_t,e,
   both over the tokens of ``token_mask`` only.
+
+Dense and hybrid routing leave ``dispatch`` unset (None: the argmax of ``probs``), so that it is computed
+once for all layers together (:func:`argmax_dispatch` on their stacked ``probs``) rather than layer by layer.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class Routing:
 
     gates: torch.Tensor  # (T, E), what multiplies each expert's output
     probs: torch.Tensor | None = None  # (T, E) router softmax (None for task routing)
-    dispatch: torch.Tensor | None = None  # (T, E) share of each token's slots per expert (no grad)
+    dispatch: torch.Tensor | None = None  # (T, E) share of each token's slots per expert (no grad); None = argmax
 
 
 def task_gates(token_task_ids: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
@@ -40,10 +43,14 @@ def task_gates(token_task_ids: torch.Tensor, num_experts: int, dtype: torch.dtyp
     return F.one_hot(token_task_ids, num_experts).to(dtype)
 
 
+def argmax_dispatch(probs: torch.Tensor) -> torch.Tensor:
+    """One routing slot per token, at its most probable expert: one-hot of the argmax (no grad)."""
+    return F.one_hot(probs.detach().argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
+
+
 def dense_routing(logits: torch.Tensor) -> Routing:
     probs = logits.softmax(dim=-1)
-    dispatch = F.one_hot(probs.detach().argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
-    return Routing(gates=probs, probs=probs, dispatch=dispatch)
+    return Routing(gates=probs, probs=probs)  # dispatch: the argmax, computed when needed
 
 
 def topk_routing(logits: torch.Tensor, top_k: int) -> Routing:
@@ -65,15 +72,22 @@ def hybrid_routing(logits: torch.Tensor, task_bias: torch.Tensor, token_task_ids
     return dense_routing(logits)
 
 
-def balance_loss(probs: torch.Tensor, dispatch: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Switch-style load-balancing loss E * sum_e f_e * P_e over the tokens of ``token_mask``."""
+def balance_loss(probs: torch.Tensor, dispatch: torch.Tensor | None, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Switch-style load-balancing loss E * sum_e f_e * P_e over the tokens of ``token_mask`` (T,).
+
+    ``probs`` and ``dispatch`` are (T, E) for one layer, or (L, T, E) for L layers routing the same
+    tokens: the result is then the sum of the L layers' losses, computed in one pass. ``dispatch`` None
+    means :func:`argmax_dispatch`.
+    """
     num_experts = probs.shape[-1]
+    if dispatch is None:
+        dispatch = argmax_dispatch(probs)
     if token_mask is not None:
-        weights = token_mask.to(probs.dtype).unsqueeze(-1)
+        weights = token_mask.to(probs.dtype)
         count = weights.sum().clamp(min=1.0)
-        f = (dispatch * weights).sum(0) / count
-        p = (probs * weights).sum(0) / count
+        f = torch.matmul(weights, dispatch) / count  # (..., E)
+        p = torch.matmul(weights, probs) / count
     else:
-        f = dispatch.mean(0)
-        p = probs.mean(0)
+        f = dispatch.mean(-2)
+        p = probs.mean(-2)
     return num_experts * (f * p).sum()
