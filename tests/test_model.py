@@ -384,3 +384,29 @@ def test_stacked_aux_loss_and_routing_stats_equal_the_per_layer_definitions(rout
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
     assert model.pop_routing_stats() == {}  # popped: the next block starts from zero
+
+
+def test_per_token_task_ids_are_built_once_per_forward_and_follow_in_place_changes(monkeypatch):
+    import asymlora.model as model_module
+
+    config = AsymLoraConfig(method="asymlora_moe", num_experts=3, routing="hybrid", tasks=TASKS, r=4)
+    model = asymlora.get_model(tiny_llava(), config)
+    randomize_adapter(model)
+    with torch.no_grad():
+        for layer in model.adapter_layers.values():
+            layer.task_bias.normal_(std=2.0)  # the task prior matters
+    model.eval()
+    seen = []
+    original = model_module.group_records
+    monkeypatch.setattr(model_module, "group_records", lambda records: seen.append(records) or original(records))
+    batch = image_batch("llava")
+    task_ids = torch.tensor([0, 2])
+    with model.collect_routing_stats():
+        first = model(**batch, task_ids=task_ids).logits
+        task_ids[:] = torch.tensor([1, 1])  # the same tensor, changed in place
+        second = model(**batch, task_ids=task_ids).logits
+        fresh = model(**batch, task_ids=torch.tensor([1, 1])).logits
+    torch.testing.assert_close(second, fresh)
+    assert (first - second).abs().max() > 1e-4
+    token_ids = {id(record[3]) for _, record in seen[0]}
+    assert len(token_ids) == 1  # every layer of the forward routed with one shared per-token tensor

@@ -125,12 +125,23 @@ class AsymLoraLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------ routing
     def _token_task_ids(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Per-token task ids (T,) from the per-sample ids in the routing context."""
+        """Per-token task ids (T,) from the per-sample ids in the routing context; built once per forward
+        and input shape, and shared by the layers (the context keeps them while its task ids stay)."""
+        ctx = self.routing_context
+        key = (tuple(x.shape[:-1]), x.device)
+        cache = getattr(ctx, "token_task_cache", None)
+        if cache is not None and cache[0] is ctx.task_ids and key in cache[1]:
+            return cache[1][key]
         ids = self._sample_task_ids(x)
         if ids is None:
             return None
         per_sample = math.prod(x.shape[1:-1]) if x.dim() >= 3 else 1
-        return ids.unsqueeze(1).expand(ids.shape[0], per_sample).reshape(-1)
+        tokens = ids.unsqueeze(1).expand(ids.shape[0], per_sample).reshape(-1)
+        if ctx is not None:
+            if cache is None or cache[0] is not ctx.task_ids:
+                cache = ctx.token_task_cache = (ctx.task_ids, {})
+            cache[1][key] = tokens
+        return tokens
 
     def _sample_task_ids(self, x: torch.Tensor) -> torch.Tensor | None:
         """Task ids (N,), one per row of ``x``'s first dimension, from the routing context's per-sample ids."""

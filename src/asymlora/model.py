@@ -48,6 +48,8 @@ class RoutingContext:
         self.collect_stats = False
         self.disabled = False
         self.records: list[tuple[str, Any]] = []  # (layer name, (probs, dispatch or None, mask, task ids))
+        # (the task_ids tensor, {(input shape, device): per-token ids}): the layers' shared per-token ids
+        self.token_task_cache: tuple[torch.Tensor | None, dict] | None = None
 
 
 class AsymLoraModel(nn.Module):
@@ -121,6 +123,7 @@ class AsymLoraModel(nn.Module):
     def _routing_scope(self, task_ids: Any, token_mask: torch.Tensor | None, collect: bool) -> Iterator[None]:
         ctx = self.routing_context
         ctx.task_ids = self._check_task_ids(task_ids)
+        ctx.token_task_cache = None  # a new forward: the ids may be the same tensor, changed in place
         ctx.token_mask = token_mask
         ctx.records = []
         ctx.collecting = collect
