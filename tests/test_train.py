@@ -78,6 +78,35 @@ def test_loraplus_lr_ratio_gives_the_B_banks_their_own_rate(tmp_path):
     assert groups[0]["lr"] == 5e-3  # A (logged by the Trainer) keeps the base rate
 
 
+def test_sample_average_is_the_global_batch_mean_across_accumulation_steps(tmp_path):
+    """loss_average: samples gives each sample's token mean the same weight; with gradient accumulation the
+    mean is over the whole accumulated batch, so 2 x 2 accumulated equals one batch of 4. The tasks'
+    answers differ in length, so the sample mean is not the token mean."""
+    runs = {}
+    for name, average, batch, accumulation in (("samples", "samples", 4, 1), ("samples_acc", "samples", 2, 2),
+                                               ("tokens", "tokens", 4, 1)):
+        # task routing: no balance loss, which is a per-micro-batch statistic and would differ
+        values = train_setup(tmp_path, method="asymlora", max_steps=4, save_steps=100, logging_steps=1,
+                             long_colors=True, per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accumulation)
+        values["training"]["output_dir"] = str(tmp_path / name)
+        values["loss_average"] = average
+        run_training(TrainConfig.from_dict(values))
+        runs[name] = [e["loss"] for e in log_history(tmp_path / name) if "loss" in e]
+    assert len(runs["samples"]) == 4
+    assert runs["samples_acc"] == pytest.approx(runs["samples"], rel=1e-4, abs=1e-5)
+    # The same first batch, weighted otherwise: near the token mean at init (every token's loss is about
+    # log(vocab)), but not equal. A loss divided by the wrong count would be far off.
+    assert runs["samples"][0] == pytest.approx(runs["tokens"][0], rel=0.05)
+    assert abs(runs["tokens"][0] - runs["samples"][0]) > 1e-3
+    a, b, t = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("samples", "samples_acc", "tokens"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    moved = max((t[key] - a[key]).abs().max().item() for key in a if key.endswith("B_bank"))
+    noise = max((b[key] - a[key]).abs().max().item() for key in a if key.endswith("B_bank"))
+    assert moved > 100 * noise
+
+
 KILL_AFTER_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})

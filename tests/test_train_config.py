@@ -35,6 +35,7 @@ def test_overrides_and_sections(tmp_path):
     ("router_lr: -1\n", [], r"router_lr: -1 is not a learning rate"),
     ("{}\n", ["projector_lr=fast"], r"projector_lr: 'fast' is not a learning rate"),
     ("loraplus_lr_ratio: 0\n", [], r"loraplus_lr_ratio: 0 is not a ratio"),
+    ("loss_average: sample\n", [], r"loss_average: 'sample' is not one of .* \(did you mean 'samples'\?\)"),
     ("{}\n", ["loraplus_lr_ratio=.nan"], r"loraplus_lr_ratio: nan is not a ratio"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, overrides, message):

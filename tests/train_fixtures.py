@@ -15,8 +15,9 @@ from asymlora.tiny import build_tiny
 COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220)}
 
 
-def write_dataset(root: Path, n: int = 24, seed: int = 0) -> dict:
-    """Two tasks on the same kind of images: name the colour, or say whether it is red."""
+def write_dataset(root: Path, n: int = 24, seed: int = 0, long_colors: bool = False) -> dict:
+    """Two tasks on the same kind of images: name the colour, or say whether it is red (with
+    ``long_colors``, the colour answers are a whole sentence: the tasks' answer lengths differ)."""
     rng = random.Random(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
     color, bright = [], []
@@ -25,7 +26,9 @@ def write_dataset(root: Path, n: int = 24, seed: int = 0) -> dict:
         path = root / "images" / f"{i}.png"
         Image.new("RGB", (28, 28), COLORS[name]).save(path)
         color.append({"id": f"c{i}", "image": f"images/{i}.png", "task": "color", "conversations": [
-            {"from": "human", "value": "<image>\nwhat color is this?"}, {"from": "gpt", "value": name}]})
+            {"from": "human", "value": "<image>\nwhat color is this?"},
+            {"from": "gpt", "value": f"this square is filled with a bright {name} colour, all over" if long_colors
+             else name}]})
         bright.append({"id": f"r{i}", "image": f"images/{i}.png", "task": "isred", "conversations": [
             {"from": "human", "value": "<image>\nis it red? answer yes or no."},
             {"from": "gpt", "value": "yes" if name == "red" else "no"}]})
@@ -37,12 +40,12 @@ def write_dataset(root: Path, n: int = 24, seed: int = 0) -> dict:
     ]}
 
 
-def train_setup(tmp: Path, method: str = "asymlora_moe", **training) -> dict:
+def train_setup(tmp: Path, method: str = "asymlora_moe", long_colors: bool = False, **training) -> dict:
     """A complete train config (dict) over the tiny model and dataset under ``tmp``."""
     model_dir = tmp / "model"
     if not model_dir.exists():
         build_tiny(model_dir)
-    mixture = write_dataset(tmp / "data")
+    mixture = write_dataset(tmp / "data", long_colors=long_colors)
     adapter = {"method": method, "r": 4, "alpha": 8, "modules_to_save": ["projector"]}
     if method in ("asymlora_moe", "lora_moe"):
         adapter.update(num_experts=2, balance_loss_weight=0.01)

@@ -9,9 +9,12 @@ One YAML file holds four sections and three top-level keys::
     projector_lr: 2.0e-5      # learning rate of modules_to_save (e.g. the projector); null = same as lr
     router_lr: null           # learning rate of the routers and task biases; null = same as lr
     loraplus_lr_ratio: null   # LoRA+: the B banks learn at lr * ratio (A at lr); null = same as lr
+    loss_average: tokens      # LM loss: mean over supervised tokens, or 'samples' (each sample's mean, then
+                              # the mean over samples: a one-word answer weighs as much as a long caption)
     resume: false             # true = the last checkpoint in output_dir, or a checkpoint path
 
-Loss = LM loss (mean over supervised tokens only, across gradient accumulation and ranks)
+Loss = LM loss (mean over supervised tokens only, across gradient accumulation and ranks; or over
+samples, with ``loss_average: samples``)
 + adapter.balance_loss_weight * aux loss. Per-task LM loss, router entropy and expert load are
 logged every logging step. Every checkpoint holds the full adapter (asymlora's format), optimizer,
 scheduler, RNG and data position; resuming continues exactly.
@@ -39,7 +42,9 @@ from asymlora.config import AsymLoraConfig
 from asymlora.errors import AsymLoraError, ConfigError, MissingAssetError
 from asymlora.io import load_yaml, write_json_atomic, write_text_atomic
 
-SECTIONS = ("model", "data", "adapter", "training", "projector_lr", "router_lr", "loraplus_lr_ratio", "resume")
+SECTIONS = ("model", "data", "adapter", "training", "projector_lr", "router_lr", "loraplus_lr_ratio", "loss_average",
+            "resume")
+LOSS_AVERAGES = ("tokens", "samples")
 
 
 @dataclass
@@ -75,6 +80,7 @@ class TrainConfig:
     projector_lr: float | None = None
     router_lr: float | None = None
     loraplus_lr_ratio: float | None = None
+    loss_average: str = "tokens"
     resume: bool | str = False
     source: str = "config"
 
@@ -148,12 +154,17 @@ class TrainConfig:
         _check_keys(values.get("training") or {}, _training_fields(), source, "training.")
         if data.get("on_error", "fail") not in ("fail", "skip"):
             raise ConfigError(f"{source}: data.on_error: {data['on_error']!r} is not one of ('fail', 'skip')")
+        loss_average = values.get("loss_average") or "tokens"
+        if loss_average not in LOSS_AVERAGES:
+            close = difflib.get_close_matches(str(loss_average), LOSS_AVERAGES, n=1)
+            raise ConfigError(f"{source}: loss_average: {loss_average!r} is not one of {LOSS_AVERAGES}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
         return cls(model=ModelSection(**model), data=DataSection(**data), adapter=dict(values.get("adapter") or {}),
                    training=dict(values.get("training") or {}), projector_lr=_learning_rate(values, "projector_lr", source),
                    router_lr=_learning_rate(values, "router_lr", source),
                    loraplus_lr_ratio=_positive(values, "loraplus_lr_ratio", source, "a ratio (a number > 0, e.g. 16; "
                                                "null for B at learning_rate)"),
-                   resume=values.get("resume", False), source=source)
+                   loss_average=loss_average, resume=values.get("resume", False), source=source)
 
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -174,7 +185,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
                 "adapter": self.adapter, "training": self.training, "projector_lr": self.projector_lr,
-                "router_lr": self.router_lr, "loraplus_lr_ratio": self.loraplus_lr_ratio, "resume": self.resume}
+                "router_lr": self.router_lr, "loraplus_lr_ratio": self.loraplus_lr_ratio,
+                "loss_average": self.loss_average, "resume": self.resume}
 
 
 def _learning_rate(values: dict[str, Any], key: str, source: str) -> float | None:
@@ -300,6 +312,7 @@ def make_trainer_class() -> type:
 
         def __init__(self, *args: Any, tasks: Sequence[str] = (), projector_lr: float | None = None,
                      router_lr: float | None = None, loraplus_lr_ratio: float | None = None,
+                     loss_average: str = "tokens",
                      sampler_weights: Sequence[float] | None = None, sample_lengths: Sequence[int] | None = None,
                      num_samples: int | None = None, group_by_length: bool = False, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -307,6 +320,7 @@ def make_trainer_class() -> type:
             self.projector_lr = projector_lr
             self.router_lr = router_lr
             self.loraplus_lr_ratio = loraplus_lr_ratio
+            self.loss_average = loss_average
             self.sampler_weights = sampler_weights
             self.sample_lengths = sample_lengths
             self.num_samples = num_samples
@@ -362,6 +376,17 @@ def make_trainer_class() -> type:
             return self.optimizer
 
         # ---- loss -----------------------------------------------------------------------------------
+        def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+            batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if self.loss_average == "samples" and num_items is not None:
+                # Samples with a supervised token, counted like the Trainer counts tokens (labels[..., 1:],
+                # over the accumulation steps, across ranks when it averages across devices).
+                num_items = sum(batch["labels"][..., 1:].ne(-100).any(-1).sum() for batch in batches)
+                if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                    num_items = self.accelerator.gather(num_items.to(device)).sum()
+                num_items = num_items.to(device)
+            return batches, num_items
+
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
             inputs = dict(inputs)
@@ -371,15 +396,20 @@ def make_trainer_class() -> type:
             token_loss, supervised = next_token_loss(outputs.logits, labels)
             sample_sums = token_loss.sum(dim=1)
             sample_counts = supervised.sum(dim=1)
+            if self.loss_average == "samples":  # each sample's token mean: the items are samples
+                numerator = (sample_sums / sample_counts.clamp(min=1)).sum()
+                local_items = (sample_counts > 0).sum()
+            else:
+                numerator, local_items = sample_sums.sum(), sample_counts.sum()
             if num_items_in_batch is not None and model.training:
-                # Mean over every supervised token of the accumulated global batch (Trainer counts them
-                # over labels[..., 1:] across accumulation steps and ranks; ranks' gradients are averaged).
-                lm_loss = sample_sums.sum() / num_items_in_batch
+                # Mean over every item (supervised token, or sample) of the accumulated global batch (the
+                # Trainer counts them across accumulation steps and ranks; ranks' gradients are averaged).
+                lm_loss = numerator / num_items_in_batch
                 if self.args.average_tokens_across_devices:
                     lm_loss = lm_loss * self.accelerator.num_processes
                 aux_scale = 1.0 / self.current_gradient_accumulation_steps
             else:
-                lm_loss = sample_sums.sum() / sample_counts.sum().clamp(min=1)
+                lm_loss = numerator / local_items.clamp(min=1)
                 aux_scale = 1.0
             wrapped = self.adapter_model
             aux = wrapped.aux_loss
@@ -639,7 +669,7 @@ def run_training(config: TrainConfig, resume: str | bool | None = None) -> Path:
     trainer = trainer_cls(
         model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"], data_collator=collator,
         processing_class=processor, tasks=adapter_config.tasks, projector_lr=config.projector_lr,
-        router_lr=config.router_lr, loraplus_lr_ratio=config.loraplus_lr_ratio,
+        router_lr=config.router_lr, loraplus_lr_ratio=config.loraplus_lr_ratio, loss_average=config.loss_average,
         sampler_weights=data["weights"], sample_lengths=data["lengths"], num_samples=config.data.num_samples,
         group_by_length=config.data.group_by_length,
     )
