@@ -93,6 +93,24 @@ def test_zero2_and_zero3_match_ddp_and_resume_exactly(tmp_path):
         assert _losses(resumed)[-3:] == _losses(run)[-3:]
 
 
+def test_zero3_bf16_trains_like_ddp_bf16(tmp_path):
+    """DeepSpeed's bf16 mode casts the model to bf16: the float32 adapter must follow (ZeRO-3 refuses
+    trainable parameters of two dtypes), and the routing statistics must accept bf16 router outputs."""
+    runs = {}
+    for name, stage in (("ddp_bf16", None), ("zero3_bf16", 3)):
+        config = _config(tmp_path, name, stage)
+        config["training"]["bf16"] = True
+        if stage is not None:
+            config["training"]["deepspeed"]["bf16"] = {"enabled": "auto"}
+        _launch(config, tmp_path / f"{name}.yaml")
+        runs[name] = _losses(tmp_path / name)
+    # bf16 weights (DeepSpeed) against float32 weights under bf16 autocast (DDP): close, not equal
+    assert runs["zero3_bf16"] == pytest.approx(runs["ddp_bf16"], rel=2e-3)
+    final = load_file(tmp_path / "zero3_bf16" / "adapter_model.safetensors")
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}
+    assert all(torch.isfinite(t.float()).all() for t in final.values())
+
+
 def test_deepspeed_optimizer_section_is_refused(tmp_path):
     values = _config(tmp_path, "run", 2)
     values["training"]["deepspeed"]["optimizer"] = {"type": "AdamW", "params": {"lr": "auto"}}

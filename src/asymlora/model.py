@@ -386,10 +386,11 @@ def _accumulate_routing_stats(totals: dict[tuple[str, ...], dict[str, torch.Tens
     """
     with torch.no_grad():
         for group in groups:
-            probs, dispatch = group.probs.detach(), group.dispatch.float()
+            # float32 whatever the routers' dtype (DeepSpeed's bf16 mode casts them to bf16)
+            probs, dispatch = group.probs.detach().float(), group.dispatch.float()
             layers, tokens, experts = probs.shape
             device = probs.device
-            weights = group.mask.to(probs.dtype) if group.mask is not None else torch.ones(tokens, device=device)
+            weights = group.mask.float() if group.mask is not None else torch.ones(tokens, device=device)
             entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)  # (L, T)
             entry = totals.setdefault(group.names, {
                 "load": torch.zeros(layers, experts, device=device),

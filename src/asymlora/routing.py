@@ -80,8 +80,7 @@ def balance_loss(probs: torch.Tensor, dispatch: torch.Tensor | None, token_mask:
     means :func:`argmax_dispatch`.
     """
     num_experts = probs.shape[-1]
-    if dispatch is None:
-        dispatch = argmax_dispatch(probs)
+    dispatch = argmax_dispatch(probs) if dispatch is None else dispatch.to(probs.dtype)
     if token_mask is not None:
         weights = token_mask.to(probs.dtype)
         count = weights.sum().clamp(min=1.0)

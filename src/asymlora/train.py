@@ -642,6 +642,23 @@ def _set_up_processes(args: Any) -> None:
     args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.hf_deepspeed_config)
 
 
+def _match_deepspeed_dtype(model: torch.nn.Module, args: Any) -> None:
+    """Under DeepSpeed's bf16/fp16 modes every parameter trains in that dtype (the optimizer holds fp32
+    master weights), and ZeRO-3 needs the trainable ones to share it: the float32 adapter (and routers)
+    are moved to it here. ZeRO-3's partitioned parameters are already in it."""
+    ds_config = getattr(args, "hf_deepspeed_config", None)
+    if not args.deepspeed or ds_config is None:
+        return
+    dtype = (torch.bfloat16 if ds_config.is_true("bf16.enabled")
+             else torch.float16 if ds_config.is_true("fp16.enabled") else None)
+    if dtype is None:
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != dtype \
+                and getattr(param, "ds_id", None) is None:
+            param.data = param.data.to(dtype)
+
+
 def run_training(config: TrainConfig, resume: str | bool | None = None) -> Path:
     """Train as configured; returns the output dir holding the final adapter."""
     import transformers
@@ -659,6 +676,7 @@ def run_training(config: TrainConfig, resume: str | bool | None = None) -> Path:
     # loaded (ZeRO-3's zero.Init draws random numbers while loading, a plain load does not).
     transformers.set_seed(args.seed)
     model = asymlora.get_model(base, adapter_config)
+    _match_deepspeed_dtype(model, args)
     data = build_datasets(config, processor, adapter_config.tasks, args.seed)
     tokenizer = getattr(processor, "tokenizer", processor)
     collator = Collator(pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
