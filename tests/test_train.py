@@ -44,9 +44,11 @@ def test_checkpoint_holds_every_trainable_tensor(tmp_path):
     assert (out / "checkpoint-6" / "optimizer.pt").is_file() and (out / "checkpoint-6" / "scheduler.pt").is_file()
 
 
-def test_optimizer_groups_give_routers_and_projector_their_learning_rates(tmp_path):
-    values = train_setup(tmp_path, max_steps=2, save_steps=2)
-    values["router_lr"] = 2e-2  # adapter 5e-3, projector 1e-3 (train_setup)
+def _trained_groups(tmp_path, **top_level) -> tuple[dict[float, int], list[str]]:
+    """Train 2 steps with the given top-level config keys; (tensors per learning rate in the saved
+    optimizer, the trainable parameter names)."""
+    values = train_setup(tmp_path, max_steps=2, save_steps=2)  # adapter 5e-3, projector 1e-3
+    values.update(top_level)
     out = run_training(TrainConfig.from_dict(values))
     groups = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)["param_groups"]
     model = asymlora.load(tiny_llava(), out)
@@ -54,28 +56,24 @@ def test_optimizer_groups_give_routers_and_projector_their_learning_rates(tmp_pa
     by_lr: dict[float, int] = {}
     for group in groups:
         by_lr[group["lr"]] = by_lr.get(group["lr"], 0) + len(group["params"])
+    assert groups[0]["lr"] == 5e-3  # the adapter (A) group comes first: it is the one the Trainer logs
+    return by_lr, names
+
+
+def test_optimizer_groups_give_routers_and_projector_their_learning_rates(tmp_path):
+    by_lr, names = _trained_groups(tmp_path, router_lr=2e-2)
     routers = sum(".router." in n for n in names)
     projector = sum(n.startswith("model.multi_modal_projector.") for n in names)
     assert routers and projector
     assert by_lr == {5e-3: len(names) - routers - projector, 2e-2: routers, 1e-3: projector}
-    assert groups[0]["lr"] == 5e-3  # the adapter group comes first: it is the one the Trainer logs
 
 
 def test_loraplus_lr_ratio_gives_the_B_banks_their_own_rate(tmp_path):
-    values = train_setup(tmp_path, max_steps=2, save_steps=2)
-    values["loraplus_lr_ratio"] = 4.0  # B at 4 x 5e-3; A and routers at 5e-3, projector 1e-3
-    out = run_training(TrainConfig.from_dict(values))
-    groups = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)["param_groups"]
-    model = asymlora.load(tiny_llava(), out)
-    names = [n for n, p in model.base_model.named_parameters() if p.requires_grad]
-    by_lr: dict[float, int] = {}
-    for group in groups:
-        by_lr[group["lr"]] = by_lr.get(group["lr"], 0) + len(group["params"])
+    by_lr, names = _trained_groups(tmp_path, loraplus_lr_ratio=4.0)  # B at 4 x 5e-3
     B = sum(n.endswith(".B_bank") for n in names)
     projector = sum(n.startswith("model.multi_modal_projector.") for n in names)
     assert B and projector
     assert by_lr == {2e-2: B, 1e-3: projector, 5e-3: len(names) - B - projector}
-    assert groups[0]["lr"] == 5e-3  # A (logged by the Trainer) keeps the base rate
 
 
 def test_sample_average_is_the_global_batch_mean_across_accumulation_steps(tmp_path):
