@@ -121,6 +121,7 @@ class Settings:
     inference: bool
     seed: int = 0
     routing_stats: bool = True
+    count_ops: bool = True
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -448,6 +449,8 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
         times = time_calls(step, s.device, s.warmup, s.iters)
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else (_max_rss_mib() if isolated else None)
         loss_value = float(last[0]) if last else float("nan")
+        ops = count_ops(lambda: variant.loss(batch).backward()) if s.count_ops else None
+        optimizer.zero_grad(set_to_none=True)
     finally:
         if s.grad_ckpt:
             base.gradient_checkpointing_disable()
@@ -462,7 +465,15 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
                 optimizer_ms=statistics.median(measured["optimizer"]) * 1e3,
                 peak_mib=peak, start_mib=start_mib,
                 peak_above_start_mib=None if peak is None or start_mib is None else peak - start_mib,
-                trainable=sum(p.numel() for p in params), loss=loss_value)
+                trainable=sum(p.numel() for p in params), loss=loss_value, ops=ops)
+
+
+def count_ops(fn: Callable[[], Any]) -> int:
+    """Leaf ATen operators that one call of ``fn`` dispatches (profiled once, after the timed steps): each
+    is at least one kernel launch on a GPU, so on small models this count, not FLOPs, sets the pace."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for event in prof.events() if event.name.startswith("aten::") and not event.cpu_children)
 
 
 def _run_isolated(s: Settings, method: str, experts: int, impl: str) -> dict:
@@ -593,6 +604,10 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _fmt_int(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
 def to_markdown(result: dict) -> str:
     env, train, infer = result["environment"], result["train"], result["inference"]
     lines = [
@@ -609,12 +624,14 @@ def to_markdown(result: dict) -> str:
         f"- median of {env['iters']} after {env['warmup']} warmup; torch {env['torch']}, transformers "
         f"{env['transformers']}, {env['threads']} CPU threads",
         f"- memory: {env['memory']}",
+        "- ATen ops: leaf ATen operators dispatched by one forward+backward (torch.profiler, after the timed "
+        "steps); each is at least one kernel launch on a GPU",
         "",
         "### Training step (forward + loss + backward + AdamW step)",
         "",
         "| method | routing | E | impl | ms/step | fwd+bwd ms | AdamW ms | tokens/s | x LoRA | fwd+bwd x LoRA "
-        "| loop / fused | peak MiB | peak - start MiB | mem x LoRA | trainable |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| loop / fused | peak MiB | peak - start MiB | mem x LoRA | trainable | ATen ops fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lora = _find(train, "lora", 1)
     for r in train:
@@ -627,7 +644,7 @@ def to_markdown(result: dict) -> str:
                      f"{_fmt(r.get('fwd_bwd_ms'))} | {_fmt(r.get('optimizer_ms'))} | "
                      f"{r['tokens_per_s']:.0f} | {x_lora} | {fb_lora} | {vs_fused} | {_fmt(r['peak_mib'], '.0f')} | "
                      f"{_fmt(r['peak_above_start_mib'], '.0f')} | {mem_x} | "
-                     f"{r['trainable']:,} |")
+                     f"{r['trainable']:,} | {_fmt_int(r.get('ops'))} |")
     if infer:
         lines += ["", "### Inference latency (prefill forward, logits of the last position)", "",
                   "| adapter | E | base ms | unmerged ms | merged ms | unmerged / base | merged / base |",
@@ -687,6 +704,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="one fresh subprocess per training configuration (CPU peak RSS); default: on for "
                              "CPU except the tiny preset")
     parser.add_argument("--no-inference", dest="inference", action="store_false")
+    parser.add_argument("--no-count-ops", dest="count_ops", action="store_false",
+                        help="skip counting the ATen operators of one forward+backward per configuration")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
@@ -715,7 +734,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         alpha=pick(args.alpha, 2.0 * r), dtype=pick(args.dtype, run["dtype"]), adapter_dtype=args.adapter_dtype,
         experts=list(args.experts or preset["experts"]), methods=list(args.methods), impls=list(args.impls),
         warmup=pick(args.warmup, run["warmup"]), iters=max(1, pick(args.iters, run["iters"])),
-        balance_weight=args.balance_weight, grad_ckpt=args.grad_ckpt, routing_stats=args.routing_stats, isolate=bool(isolate) and device == "cpu",
+        balance_weight=args.balance_weight, grad_ckpt=args.grad_ckpt, routing_stats=args.routing_stats,
+        count_ops=args.count_ops, isolate=bool(isolate) and device == "cpu",
         inference=args.inference, seed=args.seed,
     )
 

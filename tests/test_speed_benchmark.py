@@ -37,6 +37,8 @@ def test_tiny_preset_writes_every_configuration(tmp_path):
     expected |= {(m, e, impl) for m in ("lora_moe", "asymlora", "asymlora_moe") for e in (3, 4, 8)
                  for impl in speed.IMPLS}
     assert set(rows) == expected
+    assert all(row["ops"] > 0 for row in rows.values())
+    assert rows[("asymlora_moe", 3, "fused")]["ops"] > rows[("lora", 1, "fused")]["ops"]  # routers cost ops
     for row in rows.values():
         assert row["ms"] > 0 and row["tokens_per_s"] > 0 and row["trainable"] > 0
         assert row["loss"] == pytest.approx(row["loss"])  # finite
