@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     path = out / f"quality_{name}.json"
     data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"runs": []}
-    before = {**{"overrides": []}, **data.get("setup", {})}
+    before = {"overrides": [], **data.get("setup", {})}
     now = {"model": args.model, "mixture": args.mixture, "steps": args.steps, "batch_size": args.batch_size,
            "lr": args.lr, "projector_lr": args.projector_lr, "eval_samples": args.eval_samples, "overrides": args.set}
     changed = [k for k in now if k in before and before[k] != now[k]] if data["runs"] else []

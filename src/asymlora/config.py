@@ -15,7 +15,6 @@ asymlora_moe   one shared A                  E heads B_e      router (dense/topk
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import re
@@ -25,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from asymlora.errors import ConfigError
+from asymlora.errors import ConfigError, did_you_mean
 from asymlora.io import load_yaml
 
 METHODS = ("lora", "lora_moe", "asymlora", "asymlora_moe")
@@ -204,7 +203,7 @@ class AsymLoraConfig:
                 if key not in LAYER_FIELDS:
                     raise ConfigError(
                         f"overrides[{pattern!r}]: {key!r} cannot be overridden per module; "
-                        f"allowed: {LAYER_FIELDS}{_did_you_mean(key, LAYER_FIELDS)}"
+                        f"allowed: {LAYER_FIELDS}{did_you_mean(key, LAYER_FIELDS)}"
                     )
         # Resolve the global layer spec now so that bad values fail at construction time.
         specs = [self.layer_spec()] + [self.layer_spec(pattern) for pattern in self.overrides]
@@ -232,11 +231,11 @@ class AsymLoraConfig:
             values.update(self.overrides[override_pattern])
         method = values["method"]
         if method not in METHODS:
-            raise ConfigError(f"{where}method: {method!r} is not one of {METHODS}{_did_you_mean(method, METHODS)}")
+            raise ConfigError(f"{where}method: {method!r} is not one of {METHODS}{did_you_mean(method, METHODS)}")
         allowed = METHOD_ROUTINGS[method]
         routing = values["routing"] if values["routing"] is not None else allowed[0]
         if routing not in ROUTINGS:
-            raise ConfigError(f"{where}routing: {routing!r} is not one of {ROUTINGS}{_did_you_mean(routing, ROUTINGS)}")
+            raise ConfigError(f"{where}routing: {routing!r} is not one of {ROUTINGS}{did_you_mean(routing, ROUTINGS)}")
         if routing not in allowed:
             raise ConfigError(f"{where}routing: method {method!r} supports routing in {allowed}, got {routing!r}")
         r = values["r"]
@@ -292,7 +291,7 @@ class AsymLoraConfig:
                 raise ConfigError(f"task id {task} is out of range for tasks {self.tasks!r}")
             return task
         if task not in self.tasks:
-            raise ConfigError(f"task: {task!r} is not in tasks {self.tasks!r}{_did_you_mean(task, self.tasks)}")
+            raise ConfigError(f"task: {task!r} is not in tasks {self.tasks!r}{did_you_mean(task, self.tasks)}")
         return self.tasks.index(task)
 
     # ---------------------------------------------------------------------------------- (de)serialise
@@ -307,7 +306,7 @@ class AsymLoraConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in names:
-                raise ConfigError(f"{source}: unknown field {key!r}{_did_you_mean(key, names)}")
+                raise ConfigError(f"{source}: unknown field {key!r}{did_you_mean(key, names)}")
         return cls(**values)
 
     @classmethod
@@ -327,7 +326,3 @@ class AsymLoraConfig:
                     break
         return cls.from_dict(values or {}, source=str(path))
 
-
-def _did_you_mean(word: str, choices: Any) -> str:
-    matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
-    return f" (did you mean {matches[0]!r}?)" if matches else ""

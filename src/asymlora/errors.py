@@ -5,6 +5,9 @@ Every message names what is wrong (field, file, line) and, where one exists, the
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class AsymLoraError(Exception):
     """Base class: a user-facing error with a message that says what to fix."""
@@ -24,3 +27,9 @@ class DataError(AsymLoraError, ValueError):
 
 class MissingAssetError(AsymLoraError, FileNotFoundError):
     """An offline asset (package, model, dataset) is not installed. The message gives the command."""
+
+
+def did_you_mean(word: object, choices: Iterable[object]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to ``word``, or "" when none is close."""
+    matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""

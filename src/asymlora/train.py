@@ -39,7 +39,7 @@ import yaml
 from torch.utils.data import Dataset, Sampler
 
 from asymlora.config import AsymLoraConfig
-from asymlora.errors import AsymLoraError, ConfigError, MissingAssetError
+from asymlora.errors import AsymLoraError, ConfigError, MissingAssetError, did_you_mean
 from asymlora.io import load_yaml, write_json_atomic, write_text_atomic
 
 SECTIONS = ("model", "data", "adapter", "training", "projector_lr", "router_lr", "loraplus_lr_ratio", "loss_average",
@@ -156,9 +156,8 @@ class TrainConfig:
             raise ConfigError(f"{source}: data.on_error: {data['on_error']!r} is not one of ('fail', 'skip')")
         loss_average = values.get("loss_average") or "tokens"
         if loss_average not in LOSS_AVERAGES:
-            close = difflib.get_close_matches(str(loss_average), LOSS_AVERAGES, n=1)
             raise ConfigError(f"{source}: loss_average: {loss_average!r} is not one of {LOSS_AVERAGES}"
-                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+                              f"{did_you_mean(loss_average, LOSS_AVERAGES)}")
         return cls(model=ModelSection(**model), data=DataSection(**data), adapter=dict(values.get("adapter") or {}),
                    training=dict(values.get("training") or {}), projector_lr=_learning_rate(values, "projector_lr", source),
                    router_lr=_learning_rate(values, "router_lr", source),
@@ -230,9 +229,7 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str], source: st
         parsed = load_yaml(raw) if raw else None
         parts = key.strip().split(".")
         if parts[0] not in SECTIONS:
-            close = difflib.get_close_matches(parts[0], SECTIONS, n=1)
-            raise ConfigError(f"override {item!r}: unknown section {parts[0]!r}"
-                              f"{f' (did you mean {close[0]!r}?)' if close else ''}")
+            raise ConfigError(f"override {item!r}: unknown section {parts[0]!r}{did_you_mean(parts[0], SECTIONS)}")
         target = values
         for part in parts[:-1]:
             target[part] = dict(target.get(part) or {})

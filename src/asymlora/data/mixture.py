@@ -20,7 +20,6 @@ says so with an explicit ``task:``. ``weight`` (> 0) is the dataset's share of t
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import random
@@ -31,7 +30,7 @@ from typing import Any
 import yaml
 
 from asymlora.data.reader import ON_ERROR, Sample, read_samples_with_report
-from asymlora.errors import ConfigError, MissingAssetError
+from asymlora.errors import ConfigError, MissingAssetError, did_you_mean
 from asymlora.io import load_yaml
 
 logger = logging.getLogger(__name__)
@@ -148,15 +147,10 @@ class Mixture:
         return [weight[s.dataset] / (counts[s.dataset] * total) for s in samples]  # type: ignore[index]
 
 
-def _close(word: Any, choices: Any) -> str:
-    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
 def _check_keys(values: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
     for key in values:
         if key not in allowed:
-            raise ConfigError(f"{where}: unknown key {key!r}{_close(key, allowed)}; valid keys: {', '.join(allowed)}")
+            raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, allowed)}; valid keys: {', '.join(allowed)}")
 
 
 def _string(values: dict[str, Any], key: str, where: str) -> str | None:
@@ -183,7 +177,7 @@ def _entry(values: Any, index: int, source: str, base: Path | None) -> MixtureEn
         except ImportError:
             BUILDERS = None  # noqa: N806 - without the package, the name is checked when loading
         if BUILDERS is not None and builtin not in BUILDERS:
-            raise ConfigError(f"{where}.builtin: {builtin!r} is not one of {sorted(BUILDERS)}{_close(builtin, BUILDERS)}")
+            raise ConfigError(f"{where}.builtin: {builtin!r} is not one of {sorted(BUILDERS)}{did_you_mean(builtin, BUILDERS)}")
     name = _string(values, "name", where) or builtin or Path(str(path)).stem
     task = _string(values, "task", where)
     weight = values.get("weight", 1.0)
@@ -264,7 +258,7 @@ def load_mixture(spec: str | Path | dict[str, Any]) -> Mixture:
             if not path.is_file():
                 known = builtin_mixtures()
                 raise ConfigError(f"mixture: {str(spec)!r} is neither a file nor a built-in mixture {known}"
-                                  f"{_close(spec, known)}")
+                                  f"{did_you_mean(spec, known)}")
         if not path.is_file():
             raise ConfigError(f"mixture: {path} not found")
         values, source, base = _read_yaml(path), str(path), path.parent
