@@ -61,6 +61,7 @@ from torch import nn
 from asymlora import AsymLoraConfig, AsymLoraModel, find_target_modules, get_model
 from asymlora.config import LayerSpec
 from asymlora.io import write_json_atomic, write_text_atomic
+from asymlora.layer import TORCH_DTYPES
 from asymlora.routing import balance_loss
 
 METHODS = ("lora", "lora_moe", "asymlora", "asymlora_moe")
@@ -93,7 +94,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                cpu=dict(layers=1, batch=1, seq=64, dtype="float32", warmup=1, iters=2),
                cuda=dict(layers=4, batch=8, seq=1024, dtype="bfloat16", warmup=3, iters=10)),
 }
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -132,7 +132,7 @@ def build_base(s: Settings) -> nn.Module:
     torch.manual_seed(s.seed)
     config = tf.LlamaConfig(**{**s.model, "num_hidden_layers": s.layers}, use_cache=False)
     with torch.device(s.device):
-        model = tf.AutoModelForCausalLM.from_config(config, dtype=_DTYPES[s.dtype], attn_implementation="sdpa")
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[s.dtype], attn_implementation="sdpa")
     model.requires_grad_(False)
     return model
 
@@ -177,7 +177,7 @@ class LoopLinear(nn.Module):
         self.context = context
         self.scaling = spec.scaling
         weight = base.weight
-        dtype = weight.dtype if adapter_dtype == "auto" else _DTYPES[adapter_dtype]
+        dtype = weight.dtype if adapter_dtype == "auto" else TORCH_DTYPES[adapter_dtype]
         factory = {"device": weight.device, "dtype": dtype}
         self.lora_A = nn.ModuleList(nn.Linear(base.in_features, spec.r, bias=False, **factory)
                                     for _ in range(spec.num_A))
@@ -690,7 +690,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experts", type=int, nargs="+", default=None, help="E values (default: 3 4 8)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="base model dtype")
+    parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default=None, help="base model dtype")
     parser.add_argument("--adapter-dtype", choices=("float32", "auto"), default="float32",
                         help="adapter parameters: float32 (asymlora's default) or the base dtype")
     parser.add_argument("--warmup", type=int, default=None)

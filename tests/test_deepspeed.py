@@ -116,3 +116,42 @@ def test_deepspeed_optimizer_section_is_refused(tmp_path):
     values["training"]["deepspeed"]["optimizer"] = {"type": "AdamW", "params": {"lr": "auto"}}
     with pytest.raises(ConfigError, match=r"training\.deepspeed: remove the 'optimizer' section"):
         TrainConfig.from_dict(values).training_arguments()
+
+
+def test_zero_offload_matches_ddp_and_resumes_exactly(tmp_path):
+    """ZeRO-Offload: optimizer state (ZeRO-2, ZeRO-3) and parameters (ZeRO-3) on the CPU. accelerate swaps
+    asymlora's AdamW for DeepSpeed's CPU Adam with the same parameter groups (adapter, routers, projector
+    at their own rates): the same loss curve and adapter as DDP with torch's AdamW."""
+    _launch(_config(tmp_path, "ddp", None), tmp_path / "ddp.yaml")
+    reference = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
+    offloads = {2: {"offload_optimizer": {"device": "cpu"}},
+                3: {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}
+    for stage, offload in offloads.items():
+        name = f"zero{stage}_offload"
+        config = _config(tmp_path, name, stage)
+        config["training"]["deepspeed"]["zero_optimization"].update(offload)
+        _launch(config, tmp_path / f"{name}.yaml")
+        run = tmp_path / name
+        assert _losses(run) == pytest.approx(_losses(tmp_path / "ddp"), rel=1e-5), name
+        final = load_file(run / "adapter_model.safetensors")
+        assert final.keys() == reference.keys()
+        for key in final:
+            torch.testing.assert_close(final[key], reference[key], rtol=1e-5, atol=1e-6, msg=key)
+        if stage == 3:  # the optimizer state on the CPU is in the checkpoint: resuming is exact
+            resumed = tmp_path / f"{name}_resumed"
+            resumed.mkdir()
+            shutil.copytree(run / "checkpoint-3", resumed / "checkpoint-3")
+            _launch(config, tmp_path / f"{name}_resumed.yaml", f"training.output_dir={resumed}", "--resume")
+            again = load_file(resumed / "adapter_model.safetensors")
+            for key in final:
+                assert torch.equal(again[key], final[key]), (name, key)
+
+
+def test_zero_offload_refuses_an_optimizer_without_a_cpu_version(tmp_path):
+    values = _config(tmp_path, "run", 2)
+    values["training"]["deepspeed"]["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    values["training"]["optim"] = "sgd"
+    with pytest.raises(ConfigError, match=r"training\.optim: 'sgd' has no DeepSpeed CPU version"):
+        TrainConfig.from_dict(values).training_arguments()
+    values["training"]["deepspeed"]["zero_force_ds_cpu_optimizer"] = False  # the user's own choice: allowed
+    TrainConfig.from_dict(values).training_arguments()

@@ -76,6 +76,29 @@ def test_loraplus_lr_ratio_gives_the_B_banks_their_own_rate(tmp_path):
     assert by_lr == {2e-2: B, 1e-3: projector, 5e-3: len(names) - B - projector}
 
 
+def test_bf16_model_trains_a_float32_projector_and_fp16_on_cpu_warns(tmp_path):
+    """model.dtype bfloat16 with training.bf16 (the LLaVA-7B recipe's setting, at its projector lr 2e-5):
+    every projector weight moves and is saved in float32; training.fp16 on CPU says that it does nothing."""
+    from asymlora.zoo import find_projector
+
+    values = train_setup(tmp_path, max_steps=2, save_steps=100, bf16=True, logging_steps=1)
+    values["model"]["dtype"] = "bfloat16"
+    values["projector_lr"] = 2e-5
+    out = run_training(TrainConfig.from_dict(values))
+    start = {f"model.multi_modal_projector.{n}": p for n, p in find_projector(tiny_llava()).named_parameters()}
+    saved = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if "multi_modal_projector" in k}
+    assert saved.keys() == start.keys()
+    for name, value in saved.items():
+        assert value.dtype == torch.float32
+        assert (value != start[name]).all(), name  # bf16 weights kept about a third of these steps
+    losses = [e["loss"] for e in log_history(out) if "loss" in e]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+
+    values = train_setup(tmp_path, max_steps=1, save_steps=100, fp16=True, output_dir=str(tmp_path / "fp16"))
+    with pytest.warns(UserWarning, match="training.fp16 has no effect on cpu"):
+        run_training(TrainConfig.from_dict(values))
+
+
 def test_sample_average_is_the_global_batch_mean_across_accumulation_steps(tmp_path):
     """loss_average: samples gives each sample's token mean the same weight; with gradient accumulation the
     mean is over the whole accumulated batch, so 2 x 2 accumulated equals one batch of 4. The tasks'

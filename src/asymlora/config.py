@@ -142,7 +142,8 @@ class AsymLoraConfig:
     )
     adapter_dtype: str = field(
         default="float32",
-        metadata=_meta(f"dtype of adapter parameters, one of {ADAPTER_DTYPES} ('auto' = the base layer's)"),
+        metadata=_meta(f"dtype of adapter parameters and trainable modules_to_save, one of {ADAPTER_DTYPES} "
+                       "('auto' = the base layer's / the module's own)"),
     )
     router_init_std: float = field(default=0.02, metadata=_meta("std of the router's normal initialisation"))
     task_bias_init: float = field(

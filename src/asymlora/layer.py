@@ -39,7 +39,8 @@ from asymlora.routing import Routing, dense_routing, hybrid_routing, task_gates,
 if TYPE_CHECKING:
     from asymlora.model import RoutingContext
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# dtype names of configs (adapter_dtype, model.dtype, speed presets) -> torch dtypes
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class AsymLoraLinear(nn.Module):
@@ -65,7 +66,7 @@ class AsymLoraLinear(nn.Module):
         self.out_features = base_layer.out_features
         self.scaling = spec.scaling
         weight = base_layer.weight
-        dtype = weight.dtype if adapter_dtype == "auto" else _DTYPES[adapter_dtype]
+        dtype = weight.dtype if adapter_dtype == "auto" else TORCH_DTYPES[adapter_dtype]
         factory = {"device": weight.device, "dtype": dtype}
         r, experts = spec.r, spec.num_experts
         self.A_bank = nn.Parameter(torch.empty(spec.num_A * r, self.in_features, **factory))

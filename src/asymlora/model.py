@@ -31,7 +31,7 @@ from asymlora.config import AsymLoraConfig, LayerSpec
 from asymlora.errors import AsymLoraError, CheckpointError, ConfigError
 from asymlora.families import Family, family_for, resolve_alias
 from asymlora.io import atomic_path, write_json_atomic
-from asymlora.layer import AsymLoraLinear
+from asymlora.layer import TORCH_DTYPES, AsymLoraLinear
 from asymlora.routing import argmax_dispatch, balance_loss
 
 CONFIG_NAME = "adapter_config.json"
@@ -476,7 +476,54 @@ def get_model(model: nn.Module, config: AsymLoraConfig) -> AsymLoraModel:
     for name in saved_modules:
         for param in modules[name].parameters():
             param.requires_grad_(True)
+        if config.adapter_dtype != "auto":
+            _train_in_dtype(modules[name], TORCH_DTYPES[config.adapter_dtype])
     return AsymLoraModel(model, config, family, layers, saved_modules, context)
+
+
+def _cast_floats(value: Any, dtype: torch.dtype, found: list[torch.dtype] | None = None) -> Any:
+    """``value`` with its floating-point tensors (also inside tuples, lists and dicts) cast to ``dtype``;
+    their dtypes before the cast are appended to ``found``."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            return value
+        if found is not None:
+            found.append(value.dtype)
+        return value.to(dtype)
+    if isinstance(value, (tuple, list)):
+        cast = [_cast_floats(v, dtype, found) for v in value]
+        return type(value)(cast) if type(value) in (tuple, list) else type(value)(*cast)  # namedtuples too
+    if isinstance(value, dict):  # ModelOutput is an OrderedDict: set items in place, it keeps its type
+        for key in list(value):
+            value[key] = _cast_floats(value[key], dtype, found)
+        return value
+    return value
+
+
+def _train_in_dtype(module: nn.Module, dtype: torch.dtype) -> None:
+    """Hold a trainable module_to_save in ``dtype`` (the adapter's, float32 by default) inside a model of
+    another dtype: a bfloat16 projector would lose most AdamW steps of a small learning rate to rounding
+    (2e-5 against a bf16 spacing of ~1e-4 at weights of 0.02), and fp16 loss scaling refuses fp16
+    gradients. Its inputs are cast to its parameters' dtype and its outputs back to its inputs' dtype, so
+    the model around it runs as before, with autocast or without. Parameters DeepSpeed has partitioned
+    are left alone: DeepSpeed keeps their float32 master copy itself."""
+    floats = [p for p in module.parameters() if p.is_floating_point()]
+    if not floats or all(p.dtype == dtype for p in floats) or any(hasattr(p, "ds_id") for p in floats):
+        return
+    for param in floats:
+        param.data = param.data.to(dtype)
+    first = floats[0]  # read at call time: DeepSpeed's bf16/fp16 modes move the trainables again
+    incoming: list[torch.dtype] = []
+
+    def cast_inputs(_module: nn.Module, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        incoming.clear()
+        return _cast_floats(args, first.dtype, incoming), _cast_floats(kwargs, first.dtype, incoming)
+
+    def cast_outputs(_module: nn.Module, _args: Any, output: Any) -> Any:
+        return _cast_floats(output, incoming[0]) if incoming else output
+
+    module.register_forward_pre_hook(cast_inputs, with_kwargs=True)
+    module.register_forward_hook(cast_outputs)
 
 
 def _layer_manifest(wrapped: AsymLoraModel) -> dict[str, dict[str, Any]]:

@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import inspect
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,11 @@ class TrainConfig:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{self.source}: training: {err}") from None
         ds_config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+        if offloads_optimizer(args) and args.optim not in CPU_OFFLOAD_OPTIMS:
+            raise ConfigError(f"{self.source}: training.optim: {getattr(args.optim, 'value', args.optim)!r} has no "
+                              "DeepSpeed CPU version, and under ZeRO-Offload (offload_optimizer in "
+                              "training.deepspeed) accelerate would train with Adam in its place; use one of "
+                              f"{CPU_OFFLOAD_OPTIMS}, or set zero_force_ds_cpu_optimizer: false in the DeepSpeed config")
         if "optimizer" in ds_config:
             # DeepSpeed would build its optimizer from model.parameters(): one group, so projector_lr,
             # router_lr and the routers' exemption from weight decay would be silently dropped.
@@ -295,6 +301,20 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     token_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                  ignore_index=-100, reduction="none").view(targets.shape)
     return token_loss, targets != -100
+
+
+# training.optim values that ZeRO-Offload keeps: accelerate swaps the optimizer for DeepSpeed's CPU version
+# (param groups kept), AdamW -> DeepSpeedCPUAdam in AdamW mode, Adagrad -> DeepSpeedCPUAdagrad; any other
+# optimizer it would silently replace by Adam.
+CPU_OFFLOAD_OPTIMS = ("adamw_torch", "adamw_torch_fused", "adagrad")
+
+
+def offloads_optimizer(args: Any) -> bool:
+    """Whether DeepSpeed steps the optimizer on the CPU (ZeRO-Offload) with its own CPU optimizer."""
+    ds_config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+    device = (ds_config.get("zero_optimization") or {}).get("offload_optimizer", {}).get("device", "none")
+    return bool(args.deepspeed) and device in ("cpu", "nvme") and ds_config.get("zero_force_ds_cpu_optimizer",
+                                                                                  True) is not False
 
 
 def make_trainer_class() -> type:
@@ -563,13 +583,13 @@ def load_model_and_processor(section: ModelSection) -> tuple[Any, Any]:
     """Load the frozen base model (its Auto class follows its config) and its processor."""
     import transformers
 
+    from asymlora.layer import TORCH_DTYPES
     from asymlora.model_cli import load_base_model
 
     model_dir = resolve_model_dir(section.path)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if section.dtype not in dtypes:
-        raise ConfigError(f"model.dtype: {section.dtype!r} is not one of {tuple(dtypes)}")
-    model = load_base_model(model_dir, dtype=dtypes[section.dtype])
+    if section.dtype not in TORCH_DTYPES:
+        raise ConfigError(f"model.dtype: {section.dtype!r} is not one of {tuple(TORCH_DTYPES)}")
+    model = load_base_model(model_dir, dtype=TORCH_DTYPES[section.dtype])
     try:
         processor = transformers.AutoProcessor.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError):
@@ -688,6 +708,11 @@ def run_training(config: TrainConfig, resume: str | bool | None = None) -> Path:
         sampler_weights=data["weights"], sample_lengths=data["lengths"], num_samples=config.data.num_samples,
         group_by_length=config.data.group_by_length,
     )
+    if args.fp16 and not trainer.accelerator.native_amp and not trainer.is_deepspeed_enabled:
+        # accelerate turns fp16 autocast and loss scaling on for GPU-like devices only, without a word
+        warnings.warn(f"{config.source}: training.fp16 has no effect on {args.device.type}: accelerate runs "
+                      "fp16 mixed precision on GPUs only, so this run trains in float32 (bf16 works on CPU)",
+                      stacklevel=2)
     out = Path(args.output_dir)
     if args.should_save:
         out.mkdir(parents=True, exist_ok=True)
