@@ -451,6 +451,7 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
         loss_value = float(last[0]) if last else float("nan")
         ops = count_ops(lambda: variant.loss(batch).backward()) if s.count_ops else None
         optimizer.zero_grad(set_to_none=True)
+        saved = saved_activation_bytes(lambda: variant.loss(batch), list(model.parameters()))
     finally:
         if s.grad_ckpt:
             base.gradient_checkpointing_disable()
@@ -465,7 +466,31 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
                 optimizer_ms=statistics.median(measured["optimizer"]) * 1e3,
                 peak_mib=peak, start_mib=start_mib,
                 peak_above_start_mib=None if peak is None or start_mib is None else peak - start_mib,
-                trainable=sum(p.numel() for p in params), loss=loss_value, ops=ops)
+                trainable=sum(p.numel() for p in params), loss=loss_value, ops=ops,
+                saved_act_mib=saved / 2**20, train_state_mib=trainable_state_bytes(params) / 2**20)
+
+
+def saved_activation_bytes(forward: Callable[[], Any], params: Sequence[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for the backward of one ``forward()`` (each storage once,
+    parameters' storages left out): the activations a training step holds at its peak, counted exactly,
+    without the allocator's and the process's noise that RSS carries."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = forward()
+    del out
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    return sum(size for ptr, size in storages.items() if ptr not in skip)
+
+
+def trainable_state_bytes(params: Sequence[torch.Tensor]) -> int:
+    """Trainable parameters, their gradients and AdamW's two moments (each in the parameter's dtype)."""
+    return sum(4 * p.numel() * p.element_size() for p in params)
 
 
 def count_ops(fn: Callable[[], Any]) -> int:
@@ -594,10 +619,20 @@ def target_checks(train: list[dict], infer: list[dict], experts: Sequence[int]) 
         for row, label in ((moe, "asymlora_moe"), (task, "asymlora (task)")):
             if lora and row and lora["peak_mib"] and row["peak_mib"]:
                 add(f"{label} E={e} peak memory / lora", row["peak_mib"] / lora["peak_mib"], "<=", 1.05)
+            if lora and row and _exact_mib(lora) and _exact_mib(row):
+                add(f"{label} E={e} saved activations + trainable state / lora", _exact_mib(row) / _exact_mib(lora),
+                    "<=", 1.05)
     for row in infer:
         if row["merged_vs_base"] is not None:
             add(f"{row['method']} E={row['E']} merged inference / base", row["merged_vs_base"], "<=", 1.01)
     return checks
+
+
+def _exact_mib(row: dict) -> float | None:
+    """Saved activations + trainable state (rows of runs before these were counted have neither)."""
+    if row.get("saved_act_mib") is None or row.get("train_state_mib") is None:
+        return None
+    return row["saved_act_mib"] + row["train_state_mib"]
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
@@ -626,12 +661,16 @@ def to_markdown(result: dict) -> str:
         f"- memory: {env['memory']}",
         "- ATen ops: leaf ATen operators dispatched by one forward+backward (torch.profiler, after the timed "
         "steps); each is at least one kernel launch on a GPU",
+        "- saved act: bytes of the tensors autograd saves for backward in one forward (each storage once, "
+        "parameters left out); train state: trainable parameters + gradients + AdamW's two moments. Both are "
+        "counted, not sampled, so they carry none of the allocator's noise",
         "",
         "### Training step (forward + loss + backward + AdamW step)",
         "",
         "| method | routing | E | impl | ms/step | fwd+bwd ms | AdamW ms | tokens/s | x LoRA | fwd+bwd x LoRA "
-        "| loop / fused | peak MiB | peak - start MiB | mem x LoRA | trainable | ATen ops fwd+bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| loop / fused | peak MiB | peak - start MiB | mem x LoRA | saved act MiB | train state MiB "
+        "| act + state x LoRA | trainable | ATen ops fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lora = _find(train, "lora", 1)
     for r in train:
@@ -640,10 +679,12 @@ def to_markdown(result: dict) -> str:
         x_lora = _fmt(r["ms"] / lora["ms"]) if lora else "n/a"
         fb_lora = _fmt(r["fwd_bwd_ms"] / lora["fwd_bwd_ms"]) if lora and lora.get("fwd_bwd_ms") and r.get("fwd_bwd_ms") else "n/a"
         mem_x = _fmt(r["peak_mib"] / lora["peak_mib"], ".3f") if lora and lora["peak_mib"] and r["peak_mib"] else "n/a"
+        exact_x = _fmt(_exact_mib(r) / _exact_mib(lora), ".3f") if lora and _exact_mib(lora) and _exact_mib(r) else "n/a"
         lines.append(f"| {r['method']} | {r['routing']} | {r['E']} | {r['impl']} | {r['ms']:.2f} | "
                      f"{_fmt(r.get('fwd_bwd_ms'))} | {_fmt(r.get('optimizer_ms'))} | "
                      f"{r['tokens_per_s']:.0f} | {x_lora} | {fb_lora} | {vs_fused} | {_fmt(r['peak_mib'], '.0f')} | "
-                     f"{_fmt(r['peak_above_start_mib'], '.0f')} | {mem_x} | "
+                     f"{_fmt(r['peak_above_start_mib'], '.0f')} | {mem_x} | {_fmt(r.get('saved_act_mib'), '.1f')} | "
+                     f"{_fmt(r.get('train_state_mib'), '.1f')} | {exact_x} | "
                      f"{r['trainable']:,} | {_fmt_int(r.get('ops'))} |")
     if infer:
         lines += ["", "### Inference latency (prefill forward, logits of the last position)", "",

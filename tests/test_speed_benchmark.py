@@ -39,6 +39,12 @@ def test_tiny_preset_writes_every_configuration(tmp_path):
     assert set(rows) == expected
     assert all(row["ops"] > 0 for row in rows.values())
     assert rows[("asymlora_moe", 3, "fused")]["ops"] > rows[("lora", 1, "fused")]["ops"]  # routers cost ops
+    for row in rows.values():  # float32 adapter: parameter, gradient, two AdamW moments
+        assert row["train_state_mib"] == pytest.approx(row["trainable"] * 16 / 2**20)
+        assert row["saved_act_mib"] > 0
+    saved = {key: rows[key]["saved_act_mib"] for key in rows}
+    assert saved[("asymlora_moe", 3, "fused")] < saved[("asymlora_moe", 8, "fused")]  # (T, E r) codes, stacked B
+    assert saved[("lora", 1, "fused")] < saved[("asymlora_moe", 3, "fused")]
     for row in rows.values():
         assert row["ms"] > 0 and row["tokens_per_s"] > 0 and row["trainable"] > 0
         assert row["loss"] == pytest.approx(row["loss"])  # finite
@@ -52,7 +58,16 @@ def test_tiny_preset_writes_every_configuration(tmp_path):
     assert infer[("asymlora_moe", 8)]["merged_ms"] is None  # a router-gated adapter cannot be merged
     assert any(t["target"].startswith("asymlora_moe E=8 loop") for t in data["targets"])
     md = (tmp_path / "speed_tiny_cpu.md").read_text()
-    assert "| asymlora_moe | dense | 8 | loop |" in md and "merged / base" in md
+    assert "| asymlora_moe | dense | 8 | loop |" in md and "merged / base" in md and "saved act MiB" in md
+    assert any(t["target"] == "asymlora_moe E=3 saved activations + trainable state / lora" for t in data["targets"])
+
+
+def test_saved_activation_bytes_counts_what_backward_keeps():
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    x = torch.randn(5, 4)
+    # mm keeps x (for the weight's gradient) and the weight (a parameter: not counted); tanh keeps its output
+    assert speed.saved_activation_bytes(lambda: torch.tanh(x @ weight).sum(), [weight]) == (5 * 4 + 5 * 3) * 4
+    assert speed.trainable_state_bytes([weight]) == 12 * 4 * 4
 
 
 @pytest.mark.parametrize("method,experts", [("asymlora_moe", 3), ("asymlora", 3), ("lora_moe", 4), ("lora", 1)])
