@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from train_fixtures import launch_two_processes, log_history, train_setup
 
 import asymlora
+from asymlora.errors import ConfigError
 from asymlora.tiny import tiny_llava
 from asymlora.train import TrainConfig, run_training
 
@@ -198,6 +199,18 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     two = [e["loss"] for e in log_history(tmp_path / "ddp") if "loss" in e]
     assert len(one) == len(two) == 6
     assert one == pytest.approx(two, rel=1e-3, abs=1e-4)
+
+
+def test_fsdp_on_cpu_is_refused_alone_and_warned_under_two_processes(tmp_path):
+    """accelerate enables FSDP on GPUs only: one process is refused with the field named, and two CPU
+    processes, which accelerate silently runs as DDP, say so."""
+    values = train_setup(tmp_path, max_steps=1, save_steps=100, fsdp="full_shard")
+    with pytest.raises(ConfigError, match=r"training\.fsdp: FSDP shards the model across processes"):
+        run_training(TrainConfig.from_dict(values))
+    config_path = tmp_path / "fsdp.yaml"
+    config_path.write_text(yaml.safe_dump(values))
+    proc = launch_two_processes(config_path)
+    assert "this run on cpu is plain DDP" in proc.stderr
 
 
 def test_cli_tiny_config_on_builtin_data(tmp_path, isolated_cache):

@@ -62,7 +62,7 @@ def log_history(run: Path) -> list[dict]:
     return json.loads((run / "trainer_state.json").read_text())["log_history"]
 
 
-def launch_two_processes(config_path: Path, *args: str, timeout: int = 600) -> None:
+def launch_two_processes(config_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """The README's command, on CPU: accelerate launch --multi_gpu --num_processes 2 -m asymlora.cli train."""
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
@@ -70,3 +70,4 @@ def launch_two_processes(config_path: Path, *args: str, timeout: int = 600) -> N
          str(config_path), *args],
         capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

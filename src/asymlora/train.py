@@ -700,6 +700,10 @@ def run_training(config: TrainConfig, resume: str | bool | None = None) -> Path:
                         else tokenizer.eos_token_id)
     if args.eval_strategy != "no" and data["eval"] is None:
         raise ConfigError(f"{config.source}: training.eval_strategy={args.eval_strategy!r} needs data.eval_split")
+    fsdp_requested = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if args.fsdp and args.parallel_mode.value != "distributed":
+        raise ConfigError(f"{config.source}: training.fsdp: FSDP shards the model across processes; start this "
+                          "under accelerate launch with 2 or more processes (on GPUs)")
     trainer_cls = make_trainer_class()
     trainer = trainer_cls(
         model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"], data_collator=collator,
@@ -708,6 +712,11 @@ def run_training(config: TrainConfig, resume: str | bool | None = None) -> Path:
         sampler_weights=data["weights"], sample_lengths=data["lengths"], num_samples=config.data.num_samples,
         group_by_length=config.data.group_by_length,
     )
+    if fsdp_requested and not trainer.is_fsdp_enabled:
+        # accelerate enables FSDP on GPU-like devices only; elsewhere it falls back to DDP without a word
+        warnings.warn(f"{config.source}: FSDP was asked for (training.fsdp or accelerate's config) but accelerate "
+                      f"enables it on GPUs only: this run on {args.device.type} is plain DDP, and every process "
+                      "holds the whole model", stacklevel=2)
     if args.fp16 and not trainer.accelerator.native_amp and not trainer.is_deepspeed_enabled:
         # accelerate turns fp16 autocast and loss scaling on for GPU-like devices only, without a word
         warnings.warn(f"{config.source}: training.fp16 has no effect on {args.device.type}: accelerate runs "
