@@ -59,6 +59,19 @@ def _config(tmp_path: Path, name: str, stage: int | None) -> dict:
     return values
 
 
+def _assert_resumes_exactly(config: dict, tmp_path: Path, name: str) -> None:
+    """Resume run ``name`` from its step-3 checkpoint: the same tensors at step 6, bit for bit."""
+    run, resumed = tmp_path / name, tmp_path / f"{name}_resumed"
+    resumed.mkdir()
+    shutil.copytree(run / "checkpoint-3", resumed / "checkpoint-3")
+    _launch(config, tmp_path / f"{name}_resumed.yaml", f"training.output_dir={resumed}", "--resume")
+    final, again = load_file(run / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert again.keys() == final.keys()
+    for key in final:
+        assert torch.equal(again[key], final[key]), (name, key)
+    assert _losses(resumed)[-3:] == _losses(run)[-3:]
+
+
 def test_zero2_and_zero3_match_ddp_and_resume_exactly(tmp_path):
     _launch(_config(tmp_path, "ddp", None), tmp_path / "ddp.yaml")
     reference = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
@@ -82,15 +95,7 @@ def test_zero2_and_zero3_match_ddp_and_resume_exactly(tmp_path):
             assert {k.removeprefix("base_model.") for k in states["module"]} == adapter, file.name
             assert states["frozen_param_fragments"] is None and states["frozen_param_shapes"] is None
 
-        # Resume from the step-3 checkpoint: the same tensors at step 6, bit for bit.
-        resumed = tmp_path / f"{name}_resumed"
-        resumed.mkdir()
-        shutil.copytree(run / "checkpoint-3", resumed / "checkpoint-3")
-        _launch(config, tmp_path / f"{name}_resumed.yaml", f"training.output_dir={resumed}", "--resume")
-        again = load_file(resumed / "adapter_model.safetensors")
-        for key in final:
-            assert torch.equal(again[key], final[key]), (name, key)
-        assert _losses(resumed)[-3:] == _losses(run)[-3:]
+        _assert_resumes_exactly(config, tmp_path, name)
 
 
 def test_zero3_bf16_trains_like_ddp_bf16(tmp_path):
@@ -138,13 +143,7 @@ def test_zero_offload_matches_ddp_and_resumes_exactly(tmp_path):
         for key in final:
             torch.testing.assert_close(final[key], reference[key], rtol=1e-5, atol=1e-6, msg=key)
         if stage == 3:  # the optimizer state on the CPU is in the checkpoint: resuming is exact
-            resumed = tmp_path / f"{name}_resumed"
-            resumed.mkdir()
-            shutil.copytree(run / "checkpoint-3", resumed / "checkpoint-3")
-            _launch(config, tmp_path / f"{name}_resumed.yaml", f"training.output_dir={resumed}", "--resume")
-            again = load_file(resumed / "adapter_model.safetensors")
-            for key in final:
-                assert torch.equal(again[key], final[key]), (name, key)
+            _assert_resumes_exactly(config, tmp_path, name)
 
 
 def test_zero_offload_refuses_an_optimizer_without_a_cpu_version(tmp_path):

@@ -490,9 +490,9 @@ def _cast_floats(value: Any, dtype: torch.dtype, found: list[torch.dtype] | None
         if found is not None:
             found.append(value.dtype)
         return value.to(dtype)
-    if isinstance(value, (tuple, list)):
+    if type(value) in (tuple, list) or (isinstance(value, tuple) and hasattr(value, "_fields")):  # namedtuples
         cast = [_cast_floats(v, dtype, found) for v in value]
-        return type(value)(cast) if type(value) in (tuple, list) else type(value)(*cast)  # namedtuples too
+        return type(value)(*cast) if hasattr(value, "_fields") else type(value)(cast)
     if isinstance(value, dict):  # ModelOutput is an OrderedDict: set items in place, it keeps its type
         for key in list(value):
             value[key] = _cast_floats(value[key], dtype, found)
