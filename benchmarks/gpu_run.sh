@@ -21,7 +21,7 @@ run() {  # run LIMIT_SECONDS NAME COMMAND...
   tail -n 3 "$out/$name.log"
   [ "$rc" -eq 0 ] || { echo "!! $name exited $rc (124: out of time)"; status=1; }
 }
-run 150 layer_speed_7b python benchmarks/layer_speed.py --preset 7b --out "$out"
+run 150 layer_speed_7b python benchmarks/layer_speed.py --preset 7b --device cuda --out "$out"
 run 200 speed_default_cuda python benchmarks/speed.py --preset default --device cuda --out-dir "$out"
 run 200 speed_7b_cuda python benchmarks/speed.py --preset 7b --device cuda --out-dir "$out"
 exit $status
