@@ -132,7 +132,7 @@ class TrainConfig:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{self.source}: training: {err}") from None
         ds_config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
-        if offloads_optimizer(args) and args.optim not in CPU_OFFLOAD_OPTIMS:
+        if offloads_optimizer(ds_config) and args.optim not in CPU_OFFLOAD_OPTIMS:
             raise ConfigError(f"{self.source}: training.optim: {getattr(args.optim, 'value', args.optim)!r} has no "
                               "DeepSpeed CPU version, and under ZeRO-Offload (offload_optimizer in "
                               "training.deepspeed) accelerate would train with Adam in its place; use one of "
@@ -309,12 +309,11 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 CPU_OFFLOAD_OPTIMS = ("adamw_torch", "adamw_torch_fused", "adagrad")
 
 
-def offloads_optimizer(args: Any) -> bool:
-    """Whether DeepSpeed steps the optimizer on the CPU (ZeRO-Offload) with its own CPU optimizer."""
-    ds_config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+    """Whether DeepSpeed (its config; {} without DeepSpeed) steps the optimizer on the CPU (ZeRO-Offload)
+    with its own CPU optimizer."""
     device = (ds_config.get("zero_optimization") or {}).get("offload_optimizer", {}).get("device", "none")
-    return bool(args.deepspeed) and device in ("cpu", "nvme") and ds_config.get("zero_force_ds_cpu_optimizer",
-                                                                                  True) is not False
+    return device in ("cpu", "nvme") and ds_config.get("zero_force_ds_cpu_optimizer", True) is not False
 
 
 def make_trainer_class() -> type:
