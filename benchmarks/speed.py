@@ -420,8 +420,11 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
     variant = attach(base, method, experts, impl, s)
     model = variant.model
     model.train()
-    if s.grad_ckpt:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if s.grad_ckpt:  # transformers 5.24 renamed gradient_checkpointing_* to activation_checkpointing_*
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = variant.trainable()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     cuda = s.device.startswith("cuda")
@@ -454,7 +457,7 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
         saved = saved_activation_bytes(lambda: variant.loss(batch), list(model.parameters()))
     finally:
         if s.grad_ckpt:
-            base.gradient_checkpointing_disable()
+            getattr(base, "activation_checkpointing_disable", base.gradient_checkpointing_disable)()
         optimizer.state.clear()
         variant.detach()
         _free(s.device, s.preset != "tiny")
