@@ -1,7 +1,7 @@
 import pytest
 
 from asymlora import ConfigError
-from asymlora.train import MixtureSampler, TrainConfig, apply_overrides
+from asymlora.train import MixtureSampler, TrainConfig, _has_accelerator, apply_overrides
 
 
 def write(tmp_path, text):
@@ -20,6 +20,11 @@ def test_overrides_and_sections(tmp_path):
     args = TrainConfig.from_dict({"training": {"output_dir": str(tmp_path / "o"), "gradient_checkpointing": True,
                                                "use_cpu": True}}).training_arguments()
     assert args.gradient_checkpointing_kwargs == {"use_reentrant": False} and not args.remove_unused_columns
+    # no pinning (and no torch warning on every dataloader) where there is no device, as use_cpu already does
+    plain = TrainConfig.from_dict({"training": {"output_dir": str(tmp_path / "o")}})
+    assert plain.training_arguments().dataloader_pin_memory is _has_accelerator()
+    plain.training["dataloader_pin_memory"] = True
+    assert plain.training_arguments().dataloader_pin_memory is True  # the user's setting wins
     adapter = config.adapter_config(["vqa", "ocr"])
     assert adapter.tasks == ["vqa", "ocr"] and adapter.r == 16
 

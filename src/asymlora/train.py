@@ -113,6 +113,8 @@ class TrainConfig:
             "warmup_steps": 0,
             "dataloader_num_workers": 0,
         }
+        if not _has_accelerator():  # pinning needs one; torch warns on every dataloader otherwise
+            values["dataloader_pin_memory"] = False
         values.update(self.training)
         for key, value in list(values.items()):  # YAML 1.1 reads a bare `no` as False
             if key.endswith("_strategy") and value is False:
@@ -307,6 +309,14 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 # (param groups kept), AdamW -> DeepSpeedCPUAdam in AdamW mode, Adagrad -> DeepSpeedCPUAdagrad; any other
 # optimizer it would silently replace by Adam.
 CPU_OFFLOAD_OPTIMS = ("adamw_torch", "adamw_torch_fused", "adagrad")
+
+
+def _has_accelerator() -> bool:
+    """Whether torch sees a device that pinned host memory would feed (CUDA, XPU, MPS, ...)."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
