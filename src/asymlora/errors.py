@@ -29,7 +29,8 @@ class MissingAssetError(AsymLoraError, FileNotFoundError):
     """An offline asset (package, model, dataset) is not installed. The message gives the command."""
 
 
-def did_you_mean(word: object, choices: Iterable[object]) -> str:
-    """`` (did you mean 'x'?)`` for the closest of ``choices`` to ``word``, or "" when none is close."""
+def did_you_mean(word: object, choices: Iterable[object], prefix: str = "") -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to ``word``, or "" when none is close;
+    ``prefix`` is put before the match shown (e.g. the section of a config key), not matched."""
     matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
-    return f" (did you mean {matches[0]!r}?)" if matches else ""
+    return f" (did you mean {prefix + matches[0]!r}?)" if matches else ""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import difflib
 import inspect
 import os
 import warnings
@@ -222,9 +221,7 @@ def _check_keys(values: Any, allowed: Sequence[str], source: str, prefix: str) -
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     for key in values:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), list(allowed), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown key {prefix}{key}{hint}")
+            raise ConfigError(f"{source}: unknown key {prefix}{key}{did_you_mean(key, allowed, prefix)}")
 
 
 def apply_overrides(values: dict[str, Any], overrides: Sequence[str], source: str = "config") -> dict[str, Any]:
