@@ -70,11 +70,16 @@ def loop_reference(layer, x, task_ids):
     return out
 
 
+# 5 tokens per sample: task routing takes the gated product; 60: the per-sample heads (TASK_BMM_MIN_WORK)
+SEQ_LENGTHS = [5, 60]
+
+
+@pytest.mark.parametrize("seq", SEQ_LENGTHS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
-def test_fused_matches_loop_float64(case):
+def test_fused_matches_loop_float64(case, seq):
     layer, ctx = make_layer(**case)
     torch.manual_seed(1)
-    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    x = torch.randn(3, seq, 12, dtype=torch.float64)
     ctx.task_ids = torch.tensor([2, 0, 1])
     if case.get("routing") == "hybrid":
         ctx.task_ids = torch.tensor([2, -1, 1])  # -1: the router alone
@@ -83,19 +88,35 @@ def test_fused_matches_loop_float64(case):
     torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("seq", SEQ_LENGTHS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
-def test_fused_gradients_match_loop_float64(case):
+def test_fused_gradients_match_loop_float64(case, seq):
     """The fused path (and the per-sample head gather of task routing) backpropagates as the loop does."""
     layer, ctx = make_layer(**case)
     torch.manual_seed(2)
-    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, seq, 12, dtype=torch.float64, requires_grad=True)
     ctx.task_ids = torch.tensor([2, -1, 1]) if case.get("routing") == "hybrid" else torch.tensor([1, 2, 1])
-    weights = torch.randn(3, 5, layer.out_features, dtype=torch.float64)
+    weights = torch.randn(3, seq, layer.out_features, dtype=torch.float64)
     params = [x] + [p for p in layer.parameters() if p.requires_grad]
     fused = torch.autograd.grad((layer(x) * weights).sum(), params)
     expected = torch.autograd.grad((loop_reference(layer, x, ctx.task_ids) * weights).sum(), params)
     for got, want in zip(fused, expected):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("method", "seq", "per_sample"), [
+    ("asymlora", 1, False), ("asymlora", 47, False), ("asymlora", 48, True), ("lora_moe", 48, True)])
+def test_task_routing_takes_the_per_sample_heads_only_for_long_samples(monkeypatch, method, seq, per_sample):
+    """(E - 1) * tokens per sample >= TASK_BMM_MIN_WORK (96; E = 3 here) picks the gathered heads; a
+    decoding step (one token per sample) takes the gated product, whose cost does not grow with the batch."""
+    layer, ctx = make_layer(method=method, tasks=TASKS, **({"routing": "task"} if method == "lora_moe" else {}))
+    calls = []
+    original = AsymLoraLinear.task_delta
+    monkeypatch.setattr(AsymLoraLinear, "task_delta", lambda self, *a: calls.append(1) or original(self, *a))
+    ctx.task_ids = torch.tensor([2, 0])
+    x = torch.randn(2, seq, 12, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), loop_reference(layer, x, ctx.task_ids), rtol=1e-12, atol=1e-12)
+    assert bool(calls) is per_sample
 
 
 def test_task_routing_expands_ids_over_beams_and_rows():
