@@ -229,12 +229,11 @@ class AsymLoraLinear(nn.Module):
         if ctx is not None and ctx.disabled:
             return result
         spec = self.spec
-        if self.router is None and spec.num_experts > 1 and x.dim() >= 2:  # task routing
+        if self.router is None and spec.num_experts > 1 and x.dim() >= 2 and \
+                (spec.num_experts - 1) * math.prod(x.shape[1:-1]) >= TASK_BMM_MIN_WORK:  # task routing, long samples
             ids = self._sample_task_ids(x)  # raises if the forward was given none
-            per_sample = x.numel() // max(ids.shape[0] * self.in_features, 1)
-            if (spec.num_experts - 1) * per_sample >= TASK_BMM_MIN_WORK:
-                delta = self.task_delta(x.reshape(ids.shape[0], -1, self.in_features), ids)
-                return result + delta.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
+            delta = self.task_delta(x.reshape(ids.shape[0], -1, self.in_features), ids)
+            return result + delta.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
         x_flat = x.reshape(-1, self.in_features)
         needs_ids = spec.needs_task_ids or spec.has_task_bias
         collecting = ctx is not None and ctx.collecting and self.router is not None
