@@ -122,6 +122,7 @@ class Settings:
     seed: int = 0
     routing_stats: bool = True
     count_ops: bool = True
+    paired: bool = True
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -407,11 +408,96 @@ def _free(device: str, collect: bool = True) -> None:
         torch.cuda.empty_cache()
 
 
+def make_optimizer(params: Sequence[nn.Parameter], lr: float = 1e-4) -> torch.optim.Optimizer:
+    """The optimizer ``asymlora train`` builds by default: the Trainer's class and keyword arguments for
+    default ``TrainingArguments`` (fused AdamW in transformers 5 with torch >= 2.8, on CPU as on CUDA)."""
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=tempfile.gettempdir(), learning_rate=lr, report_to=[])
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    return optimizer_cls(list(params), **kwargs)
+
+
+def _optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    flags = [k for k in ("fused", "foreach") if optimizer.defaults.get(k)]
+    return type(optimizer).__name__ + (f" ({', '.join(flags)})" if flags else "")
+
+
+def train_step(variant: Variant, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+               device: str) -> tuple[float, float, torch.Tensor]:
+    """One training step; (seconds of forward + loss + backward, seconds of the optimizer step, loss)."""
+    start = time.perf_counter()
+    loss = variant.loss(batch)
+    loss.backward()
+    _sync(device)
+    middle = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    return middle - start, time.perf_counter() - middle, loss.detach()
+
+
+def reference_of(method: str, experts: int, impl: str) -> tuple[str, int, str] | None:
+    """The configuration a row is paired with: LoRA for asymlora's layers, asymlora's layer for the loop."""
+    if impl == "loop":
+        return method, experts, "fused"
+    return None if method == "lora" else ("lora", 1, "fused")
+
+
+def paired_ratios(s: Settings, variant: Variant, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                  reference: tuple[str, int, str]) -> dict:
+    """Step-time ratios to ``reference``, both models in this process, timed round by round.
+
+    On a shared machine the speed of the whole host drifts by +-10-30% over minutes, more than the effects
+    measured here, so the ratio of two medians taken minutes apart (the "x LoRA" column) carries that drift.
+    Here each round times one step of the reference and one of the configuration back to back (ABBA order,
+    so neither is always first) and the ratio is taken per round; the median and quartiles of those ratios
+    are reported. The reference is a freshly built model of the same seed, adapted with its own method.
+    """
+    ref_method, ref_experts, ref_impl = reference
+    ref_base = build_base(s)
+    ref_variant = attach(ref_base, ref_method, ref_experts, ref_impl, s)
+    ref_variant.model.train()
+    ref_batch = make_batch(s, ref_experts)
+    ref_optimizer = make_optimizer(ref_variant.trainable())
+    steps = ((ref_variant, ref_batch, ref_optimizer), (variant, batch, optimizer))
+    ratios: dict[str, list[float]] = {"step": [], "fwd_bwd": []}
+    try:
+        for model_variant, model_batch, model_optimizer in steps * max(1, s.warmup):
+            train_step(model_variant, model_batch, model_optimizer, s.device)
+        for i in range(s.iters):
+            timed: dict[int, tuple[float, float]] = {}
+            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+                fwd_bwd, opt, _ = train_step(*steps[j], s.device)
+                timed[j] = (fwd_bwd + opt, fwd_bwd)
+            ratios["step"].append(timed[1][0] / timed[0][0])
+            ratios["fwd_bwd"].append(timed[1][1] / timed[0][1])
+    finally:
+        ref_optimizer.state.clear()
+        ref_variant.detach()
+        del ref_variant, ref_base
+        _free(s.device, s.preset != "tiny")
+    step_q = _quartiles(ratios["step"])
+    return dict(paired_with=f"{ref_method} E={ref_experts} {ref_impl}", paired_rounds=s.iters,
+                paired_ratio=step_q[1], paired_q1=step_q[0], paired_q3=step_q[2],
+                paired_fwd_bwd_ratio=_quartiles(ratios["fwd_bwd"])[1])
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, statistics.median(values), q3
+
+
 def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn.Module | None = None) -> dict:
     """Time full training steps of one (method, E, formulation); builds the base model when not given.
 
     ``base`` is adapted in place and restored afterwards. Memory: CUDA peak allocated; on CPU, the process's
-    peak RSS when this function runs alone in a fresh process (``isolated``), else None.
+    peak RSS when this function runs alone in a fresh process (``isolated``), else None. Memory, operator
+    counts and saved bytes are taken before the paired rounds (:func:`paired_ratios`) build their reference.
     """
     isolated = base is None
     if base is None:
@@ -426,7 +512,7 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = variant.trainable()
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = make_optimizer(params)
     cuda = s.device.startswith("cuda")
     _free(s.device, s.preset != "tiny")
     if cuda:
@@ -436,18 +522,12 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
     phases: dict[str, list[float]] = {"fwd_bwd": [], "optimizer": []}
 
     def step() -> None:
-        start = time.perf_counter()
-        loss = variant.loss(batch)
-        loss.backward()
-        _sync(s.device)
-        middle = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(s.device)
-        phases["fwd_bwd"].append(middle - start)
-        phases["optimizer"].append(time.perf_counter() - middle)
-        last[:] = [loss.detach()]
+        fwd_bwd, opt, loss = train_step(variant, batch, optimizer, s.device)
+        phases["fwd_bwd"].append(fwd_bwd)
+        phases["optimizer"].append(opt)
+        last[:] = [loss]
 
+    paired: dict[str, Any] = {}
     try:
         times = time_calls(step, s.device, s.warmup, s.iters)
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else (_max_rss_mib() if isolated else None)
@@ -455,9 +535,13 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
         ops = count_ops(lambda: variant.loss(batch).backward()) if s.count_ops else None
         optimizer.zero_grad(set_to_none=True)
         saved = saved_activation_bytes(lambda: variant.loss(batch), list(model.parameters()))
+        reference = reference_of(method, experts, impl)
+        if s.paired and reference is not None:
+            paired = paired_ratios(s, variant, batch, optimizer, reference)
     finally:
         if s.grad_ckpt:
             getattr(base, "activation_checkpointing_disable", base.gradient_checkpointing_disable)()
+        optimizer_name = _optimizer_name(optimizer)
         optimizer.state.clear()
         variant.detach()
         _free(s.device, s.preset != "tiny")
@@ -467,10 +551,10 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
                 ms_min=min(times) * 1e3, tokens_per_s=s.batch * s.seq / median,
                 fwd_bwd_ms=statistics.median(measured["fwd_bwd"]) * 1e3,
                 optimizer_ms=statistics.median(measured["optimizer"]) * 1e3,
-                peak_mib=peak, start_mib=start_mib,
+                optimizer=optimizer_name, peak_mib=peak, start_mib=start_mib,
                 peak_above_start_mib=None if peak is None or start_mib is None else peak - start_mib,
                 trainable=sum(p.numel() for p in params), loss=loss_value, ops=ops,
-                saved_act_mib=saved / 2**20, train_state_mib=trainable_state_bytes(params) / 2**20)
+                saved_act_mib=saved / 2**20, train_state_mib=trainable_state_bytes(params) / 2**20, **paired)
 
 
 def saved_activation_bytes(forward: Callable[[], Any], params: Sequence[torch.Tensor]) -> int:
@@ -610,15 +694,15 @@ def target_checks(train: list[dict], infer: list[dict], experts: Sequence[int]) 
     for e in experts:
         moe, task = _find(train, "asymlora_moe", e), _find(train, "asymlora", e)
         if lora and moe:
-            add(f"asymlora_moe E={e} step / lora step", moe["ms"] / lora["ms"], "<=", 1.10)
+            add(f"asymlora_moe E={e} step / lora step{_paired_label(moe)}", _step_ratio(moe, lora), "<=", 1.10)
         if lora and task:
-            add(f"asymlora (task) E={e} step / lora step", task["ms"] / lora["ms"], "<=", 1.03)
-            if lora.get("fwd_bwd_ms") and task.get("fwd_bwd_ms"):  # the step less AdamW over E B heads
-                add(f"asymlora (task) E={e} forward+backward / lora's", task["fwd_bwd_ms"] / lora["fwd_bwd_ms"],
-                    "<=", 1.03)
+            add(f"asymlora (task) E={e} step / lora step{_paired_label(task)}", _step_ratio(task, lora), "<=", 1.03)
+            fwd_bwd = _fwd_bwd_ratio(task, lora)
+            if fwd_bwd is not None:  # the step less AdamW over E B heads
+                add(f"asymlora (task) E={e} forward+backward / lora's{_paired_label(task)}", fwd_bwd, "<=", 1.03)
         loop = _find(train, "asymlora_moe", e, "loop")
         if moe and loop and e == max(experts):
-            add(f"asymlora_moe E={e} loop step / fused step", loop["ms"] / moe["ms"], ">=", 2.0)
+            add(f"asymlora_moe E={e} loop step / fused step{_paired_label(loop)}", _step_ratio(loop, moe), ">=", 2.0)
         for row, label in ((moe, "asymlora_moe"), (task, "asymlora (task)")):
             if lora and row and lora["peak_mib"] and row["peak_mib"]:
                 add(f"{label} E={e} peak memory / lora", row["peak_mib"] / lora["peak_mib"], "<=", 1.05)
@@ -629,6 +713,37 @@ def target_checks(train: list[dict], infer: list[dict], experts: Sequence[int]) 
         if row["merged_vs_base"] is not None:
             add(f"{row['method']} E={row['E']} merged inference / base", row["merged_vs_base"], "<=", 1.01)
     return checks
+
+
+def _step_ratio(row: dict, reference: dict) -> float:
+    """``row``'s step time over ``reference``'s: the paired per-round median where it was measured against
+    that reference (:func:`paired_ratios`), else the ratio of the two rows' medians."""
+    if row.get("paired_ratio") is not None and row.get("paired_with") == _label(reference):
+        return row["paired_ratio"]
+    return row["ms"] / reference["ms"]
+
+
+def _fwd_bwd_ratio(row: dict, reference: dict) -> float | None:
+    if row.get("paired_fwd_bwd_ratio") is not None and row.get("paired_with") == _label(reference):
+        return row["paired_fwd_bwd_ratio"]
+    if row.get("fwd_bwd_ms") and reference.get("fwd_bwd_ms"):
+        return row["fwd_bwd_ms"] / reference["fwd_bwd_ms"]
+    return None
+
+
+def _label(row: dict) -> str:
+    return f"{row['method']} E={row['E']} {row['impl']}"
+
+
+def _paired_label(row: dict) -> str:
+    return " (paired)" if row.get("paired_ratio") is not None else ""
+
+
+def _paired_cell(row: dict) -> str:
+    """The paired ratio with its interquartile range, e.g. ``1.06 (1.02-1.09)``; empty when not measured."""
+    if row.get("paired_ratio") is None:
+        return ""
+    return f"{row['paired_ratio']:.3f} ({row['paired_q1']:.2f}-{row['paired_q3']:.2f})"
 
 
 def _exact_mib(row: dict) -> float | None:
@@ -655,13 +770,18 @@ def to_markdown(result: dict) -> str:
         f"adapters {env['adapter_dtype']}, all-linear targets ({env['adapted_linears']} adapted nn.Linear)",
         f"- batch {env['batch']} x seq {env['seq']} = {env['batch'] * env['seq']} tokens/step, r={env['r']}, "
         f"alpha={env['alpha']:g}, balance weight {env['balance_weight']:g}, gradient checkpointing "
-        f"{'on' if env['grad_ckpt'] else 'off'}, AdamW",
+        f"{'on' if env['grad_ckpt'] else 'off'}, {train[0].get('optimizer', 'AdamW') if train else 'AdamW'}"
+        + (" (the Trainer's default, as `asymlora train` builds it)" if train and train[0].get("optimizer") else ""),
         "- routing statistics (expert load, entropy, per-task load) accumulated every step by the fused "
         + ("routed methods, as `asymlora train` does; the loop formulation collects none"
            if env.get("routing_stats") else "methods: off (--no-routing-stats)"),
         f"- median of {env['iters']} after {env['warmup']} warmup; torch {env['torch']}, transformers "
         f"{env['transformers']}, {env['threads']} CPU threads",
         f"- memory: {env['memory']}",
+        "- paired: each configuration timed round by round against its reference in one process (LoRA for "
+        "asymlora's layers, the fused layer for the loop formulation; ABBA order); the median of the per-round "
+        "step-time ratios, with the interquartile range. The other ratio columns divide medians taken minutes "
+        "apart, and carry the host's drift",
         "- ATen ops: leaf ATen operators dispatched by one forward+backward (torch.profiler, after the timed "
         "steps); each is at least one kernel launch on a GPU",
         "- saved act: bytes of the tensors autograd saves for backward in one forward (each storage once, "
@@ -671,9 +791,9 @@ def to_markdown(result: dict) -> str:
         "### Training step (forward + loss + backward + AdamW step)",
         "",
         "| method | routing | E | impl | ms/step | fwd+bwd ms | AdamW ms | tokens/s | x LoRA | fwd+bwd x LoRA "
-        "| loop / fused | peak MiB | peak - start MiB | mem x LoRA | saved act MiB | train state MiB "
+        "| loop / fused | paired: step x reference (IQR) | peak MiB | peak - start MiB | mem x LoRA | saved act MiB | train state MiB "
         "| act + state x LoRA | trainable | ATen ops fwd+bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lora = _find(train, "lora", 1)
     for r in train:
@@ -685,7 +805,8 @@ def to_markdown(result: dict) -> str:
         exact_x = _fmt(_exact_mib(r) / _exact_mib(lora), ".3f") if lora and _exact_mib(lora) and _exact_mib(r) else "n/a"
         lines.append(f"| {r['method']} | {r['routing']} | {r['E']} | {r['impl']} | {r['ms']:.2f} | "
                      f"{_fmt(r.get('fwd_bwd_ms'))} | {_fmt(r.get('optimizer_ms'))} | "
-                     f"{r['tokens_per_s']:.0f} | {x_lora} | {fb_lora} | {vs_fused} | {_fmt(r['peak_mib'], '.0f')} | "
+                     f"{r['tokens_per_s']:.0f} | {x_lora} | {fb_lora} | {vs_fused} | {_paired_cell(r)} | "
+                     f"{_fmt(r['peak_mib'], '.0f')} | "
                      f"{_fmt(r['peak_above_start_mib'], '.0f')} | {mem_x} | {_fmt(r.get('saved_act_mib'), '.1f')} | "
                      f"{_fmt(r.get('train_state_mib'), '.1f')} | {exact_x} | "
                      f"{r['trainable']:,} | {_fmt_int(r.get('ops'))} |")
@@ -748,6 +869,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="one fresh subprocess per training configuration (CPU peak RSS); default: on for "
                              "CPU except the tiny preset")
     parser.add_argument("--no-inference", dest="inference", action="store_false")
+    parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time each configuration round by round against its reference (LoRA for "
+                             "asymlora's layers, the fused layer for the loop formulation) in one process, and "
+                             "report the median per-round ratio (robust to the host's drift; doubles the steps)")
     parser.add_argument("--no-count-ops", dest="count_ops", action="store_false",
                         help="skip counting the ATen operators of one forward+backward per configuration")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -779,7 +904,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         experts=list(args.experts or preset["experts"]), methods=list(args.methods), impls=list(args.impls),
         warmup=pick(args.warmup, run["warmup"]), iters=max(1, pick(args.iters, run["iters"])),
         balance_weight=args.balance_weight, grad_ckpt=args.grad_ckpt, routing_stats=args.routing_stats,
-        count_ops=args.count_ops, isolate=bool(isolate) and device == "cpu",
+        count_ops=args.count_ops, paired=args.paired, isolate=bool(isolate) and device == "cpu",
         inference=args.inference, seed=args.seed,
     )
 

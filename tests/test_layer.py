@@ -111,8 +111,8 @@ def test_task_routing_takes_the_per_sample_heads_only_for_long_samples(monkeypat
     decoding step (one token per sample) takes the gated product, whose cost does not grow with the batch."""
     layer, ctx = make_layer(method=method, tasks=TASKS, **({"routing": "task"} if method == "lora_moe" else {}))
     calls = []
-    original = AsymLoraLinear.task_delta
-    monkeypatch.setattr(AsymLoraLinear, "task_delta", lambda self, *a: calls.append(1) or original(self, *a))
+    original = AsymLoraLinear._task_product
+    monkeypatch.setattr(AsymLoraLinear, "_task_product", lambda self, *a: calls.append(1) or original(self, *a))
     ctx.task_ids = torch.tensor([2, 0])
     x = torch.randn(2, seq, 12, dtype=torch.float64)
     torch.testing.assert_close(layer(x), loop_reference(layer, x, ctx.task_ids), rtol=1e-12, atol=1e-12)

@@ -60,6 +60,45 @@ def test_tiny_preset_writes_every_configuration(tmp_path):
     md = (tmp_path / "speed_tiny_cpu.md").read_text()
     assert "| asymlora_moe | dense | 8 | loop |" in md and "merged / base" in md and "saved act MiB" in md
     assert any(t["target"] == "asymlora_moe E=3 saved activations + trainable state / lora" for t in data["targets"])
+    # Every row but LoRA's is also timed round by round against its reference, in one process.
+    for (method, e, impl), row in rows.items():
+        if (method, impl) == ("lora", "fused"):
+            assert "paired_ratio" not in row
+            continue
+        assert row["paired_with"] == ("lora E=1 fused" if impl == "fused" else f"{method} E={e} fused")
+        assert row["paired_rounds"] == 1 and row["paired_q1"] <= row["paired_ratio"] <= row["paired_q3"]
+    assert "| asymlora_moe E=3 step / lora step (paired) |" in md
+    assert rows[("lora", 1, "fused")]["optimizer"] == speed._optimizer_name(speed.make_optimizer([torch.nn.Parameter(
+        torch.zeros(1))]))
+
+
+def test_optimizer_is_the_one_asymlora_train_builds():
+    from transformers import Trainer, TrainingArguments
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = speed.make_optimizer([param], lr=1e-3)
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir="unused", report_to=[]))
+    assert type(optimizer) is cls
+    assert optimizer.defaults["lr"] == 1e-3
+    assert all(optimizer.defaults[k] == v for k, v in kwargs.items() if k != "lr")  # e.g. fused=True
+
+
+def test_paired_ratios_come_from_rounds_against_the_reference():
+    s = speed.resolve_settings(speed.parse_args([*TINY, "--iters", "5", "--warmup", "1"]))
+    row = speed.run_train_config(s, "asymlora_moe", 3, "loop")
+    assert row["paired_with"] == "asymlora_moe E=3 fused" and row["paired_rounds"] == 5
+    assert row["paired_q1"] <= row["paired_ratio"] <= row["paired_q3"]
+    assert row["paired_fwd_bwd_ratio"] > 0
+    fused = dict(method="asymlora_moe", E=3, impl="fused", ms=10.0, fwd_bwd_ms=9.0)
+    lora = dict(method="lora", E=1, impl="fused", ms=10.0, fwd_bwd_ms=9.0)
+    loop = dict(method="asymlora_moe", E=3, impl="loop", ms=30.0, fwd_bwd_ms=27.0, paired_with="asymlora_moe E=3 fused",
+                paired_ratio=2.5, paired_q1=2.4, paired_q3=2.6, paired_fwd_bwd_ratio=2.7)
+    assert speed._step_ratio(loop, fused) == 2.5 and speed._fwd_bwd_ratio(loop, fused) == 2.7
+    assert speed._step_ratio(loop, lora) == 3.0  # paired with another reference: the ratio of the medians
+    assert speed._fwd_bwd_ratio(loop, lora) == 3.0
+    assert speed._paired_cell(loop) == "2.500 (2.40-2.60)" and speed._paired_cell(fused) == ""
+    s_off = speed.resolve_settings(speed.parse_args([*TINY, "--iters", "1", "--warmup", "0", "--no-paired"]))
+    assert "paired_ratio" not in speed.run_train_config(s_off, "asymlora_moe", 3, "fused")
 
 
 def test_saved_activation_bytes_counts_what_backward_keeps():

@@ -13,14 +13,17 @@ Dropout (p = dropout) applies to the x fed to A, never to the base path or the r
 Fused computation for T tokens (no Python loop over experts):
     codes = dropout(X) A_bank^T                               (T, n_A*r)   one matmul
     gated = g[:, :, None] * codes.view(T, n_A, r)             (T, E, r)    broadcast over E if n_A = 1
-    delta = gated.reshape(T, E*r) @ B_stacked^T * s           (T, d_out)   one matmul,
-with B_stacked = B_bank.permute(1, 0, 2).reshape(d_out, E*r).
+    Y     = addmm(W X + b, gated.reshape(T, E*r), B_stacked^T, alpha=s)   (T, d_out)   one matmul,
+with B_stacked = B_bank.permute(1, 0, 2).reshape(d_out, E*r). The scaling s and the residual add ride in
+that one addmm (BLAS's C = beta C + alpha A B), so neither is a pass of its own over the (T, d_out) output,
+forward or backward; where the base output's dtype differs from the adapter's (a bf16 model with a float32
+adapter), s scales the small factor instead and the product is cast and added.
 
 Task routing (no router, E > 1) has a one-hot gate that is the same for every token of a sample, so the
 gated product above would spend E times LoRA's FLOPs multiplying zeros. There, for N samples of L tokens,
 the same sum is taken with each sample's own head, still in one batched matmul:
     codes = dropout(X) A_bank^T                               (N, L, r)    (n_A = E: A_(task) gathered)
-    delta = bmm(codes, B_bank[task_ids]^T) * s                (N, L, d_out) LoRA's FLOPs, no expert loop
+    Y     = baddbmm(W X + b, codes, B_bank[task_ids]^T, alpha=s)           LoRA's FLOPs, no expert loop
 The gathered heads B_bank[task_ids] are N copies of (d_out, r), and their backward scatters N gradients back:
 that costs more than the zero gates when samples are short (a decoding step has L = 1). So the per-sample
 path is taken only when (E - 1) * L >= TASK_BMM_MIN_WORK, where the FLOPs it saves, (E - 1) L r d_out per
@@ -196,22 +199,25 @@ class AsymLoraLinear(nn.Module):
         return hybrid_routing(logits, self.task_bias, token_task_ids)
 
     # ------------------------------------------------------------------------------------ forward
-    def adapter_delta(self, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
-        """s * sum_e g_e B_e A_(e) dropout(x) for flattened tokens x (T, d_in); see "Semantics"."""
+    def _gated_product(self, x: torch.Tensor, gates: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two factors of the update for flattened tokens x (T, d_in): the gated codes (T, E*r) and the
+        stacked heads transposed (E*r, d_out). Their product times s is s * sum_e g_e B_e A_(e) dropout(x)
+        (see "Semantics")."""
         spec = self.spec
         r, experts = spec.r, spec.num_experts
         x = self.dropout(x).to(self.A_bank.dtype)
         codes = F.linear(x, self.A_bank)  # (T, n_A * r): A.x computed once
         if gates is None:  # a single expert: plain LoRA
-            return F.linear(codes, self.B_bank[0]) * self.scaling
+            return codes, self.B_bank[0].t()
         tokens = codes.shape[0]
         gated = gates.to(codes.dtype).unsqueeze(-1) * codes.view(tokens, spec.num_A, r)  # (T, E, r)
         stacked_B = self.B_bank.permute(1, 0, 2).reshape(self.out_features, experts * r)
-        return F.linear(gated.reshape(tokens, experts * r), stacked_B) * self.scaling
+        return gated.reshape(tokens, experts * r), stacked_B.t()
 
-    def task_delta(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """s * B_(task) A_(task) dropout(x) for x (N, L, d_in) and one task id per sample (N,): task routing
-        without multiplying the zero gates (see "Task routing" in the module docstring)."""
+    def _task_product(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task routing without multiplying the zero gates, for x (N, L, d_in) and one task id per sample (N,):
+        codes (N, L, r) and each sample's head transposed (N, r, d_out), whose batched product, times s, is
+        s * B_(task) A_(task) dropout(x) (see "Task routing")."""
         spec = self.spec
         r = spec.r
         x = self.dropout(x).to(self.A_bank.dtype)
@@ -219,7 +225,17 @@ class AsymLoraLinear(nn.Module):
             codes = F.linear(x, self.A_bank)  # (N, L, r): the shared A.x
         else:  # lora_moe: each task has its own A rows
             codes = torch.bmm(x, self.A_bank.view(spec.num_experts, r, self.in_features)[task_ids].transpose(1, 2))
-        return torch.bmm(codes, self.B_bank[task_ids].transpose(1, 2)) * self.scaling  # (N, L, d_out)
+        return codes, self.B_bank[task_ids].transpose(1, 2)
+
+    def _add_scaled(self, result: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        """result + s * lhs @ rhs (2-D or batched 3-D factors, ``result`` of the same leading shape): one
+        addmm/baddbmm where the dtypes agree, so that neither the scaling nor the residual add is a pass over
+        the (tokens, d_out) output; otherwise s scales the small factor and the product is cast to ``result``."""
+        if result.dtype == lhs.dtype == rhs.dtype:
+            fused = torch.addmm if lhs.dim() == 2 else torch.baddbmm
+            return fused(result, lhs, rhs, alpha=self.scaling)
+        product = torch.mm if lhs.dim() == 2 else torch.bmm
+        return result + product(lhs * self.scaling, rhs).to(result.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -232,8 +248,9 @@ class AsymLoraLinear(nn.Module):
         if self.router is None and spec.num_experts > 1 and x.dim() >= 2 and \
                 (spec.num_experts - 1) * math.prod(x.shape[1:-1]) >= TASK_BMM_MIN_WORK:  # task routing, long samples
             ids = self._sample_task_ids(x)  # raises if the forward was given none
-            delta = self.task_delta(x.reshape(ids.shape[0], -1, self.in_features), ids)
-            return result + delta.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
+            codes, heads = self._task_product(x.reshape(ids.shape[0], -1, self.in_features), ids)
+            out = self._add_scaled(result.reshape(ids.shape[0], -1, self.out_features), codes, heads)
+            return out.view(result.shape)
         x_flat = x.reshape(-1, self.in_features)
         needs_ids = spec.needs_task_ids or spec.has_task_bias
         collecting = ctx is not None and ctx.collecting and self.router is not None
@@ -241,8 +258,8 @@ class AsymLoraLinear(nn.Module):
         routing = self.route(x_flat, token_task_ids)
         if collecting:
             self._record(routing, self._token_mask(x), token_task_ids)
-        delta = self.adapter_delta(x_flat, None if routing is None else routing.gates)
-        return result + delta.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
+        lhs, rhs = self._gated_product(x_flat, None if routing is None else routing.gates)
+        return self._add_scaled(result.reshape(-1, self.out_features), lhs, rhs).view(result.shape)
 
     def _record(self, routing: Routing, token_mask: torch.Tensor | None, token_task_ids: torch.Tensor | None) -> None:
         """Hand this forward's router tensors (with their graph) to the context for the balance loss
