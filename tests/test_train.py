@@ -231,3 +231,22 @@ def test_cli_tiny_config_on_builtin_data(tmp_path, isolated_cache):
     assert any("eval_loss" in e for e in history)
     assert list((out / "runs").glob("*/events.out.tfevents.*")) or list(out.glob("**/events.out.tfevents.*"))
     assert (out / "checkpoint-20" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_cli_ends_the_process_group_it_ran_under(finished, tmp_path):
+    """`asymlora train` destroys the process group when it ends (after a barrier when it finished), rather
+    than leaving the gloo threads to interpreter teardown; with no group it does nothing."""
+    import torch.distributed as dist
+
+    from asymlora.train import _end_processes
+
+    _end_processes(finished)  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        _end_processes(finished)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

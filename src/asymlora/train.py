@@ -757,13 +757,35 @@ def run_training(config: TrainConfig, resume: str | bool | None = None) -> Path:
     return out
 
 
+def _end_processes(finished: bool) -> None:
+    """Tear down the process group this run started (under ``accelerate launch``), as PyTorch asks a run to.
+
+    Left to interpreter teardown, the gloo group's C++ worker threads are destroyed in whatever order the
+    interpreter frees things, and a rank has been seen to abort there after training ("terminate called
+    without an active exception", SIGABRT), failing a finished run. A finished run first waits for every
+    rank, so that none tears the group down while another still uses it; a failed one does not wait (the
+    other ranks may never get there).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def _cli_train(args: argparse.Namespace) -> int:
     config = TrainConfig.load(args.config, args.overrides)
+    finished = False
     try:
         run_training(config, resume=args.resume)
+        finished = True
     except NonFiniteLossError as err:
         print(f"asymlora train: {err}")
         return 1
+    finally:
+        _end_processes(finished)
     return 0
 
 
