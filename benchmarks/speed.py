@@ -541,7 +541,6 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
     finally:
         if s.grad_ckpt:
             getattr(base, "activation_checkpointing_disable", base.gradient_checkpointing_disable)()
-        optimizer_name = _optimizer_name(optimizer)
         optimizer.state.clear()
         variant.detach()
         _free(s.device, s.preset != "tiny")
@@ -551,7 +550,7 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
                 ms_min=min(times) * 1e3, tokens_per_s=s.batch * s.seq / median,
                 fwd_bwd_ms=statistics.median(measured["fwd_bwd"]) * 1e3,
                 optimizer_ms=statistics.median(measured["optimizer"]) * 1e3,
-                optimizer=optimizer_name, peak_mib=peak, start_mib=start_mib,
+                optimizer=_optimizer_name(optimizer), peak_mib=peak, start_mib=start_mib,
                 peak_above_start_mib=None if peak is None or start_mib is None else peak - start_mib,
                 trainable=sum(p.numel() for p in params), loss=loss_value, ops=ops,
                 saved_act_mib=saved / 2**20, train_state_mib=trainable_state_bytes(params) / 2**20, **paired)
@@ -691,18 +690,22 @@ def target_checks(train: list[dict], infer: list[dict], experts: Sequence[int]) 
         met = None if value is None else (value <= target if op == "<=" else value >= target)
         checks.append(dict(target=name, value=value, op=op, bound=target, met=met))
 
+    def add_ratio(name: str, ratio: tuple[float | None, bool], op: str, target: float) -> None:
+        value, paired = ratio
+        if value is not None:
+            add(name + (" (paired)" if paired else ""), value, op, target)
+
     for e in experts:
         moe, task = _find(train, "asymlora_moe", e), _find(train, "asymlora", e)
         if lora and moe:
-            add(f"asymlora_moe E={e} step / lora step{_paired_label(moe)}", _step_ratio(moe, lora), "<=", 1.10)
+            add_ratio(f"asymlora_moe E={e} step / lora step", _ratio(moe, lora, "step"), "<=", 1.10)
         if lora and task:
-            add(f"asymlora (task) E={e} step / lora step{_paired_label(task)}", _step_ratio(task, lora), "<=", 1.03)
-            fwd_bwd = _fwd_bwd_ratio(task, lora)
-            if fwd_bwd is not None:  # the step less AdamW over E B heads
-                add(f"asymlora (task) E={e} forward+backward / lora's{_paired_label(task)}", fwd_bwd, "<=", 1.03)
+            add_ratio(f"asymlora (task) E={e} step / lora step", _ratio(task, lora, "step"), "<=", 1.03)
+            # the step less AdamW over E B heads
+            add_ratio(f"asymlora (task) E={e} forward+backward / lora's", _ratio(task, lora, "fwd_bwd"), "<=", 1.03)
         loop = _find(train, "asymlora_moe", e, "loop")
         if moe and loop and e == max(experts):
-            add(f"asymlora_moe E={e} loop step / fused step{_paired_label(loop)}", _step_ratio(loop, moe), ">=", 2.0)
+            add_ratio(f"asymlora_moe E={e} loop step / fused step", _ratio(loop, moe, "step"), ">=", 2.0)
         for row, label in ((moe, "asymlora_moe"), (task, "asymlora (task)")):
             if lora and row and lora["peak_mib"] and row["peak_mib"]:
                 add(f"{label} E={e} peak memory / lora", row["peak_mib"] / lora["peak_mib"], "<=", 1.05)
@@ -715,28 +718,24 @@ def target_checks(train: list[dict], infer: list[dict], experts: Sequence[int]) 
     return checks
 
 
-def _step_ratio(row: dict, reference: dict) -> float:
-    """``row``'s step time over ``reference``'s: the paired per-round median where it was measured against
-    that reference (:func:`paired_ratios`), else the ratio of the two rows' medians."""
-    if row.get("paired_ratio") is not None and row.get("paired_with") == _label(reference):
-        return row["paired_ratio"]
-    return row["ms"] / reference["ms"]
+# (paired ratio key, median key) of each part of a step
+_RATIO_KEYS = {"step": ("paired_ratio", "ms"), "fwd_bwd": ("paired_fwd_bwd_ratio", "fwd_bwd_ms")}
 
 
-def _fwd_bwd_ratio(row: dict, reference: dict) -> float | None:
-    if row.get("paired_fwd_bwd_ratio") is not None and row.get("paired_with") == _label(reference):
-        return row["paired_fwd_bwd_ratio"]
-    if row.get("fwd_bwd_ms") and reference.get("fwd_bwd_ms"):
-        return row["fwd_bwd_ms"] / reference["fwd_bwd_ms"]
-    return None
+def _ratio(row: dict, reference: dict, part: str) -> tuple[float | None, bool]:
+    """``row``'s time over ``reference``'s for one part of the step ("step" or "fwd_bwd"), and whether it is
+    paired: the per-round median where ``row`` was paired with that reference (:func:`paired_ratios`), else
+    the ratio of the two rows' medians (None where either lacks it)."""
+    paired_key, median_key = _RATIO_KEYS[part]
+    if row.get(paired_key) is not None and row.get("paired_with") == _label(reference):
+        return row[paired_key], True
+    if row.get(median_key) and reference.get(median_key):
+        return row[median_key] / reference[median_key], False
+    return None, False
 
 
 def _label(row: dict) -> str:
     return f"{row['method']} E={row['E']} {row['impl']}"
-
-
-def _paired_label(row: dict) -> str:
-    return " (paired)" if row.get("paired_ratio") is not None else ""
 
 
 def _paired_cell(row: dict) -> str:
@@ -763,6 +762,7 @@ def _fmt_int(value: int | None) -> str:
 
 def to_markdown(result: dict) -> str:
     env, train, infer = result["environment"], result["train"], result["inference"]
+    optimizer = train[0].get("optimizer") if train else None  # runs before it was recorded: plain AdamW
     lines = [
         f"## Full-model speed, preset {result['preset']}: {env['device_name']}",
         "",
@@ -770,8 +770,8 @@ def to_markdown(result: dict) -> str:
         f"adapters {env['adapter_dtype']}, all-linear targets ({env['adapted_linears']} adapted nn.Linear)",
         f"- batch {env['batch']} x seq {env['seq']} = {env['batch'] * env['seq']} tokens/step, r={env['r']}, "
         f"alpha={env['alpha']:g}, balance weight {env['balance_weight']:g}, gradient checkpointing "
-        f"{'on' if env['grad_ckpt'] else 'off'}, {train[0].get('optimizer', 'AdamW') if train else 'AdamW'}"
-        + (" (the Trainer's default, as `asymlora train` builds it)" if train and train[0].get("optimizer") else ""),
+        f"{'on' if env['grad_ckpt'] else 'off'}, "
+        + (f"{optimizer} (the Trainer's default, as `asymlora train` builds it)" if optimizer else "AdamW"),
         "- routing statistics (expert load, entropy, per-task load) accumulated every step by the fused "
         + ("routed methods, as `asymlora train` does; the loop formulation collects none"
            if env.get("routing_stats") else "methods: off (--no-routing-stats)"),

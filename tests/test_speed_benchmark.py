@@ -93,9 +93,9 @@ def test_paired_ratios_come_from_rounds_against_the_reference():
     lora = dict(method="lora", E=1, impl="fused", ms=10.0, fwd_bwd_ms=9.0)
     loop = dict(method="asymlora_moe", E=3, impl="loop", ms=30.0, fwd_bwd_ms=27.0, paired_with="asymlora_moe E=3 fused",
                 paired_ratio=2.5, paired_q1=2.4, paired_q3=2.6, paired_fwd_bwd_ratio=2.7)
-    assert speed._step_ratio(loop, fused) == 2.5 and speed._fwd_bwd_ratio(loop, fused) == 2.7
-    assert speed._step_ratio(loop, lora) == 3.0  # paired with another reference: the ratio of the medians
-    assert speed._fwd_bwd_ratio(loop, lora) == 3.0
+    assert speed._ratio(loop, fused, "step") == (2.5, True) and speed._ratio(loop, fused, "fwd_bwd") == (2.7, True)
+    assert speed._ratio(loop, lora, "step") == (3.0, False)  # paired with another reference: the ratio of the medians
+    assert speed._ratio(loop, lora, "fwd_bwd") == (3.0, False)
     assert speed._paired_cell(loop) == "2.500 (2.40-2.60)" and speed._paired_cell(fused) == ""
     s_off = speed.resolve_settings(speed.parse_args([*TINY, "--iters", "1", "--warmup", "0", "--no-paired"]))
     assert "paired_ratio" not in speed.run_train_config(s_off, "asymlora_moe", 3, "fused")
