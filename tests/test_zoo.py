@@ -231,12 +231,18 @@ def test_dinov2_onnx_conversion_on_a_tiny_export(tmp_path):
         assert dinov2_onnx.verify_dinov2_against_onnx(converted, path, backend="onnxruntime").max_abs_error < 1e-5
 
 
-def test_legacy_dinov2_names_are_renamed():
-    keys = tf.Dinov2Model(tiny_dinov2_config()).state_dict().keys()
-    legacy = {"encoder.layer.0.attention.attention.query.weight": torch.zeros(1),
-              "encoder.layer.0.attention.output.dense.bias": torch.zeros(1), "layernorm.weight": torch.zeros(1)}
-    assert set(dinov2_onnx.rename_for_model(legacy, keys)) == {
-        "encoder.layer.0.attention.q_proj.weight", "encoder.layer.0.attention.o_proj.bias", "layernorm.weight"}
+def test_dinov2_names_are_renamed_to_the_installed_naming():
+    # Both namings (transformers <= 5.17 and later) must land on this version's keys, whichever it is.
+    keys = set(tf.Dinov2Model(tiny_dinov2_config()).state_dict().keys())
+    legacy = ["encoder.layer.0.attention.attention.query.weight", "encoder.layer.0.attention.output.dense.bias"]
+    current = ["encoder.layer.0.attention.q_proj.weight", "encoder.layer.0.attention.o_proj.bias"]
+    assert (set(legacy) <= keys) != (set(current) <= keys)  # this version uses exactly one of them
+    for names in (legacy, current):
+        state = {name: torch.zeros(1) for name in [*names, "layernorm.weight"]}
+        renamed = dinov2_onnx.rename_for_model(state, keys)
+        assert len(renamed) == 3 and set(renamed) <= keys
+    unknown = dinov2_onnx.rename_for_model({"encoder.layer.0.attention.bogus.weight": torch.zeros(1)}, keys)
+    assert set(unknown) == {"encoder.layer.0.attention.bogus.weight"}
 
 
 def test_missing_packages_name_the_setup_command(monkeypatch, tmp_path):

@@ -125,14 +125,25 @@ def convert_dinov2_onnx(onnx_path: str | Path, prefix: str = "backbone.") -> dic
 
 
 def rename_for_model(state: dict[str, torch.Tensor], model_keys: set[str] | list[str]) -> dict[str, torch.Tensor]:
-    """Map legacy Dinov2 key names onto ``model_keys`` (keys already in ``model_keys`` are kept as they are)."""
+    """Map Dinov2 key names onto the naming of ``model_keys``, in whichever direction it needs.
+
+    transformers up to 5.17 names the attention ``attention.attention.query``/``attention.output.dense``;
+    later versions name it ``attention.q_proj``/``attention.o_proj``. A key already in ``model_keys`` is
+    kept as it is; any other is renamed legacy -> current, or current -> legacy, whichever lands in
+    ``model_keys`` (else it is kept, for the caller's missing/unexpected report).
+    """
     model_keys = set(model_keys)
     renamed = {}
     for key, value in state.items():
         new = key
         if key not in model_keys:
-            for old, current in LEGACY_RENAMES:
-                new = new.replace(old, current)
+            for pairs in (LEGACY_RENAMES, tuple((current, old) for old, current in LEGACY_RENAMES)):
+                candidate = key
+                for source, target in pairs:
+                    candidate = candidate.replace(source, target)
+                if candidate in model_keys:
+                    new = candidate
+                    break
         renamed[new] = value
     return renamed
 
