@@ -241,12 +241,61 @@ def test_cli_ends_the_process_group_it_ran_under(finished, tmp_path):
 
     from asymlora.train import _end_processes
 
-    _end_processes(finished)  # no group: nothing to do
+    assert _end_processes(finished) is False  # no group: nothing to do
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         assert dist.is_initialized()
-        _end_processes(finished)
+        assert _end_processes(finished) is True
         assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize("outcome", ["finished", "non-finite loss", "no group"])
+def test_cli_rank_exits_before_interpreter_teardown(outcome, tmp_path, monkeypatch, capsys):
+    """A rank of a distributed `asymlora train` ends its group, flushes, and leaves by os._exit with the
+    run's exit code (interpreter finalization is where gloo's threads aborted finished runs); a run
+    without a group returns normally."""
+    import argparse
+
+    import torch.distributed as dist
+
+    import asymlora.train as train_module
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(train_setup(tmp_path)))
+    trained = []
+
+    def training(config, resume=None):  # what the CLI runs, reduced to its outcome
+        trained.append(config.training["output_dir"])
+        if outcome == "non-finite loss":
+            raise train_module.NonFiniteLossError("loss is nan at step 3")
+
+    exits = []
+
+    def exit_now(code):
+        exits.append(code)
+        raise _Exited
+
+    monkeypatch.setattr(train_module, "run_training", training)
+    monkeypatch.setattr(train_module.os, "_exit", exit_now)
+    args = argparse.Namespace(config=str(config), overrides=[], resume=None)
+    if outcome == "no group":
+        assert train_module._cli_train(args) == 0 and exits == [] and trained
+        return
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(_Exited):
+            train_module._cli_train(args)
+        assert exits == [0 if outcome == "finished" else 1] and trained
+        assert not dist.is_initialized()
+        if outcome == "non-finite loss":
+            assert "loss is nan at step 3" in capsys.readouterr().out
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

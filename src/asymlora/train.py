@@ -757,36 +757,56 @@ def run_training(config: TrainConfig, resume: str | bool | None = None) -> Path:
     return out
 
 
-def _end_processes(finished: bool) -> None:
-    """Tear down the process group this run started (under ``accelerate launch``), as PyTorch asks a run to.
+def _end_processes(finished: bool) -> bool:
+    """Tear down the process group this run started (under ``accelerate launch``), as PyTorch asks a run to;
+    True when there was one.
 
-    Left to interpreter teardown, the gloo group's C++ worker threads are destroyed in whatever order the
-    interpreter frees things, and a rank has been seen to abort there after training ("terminate called
-    without an active exception", SIGABRT), failing a finished run. A finished run first waits for every
-    rank, so that none tears the group down while another still uses it; a failed one does not wait (the
-    other ranks may never get there).
+    A finished run first waits for every rank, so that none tears the group down while another still uses
+    it; a failed one does not wait (the other ranks may never get there).
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return
+        return False
     if finished:
         dist.barrier()
     dist.destroy_process_group()
+    return True
+
+
+def _exit_without_teardown(code: int) -> None:
+    """End a distributed rank now, skipping interpreter finalization (``os._exit``), once all is on disk.
+
+    Even after ``destroy_process_group``, gloo's C++ worker threads can still hold finished work whose
+    tensors reference Python objects (DeepSpeed and DDP keep their groups referenced); when the
+    interpreter finalizes, freeing them needs the GIL and the rank aborts ("terminate called without an
+    active exception", SIGABRT), failing a run that finished and saved everything (seen in CI under DDP
+    and ZeRO-2/3). Every file this run writes is complete by now (atomic writes, the Trainer's callbacks
+    closed at train end), so the rank flushes its logs and streams and leaves with its exit code.
+    """
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _cli_train(args: argparse.Namespace) -> int:
     config = TrainConfig.load(args.config, args.overrides)
-    finished = False
+    finished, code = False, 1
     try:
         run_training(config, resume=args.resume)
-        finished = True
+        finished, code = True, 0
     except NonFiniteLossError as err:
         print(f"asymlora train: {err}")
-        return 1
     finally:
-        _end_processes(finished)
-    return 0
+        ended = _end_processes(finished)
+    if ended:  # a rank of a distributed run: leave before interpreter finalization (see above)
+        _exit_without_teardown(code)
+    return code
 
 
 def register_cli(subparsers: Any) -> None:
