@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"runs": []}
     before = {"overrides": [], **data.get("setup", {})}
     now = {"model": args.model, "mixture": args.mixture, "steps": args.steps, "batch_size": args.batch_size,
-           "lr": args.lr, "projector_lr": args.projector_lr, "eval_samples": args.eval_samples, "overrides": args.set}
+           "lr": args.lr, "projector_lr": args.projector_lr, "eval_samples": args.eval_samples, "overrides": args.set,
+           "max_new_tokens": args.max_new_tokens, "prompt_suffix": args.prompt_suffix}
     changed = [k for k in now if k in before and before[k] != now[k]] if data["runs"] else []
     if changed:  # the runs of one file must be comparable
         raise SystemExit(f"{path}: its runs were made with " + ", ".join(f"{k}={before[k]!r}" for k in changed)
@@ -339,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     data.update({"tasks": tasks, "budget": budget, "ranks": {m: {"r": r, "params": p} for m, (r, p) in ranks.items()},
                  "setup": {"model": args.model, "mixture": args.mixture, "steps": args.steps,
                            "batch_size": args.batch_size, "lr": args.lr, "projector_lr": args.projector_lr,
-                           "eval_samples": args.eval_samples, "budget_rank": args.rank, "overrides": args.set,
+                           "eval_samples": args.eval_samples, "max_new_tokens": args.max_new_tokens,
+                           "prompt_suffix": args.prompt_suffix, "budget_rank": args.rank, "overrides": args.set,
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
                            or "cpu", "torch": torch.__version__, "threads": torch.get_num_threads()}})
     for method, (r, params) in ranks.items():

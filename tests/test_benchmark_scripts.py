@@ -60,6 +60,9 @@ def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache
     assert json.loads((tmp_path / "res" / "quality_t.json").read_text())["runs"] == json.loads(before)["runs"]
     with pytest.raises(SystemExit, match=r"overrides=\[\]; these settings give overrides=\['loraplus_lr_ratio=2'\]"):
         quality.main([*argv, "--set", "loraplus_lr_ratio=2"])  # a variant must not join the plain runs' file
+    assert data["setup"]["max_new_tokens"] == 2  # the decoding length is part of what makes runs comparable
+    with pytest.raises(SystemExit, match=r"max_new_tokens=2; these settings give max_new_tokens=3"):
+        quality.main([*argv, "--max-new-tokens", "3"])
 
 
 def test_quality_set_overrides_reach_every_run_config(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 from train_fixtures import train_setup
 
@@ -43,6 +44,13 @@ def test_eval_report_plot_merge_and_compare(tmp_path):
     assert table.splitlines()[0] == "| task | metric | base | run |"
     assert table.splitlines()[-1].startswith("| **mean** |")
     assert (tmp_path / "cmp" / "compare.png").is_file()
+    assert main(["compare", str(tmp_path / "base"), str(tmp_path / "routed"), "--reference", "base", "--resamples",
+                 "200", "--out", str(tmp_path / "paired")]) == 0
+    paired = json.loads((tmp_path / "paired" / "paired.json").read_text())
+    base = json.loads((tmp_path / "base" / "results.json").read_text())
+    assert paired["runs"]["run"]["mean"]["diff"] == pytest.approx(results["mean"] - base["mean"])
+    assert set(paired["tasks"]) == {"color", "isred"} and paired["tasks"]["color"]["items"] == 6
+    assert "| run | " in (tmp_path / "paired" / "paired.md").read_text()
 
 
 def test_rank_scoring_picks_from_train_answers(tmp_path):

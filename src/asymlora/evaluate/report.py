@@ -137,16 +137,35 @@ def load_results(run: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def compare(runs: Sequence[str | Path], out: Path) -> dict[str, Path]:
-    """Put several evaluated runs side by side: compare.md and compare.png in ``out``."""
+def compare(runs: Sequence[str | Path], out: Path, reference: str | None = None, resamples: int = 10_000,
+            seed: int = 0) -> dict[str, Path]:
+    """Put several evaluated runs side by side: compare.md and compare.png in ``out``. With ``reference`` (a
+    run's name or dir), also paired.md and paired.json: every other run's difference to it on the same test
+    items, with bootstrap intervals (:mod:`asymlora.evaluate.paired`)."""
     loaded: dict[str, dict[str, Any]] = {}
+    dirs: list[str | Path] = []
     for run in runs:
         results = load_results(run)
         name = results.get("name") or Path(run).name
         while name in loaded:
             name += "'"
         loaded[name] = results
+        dirs.append(run)
+    summary = None
+    if reference is not None:  # computed before anything is written: a mismatch leaves no partial output
+        from asymlora.evaluate.paired import paired_bootstrap, resolve_reference
+
+        ref_name = resolve_reference(reference, list(loaded), dirs)
+        summary = paired_bootstrap({n: (loaded[n], d) for n, d in zip(loaded, dirs)}, ref_name,
+                                   resamples=resamples, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "compare.md", markdown_table(loaded))
     plot = bar_chart(loaded, out / "compare.png", title="comparison")
-    return {"table": out / "compare.md", "plot": plot}
+    paths = {"table": out / "compare.md", "plot": plot}
+    if summary is not None:
+        from asymlora.evaluate.paired import markdown
+
+        write_json_atomic(out / "paired.json", summary)
+        write_text_atomic(out / "paired.md", markdown(summary))
+        paths.update(paired=out / "paired.md", paired_json=out / "paired.json")
+    return paths

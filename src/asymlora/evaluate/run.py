@@ -269,9 +269,11 @@ def _cli_eval(args: argparse.Namespace) -> int:
 def _cli_compare(args: argparse.Namespace) -> int:
     from asymlora.evaluate.report import compare
 
-    paths = compare(args.runs, Path(args.out))
+    paths = compare(args.runs, Path(args.out), reference=args.reference, resamples=args.resamples, seed=args.seed)
     print(paths["table"].read_text())
-    print(f"wrote {paths['table']}, {paths['plot']}")
+    if "paired" in paths:
+        print(paths["paired"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -316,4 +318,8 @@ def register_cli(subparsers: Any) -> None:
     comp = subparsers.add_parser("compare", help="put several evaluated runs side by side (table + plot)")
     comp.add_argument("runs", nargs="+", help="output dirs of `asymlora eval`")
     comp.add_argument("--out", required=True, help="where compare.md and compare.png go")
+    comp.add_argument("--reference", help="a compared run (name or dir): also paired.md/paired.json, each other "
+                      "run's difference to it on the same test items with bootstrap intervals")
+    comp.add_argument("--resamples", type=int, default=10_000, help="with --reference: bootstrap resamples")
+    comp.add_argument("--seed", type=int, default=0, help="with --reference: the bootstrap's random seed")
     comp.set_defaults(func=_cli_compare)
