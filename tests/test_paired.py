@@ -50,6 +50,15 @@ def test_paired_differences_are_exact_and_oriented(tmp_path):
     assert "| better | +0.100 [" in table and "(20↑ 0↓)" in table
 
 
+def test_cer_above_one_moves_its_task_but_not_the_clipped_mean(tmp_path):
+    ref = write_run(tmp_path, "ref", {"ocr": ("character_error_rate", False, [1.5, 1.3])})
+    run = write_run(tmp_path, "run", {"ocr": ("character_error_rate", False, [1.2, 1.2])})
+    summary = json.loads(compare([ref, run], tmp_path / "cmp", reference="ref")["paired_json"].read_text())
+    entry = summary["runs"]["run"]
+    assert entry["tasks"]["ocr"]["diff"] == pytest.approx(0.2) and entry["tasks"]["ocr"]["ahead"] == 2
+    assert entry["mean"]["diff"] == 0.0  # both means score max(0, 1 - CER) = 0, as compare's mean column does
+
+
 def test_paired_interval_covers_a_null_difference(tmp_path):
     """Two runs right on independent halves of the items: no true difference, so the interval spans 0."""
     rng = np.random.default_rng(1)

@@ -5,7 +5,8 @@ the items' difficulty is shared. The paired bootstrap resamples the test items o
 the same resample for every run, recomputes each run's task scores and mean over tasks from the per-item
 scores in ``predictions.jsonl``, and reports each run's difference to the reference with a 95% percentile
 interval. Differences are oriented so that positive is better: a lower-is-better metric (CER) enters as
-1 - value, as in the mean of :func:`asymlora.evaluate.report.mean_score`.
+1 - value, clipped at 0 in the mean over tasks as in :func:`asymlora.evaluate.report.mean_score`, and not
+clipped in the task's own difference (a CER that falls from 1.3 to 1.1 counts there).
 
 What it measures is the uncertainty from the finite test set, for these trained adapters. It says nothing
 about the spread between training seeds, which needs several trained runs per method.
@@ -52,8 +53,12 @@ def load_predictions(run: str | Path) -> dict[str, dict[Any, float]]:
     return scores
 
 
-def _oriented(values: np.ndarray, higher: bool) -> np.ndarray:
-    return values if higher else np.maximum(0.0, 1.0 - values)
+def _oriented(values: np.ndarray, higher: bool, clip: bool = True) -> np.ndarray:
+    """Higher-is-better form of a task score: 1 - value for a lower-is-better metric, clipped at 0 as in the
+    mean over tasks (``clip``) or not, for a task's own difference (CER above 1 still moves)."""
+    if higher:
+        return values
+    return np.maximum(0.0, 1.0 - values) if clip else 1.0 - values
 
 
 def paired_bootstrap(runs: dict[str, tuple[dict[str, Any], str | Path]], reference: str, resamples: int = 10_000,
@@ -96,10 +101,10 @@ def paired_bootstrap(runs: dict[str, tuple[dict[str, Any], str | Path]], referen
                     f"{len(missing)} of the reference's {len(ids)} missing (e.g. {missing[:1]}); compare runs "
                     "evaluated on the same items (same --split and --max-samples)")
             matrix[r] = [scored[i] for i in ids]
-        draw = rng.integers(0, len(ids), size=(resamples, len(ids)))
-        for r in range(len(names)):
-            full[r, t] = _oriented(matrix[r].mean(keepdims=True), higher)[0]
-            sampled[r, t] = _oriented(matrix[r][draw].mean(axis=1), higher)
+        draw = rng.integers(0, len(ids), size=(resamples, len(ids)))  # one resample of the items for every run
+        raw = np.stack([matrix[r][draw].mean(axis=1) for r in range(len(names))])  # (runs, resamples)
+        full[:, t] = _oriented(matrix.mean(axis=1), higher)
+        sampled[:, t] = _oriented(raw, higher)
         summary["tasks"][task] = {"metric": metric, "higher_is_better": higher, "items": len(ids)}
         ref_row = names.index(reference)
         sign = 1.0 if higher else -1.0
@@ -107,7 +112,8 @@ def paired_bootstrap(runs: dict[str, tuple[dict[str, Any], str | Path]], referen
             if name == reference:
                 continue
             better = sign * (matrix[r] - matrix[ref_row])
-            entry = _interval(full[r, t] - full[ref_row, t], sampled[r, t] - sampled[ref_row, t])
+            task_diff = sign * (matrix[r].mean() - matrix[ref_row].mean())  # unclipped: CER > 1 still counts
+            entry = _interval(task_diff, sign * (raw[r] - raw[ref_row]))
             entry.update(ahead=int((better > 0).sum()), behind=int((better < 0).sum()))
             summary["runs"][name]["tasks"][task] = entry
     means_full, means_sampled = full.mean(axis=1), sampled.mean(axis=1)
@@ -129,8 +135,10 @@ def markdown(summary: dict[str, Any]) -> str:
     """The paired table: one row per run, the mean's and each task's difference to the reference."""
     tasks = summary["tasks"]
     pct = round(summary["confidence"] * 100)
-    lines = [f"Paired differences to **{summary['reference']}** on the same test items (positive = better; "
-             f"CER as 1 − CER), with {pct}% bootstrap intervals over the items ({summary['resamples']:,} "
+    lines = [f"Paired differences to **{summary['reference']}** on the same test items (positive = better: a "
+             "lower-is-better metric such as CER enters as 1 − value, clipped at 0 in the mean as in the "
+             f"comparison table, not in its task's column), with {pct}% bootstrap intervals over the items "
+             f"({summary['resamples']:,} "
              "resamples). They measure the test set's sampling error for these adapters, not the spread "
              "between training seeds.", "",
              "| run | mean | P(ahead) | " + " | ".join(
