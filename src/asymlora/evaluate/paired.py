@@ -53,12 +53,10 @@ def load_predictions(run: str | Path) -> dict[str, dict[Any, float]]:
     return scores
 
 
-def _oriented(values: np.ndarray, higher: bool, clip: bool = True) -> np.ndarray:
-    """Higher-is-better form of a task score: 1 - value for a lower-is-better metric, clipped at 0 as in the
-    mean over tasks (``clip``) or not, for a task's own difference (CER above 1 still moves)."""
-    if higher:
-        return values
-    return np.maximum(0.0, 1.0 - values) if clip else 1.0 - values
+def _oriented(values: np.ndarray, higher: bool) -> np.ndarray:
+    """Task scores as they enter the mean over tasks: :func:`~asymlora.evaluate.report.mean_score`'s
+    max(0, 1 - value) for a lower-is-better metric, element-wise over resamples."""
+    return values if higher else np.maximum(0.0, 1.0 - values)
 
 
 def paired_bootstrap(runs: dict[str, tuple[dict[str, Any], str | Path]], reference: str, resamples: int = 10_000,
@@ -81,6 +79,7 @@ def paired_bootstrap(runs: dict[str, tuple[dict[str, Any], str | Path]], referen
     names = list(runs)
     items = load_predictions(ref_dir)
     per_run = {name: items if name == reference else load_predictions(run_dir) for name, (_, run_dir) in runs.items()}
+    ref_row = names.index(reference)
     rng = np.random.default_rng(seed)
     full = np.zeros((len(names), len(tasks)))  # oriented task scores on all items
     sampled = np.zeros((len(names), len(tasks), resamples))  # ... on each resample
@@ -106,7 +105,6 @@ def paired_bootstrap(runs: dict[str, tuple[dict[str, Any], str | Path]], referen
         full[:, t] = _oriented(matrix.mean(axis=1), higher)
         sampled[:, t] = _oriented(raw, higher)
         summary["tasks"][task] = {"metric": metric, "higher_is_better": higher, "items": len(ids)}
-        ref_row = names.index(reference)
         sign = 1.0 if higher else -1.0
         for r, name in enumerate(names):
             if name == reference:
@@ -117,7 +115,6 @@ def paired_bootstrap(runs: dict[str, tuple[dict[str, Any], str | Path]], referen
             entry.update(ahead=int((better > 0).sum()), behind=int((better < 0).sum()))
             summary["runs"][name]["tasks"][task] = entry
     means_full, means_sampled = full.mean(axis=1), sampled.mean(axis=1)
-    ref_row = names.index(reference)
     for r, name in enumerate(names):
         if name != reference:
             summary["runs"][name]["mean"] = _interval(means_full[r] - means_full[ref_row],

@@ -153,6 +153,7 @@ def compare(runs: Sequence[str | Path], out: Path, reference: str | None = None,
         dirs.append(run)
     summary = None
     if reference is not None:  # computed before anything is written: a mismatch leaves no partial output
+        from asymlora.evaluate.paired import markdown as paired_markdown
         from asymlora.evaluate.paired import paired_bootstrap, resolve_reference
 
         ref_name = resolve_reference(reference, list(loaded), dirs)
@@ -163,9 +164,7 @@ def compare(runs: Sequence[str | Path], out: Path, reference: str | None = None,
     plot = bar_chart(loaded, out / "compare.png", title="comparison")
     paths = {"table": out / "compare.md", "plot": plot}
     if summary is not None:
-        from asymlora.evaluate.paired import markdown
-
         write_json_atomic(out / "paired.json", summary)
-        write_text_atomic(out / "paired.md", markdown(summary))
+        write_text_atomic(out / "paired.md", paired_markdown(summary))
         paths.update(paired=out / "paired.md", paired_json=out / "paired.json")
     return paths
