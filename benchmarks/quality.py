@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 import asymlora.train
+from asymlora.evaluate.report import oriented
 from asymlora.io import write_json_atomic, write_text_atomic
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -264,7 +265,7 @@ def plot(data: dict[str, Any], path: Path) -> Path:
     for i, row in enumerate(rows):
         higher = {t: next((r["scores"][t]["higher_is_better"] for r in data["runs"] if t in r["scores"]), True)
                   for t in tasks}
-        values = [[v if higher[t] else max(0.0, 1 - v) for v in row[t]] for t in tasks] + [row["mean"]]
+        values = [[oriented(v, higher[t]) for v in row[t]] for t in tasks] + [row["mean"]]
         means = [statistics.mean(v) if v else 0 for v in values]
         errs = [statistics.stdev(v) if len(v) > 1 else 0 for v in values]
         ax.bar([k + i * width for k in range(len(labels))], means, width, yerr=errs, label=row["method"], capsize=2)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from asymlora.errors import DataError
-from asymlora.evaluate.report import headline
+from asymlora.evaluate.report import headline, oriented
 
 CONFIDENCE = 0.95
 
@@ -51,12 +51,6 @@ def load_predictions(run: str | Path) -> dict[str, dict[Any, float]]:
                 raise DataError(f"{path}, line {line_no}: item id {item!r} of task {task!r} appears twice")
             task_scores[key] = score
     return scores
-
-
-def _oriented(values: np.ndarray, higher: bool) -> np.ndarray:
-    """Task scores as they enter the mean over tasks: :func:`~asymlora.evaluate.report.mean_score`'s
-    max(0, 1 - value) for a lower-is-better metric, element-wise over resamples."""
-    return values if higher else np.maximum(0.0, 1.0 - values)
 
 
 def paired_bootstrap(runs: dict[str, tuple[dict[str, Any], str | Path]], reference: str, resamples: int = 10_000,
@@ -102,8 +96,8 @@ def paired_bootstrap(runs: dict[str, tuple[dict[str, Any], str | Path]], referen
             matrix[r] = [scored[i] for i in ids]
         draw = rng.integers(0, len(ids), size=(resamples, len(ids)))  # one resample of the items for every run
         raw = np.stack([matrix[r][draw].mean(axis=1) for r in range(len(names))])  # (runs, resamples)
-        full[:, t] = _oriented(matrix.mean(axis=1), higher)
-        sampled[:, t] = _oriented(raw, higher)
+        full[:, t] = oriented(matrix.mean(axis=1), higher)
+        sampled[:, t] = oriented(raw, higher)
         summary["tasks"][task] = {"metric": metric, "higher_is_better": higher, "items": len(ids)}
         sign = 1.0 if higher else -1.0
         for r, name in enumerate(names):

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
 
 from asymlora.errors import DataError
 from asymlora.io import atomic_path, write_json_atomic, write_text_atomic
+
+_Score = TypeVar("_Score", float, np.ndarray)
 
 
 def headline(result: dict[str, Any]) -> tuple[str, float, bool]:
@@ -40,12 +44,24 @@ def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def oriented(value: _Score, higher: bool) -> _Score:
+    """A task score as it enters the mean over tasks: unchanged if higher is better, else max(0, 1 - value).
+
+    Works on a float and element-wise on a numpy array (the paired bootstrap's resampled scores).
+    """
+    if higher:
+        return value
+    if isinstance(value, np.ndarray):
+        return np.maximum(0.0, 1.0 - value)
+    return max(0.0, 1.0 - value)
+
+
 def mean_score(task_results: dict[str, dict[str, Any]]) -> float:
     """Mean over tasks of the headline metric, with lower-is-better metrics (CER) turned into 1 - value."""
     values = []
     for result in task_results.values():
         _, value, higher = headline(result)
-        values.append(value if higher else max(0.0, 1.0 - value))
+        values.append(oriented(value, higher))
     return sum(values) / len(values) if values else 0.0
 
 
@@ -70,7 +86,7 @@ def bar_chart(runs: dict[str, dict[str, Any]], path: Path, title: str = "asymlor
                 values.append(0.0)
                 continue
             _, value, higher = headline(result)
-            values.append(value if higher else max(0.0, 1.0 - value))
+            values.append(oriented(value, higher))
         values.append(results["mean"])
         positions = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(labels))]
         ax.bar(positions, values, width=width, label=name)
