@@ -127,3 +127,40 @@ def test_vision_probe_script_on_pixels(tmp_path, isolated_cache):
     assert all(0 <= v <= 1 for v in result["accuracy"]["pixels"].values())
     assert result["counts"]["fashion"] == {"train": 40, "test": 40}
     assert "| pixels |" in (tmp_path / "vision_probe_cpu.md").read_text()
+
+
+def _paired_file(path: Path, seed: int, diffs: dict[str, float], items: int = 4) -> Path:
+    tasks = {"vqa": {"metric": "vqa_match", "higher_is_better": True, "items": items},
+             "ocr": {"metric": "character_error_rate", "higher_is_better": False, "items": items}}
+    runs = {f"mixed-{method}-r4-s{seed}": {
+        "mean": {"diff": diff, "low": diff - 0.01, "high": diff + 0.01, "p_ahead": 0.5},
+        "tasks": {task: {"diff": 2 * diff if task == "vqa" else 0.0, "low": 0, "high": 0, "p_ahead": 0.5,
+                         "ahead": 1, "behind": 1} for task in tasks}} for method, diff in diffs.items()}
+    path.mkdir(parents=True)
+    (path / "paired.json").write_text(json.dumps({"reference": f"mixed-lora-r16-s{seed}", "resamples": 10,
+                                                  "confidence": 0.95, "seed": 0, "tasks": tasks, "runs": runs}))
+    return path
+
+
+def test_paired_seeds_pools_differences_over_seeds_and_refuses_other_items(tmp_path):
+    pooling = _load_benchmark("paired_seeds")
+    s0 = _paired_file(tmp_path / "s0", 0, {"asymlora": 0.01, "lora_moe": -0.02})
+    s1 = _paired_file(tmp_path / "s1", 1, {"asymlora": 0.03, "lora_moe": 0.01})
+    out = tmp_path / "out"
+    assert pooling.main([str(s0), str(s1 / "paired.json"), "--out", str(out)]) == 0
+    pooled = json.loads((out / "paired_seeds.json").read_text())
+    assert pooled["reference"] == "mixed-lora-r16" and pooled["seeds"] == ["0", "1"]
+    asym = pooled["methods"]["mixed-asymlora-r4"]
+    assert abs(asym["mean"] - 0.02) < 1e-12 and abs(asym["std"] - 0.0141421356) < 1e-9 and asym["ahead"] == 2
+    assert abs(asym["tasks"]["vqa"]["mean"] - 0.04) < 1e-12
+    assert pooled["methods"]["mixed-lora_moe-r4"]["ahead"] == 1
+    md = (out / "paired_seeds.md").read_text()
+    assert "| mixed-asymlora-r4 | +0.010 [+0.000, +0.020] | +0.030 [+0.020, +0.040] | +0.020 ± 0.014 | 2/2 |" in md
+
+    other = _paired_file(tmp_path / "s2", 2, {"asymlora": 0.0}, items=5)
+    fresh = tmp_path / "fresh"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paired_seeds.py"), str(s0), str(other),
+                           "--out", str(fresh)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert str(other / "paired.json") in proc.stderr and "field 'tasks'" in proc.stderr
+    assert not fresh.exists()
