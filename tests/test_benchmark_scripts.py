@@ -164,3 +164,33 @@ def test_paired_seeds_pools_differences_over_seeds_and_refuses_other_items(tmp_p
     assert proc.returncode == 2
     assert str(other / "paired.json") in proc.stderr and "field 'tasks'" in proc.stderr
     assert not fresh.exists()
+
+
+def test_caption_parts_splits_emoji_captions_and_names_bad_lines(tmp_path, capsys):
+    captions = _load_benchmark("caption_parts")
+    ref = "A grinning face, a face-smiling emoji from the Smileys & Emotion category."
+    flag = "A Peru flag, a country-flag emoji from the Flags category."
+    rows = [{"task": "easyvqa", "id": "q", "prediction": "red", "reference": "red", "score": 1.0},
+            {"task": "emoji", "id": 1, "prediction": "A smiling face, a face-smiling emoji from the Smileys & Emotion "
+             "category.", "reference": ref, "score": 0.8},
+            {"task": "emoji", "id": 2, "prediction": "A man, a person emoji from the Smileys & Emotion category.",
+             "reference": flag, "score": 0.4},
+            {"task": "emoji", "id": 3, "prediction": "A flag of the flag of the flag of the flag of the flag of",
+             "reference": flag, "score": 0.2}]
+    run = tmp_path / "run-a"
+    run.mkdir()
+    (run / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    assert captions.main([str(run), "--out", str(out)]) == 0
+    row = json.loads((out / "caption_parts.json").read_text())["run-a"]
+    assert row["items"] == 3 and abs(row["rouge_l"] - 1.4 / 3) < 1e-12
+    assert row["format"] == 2 / 3 and row["category"] == 1 / 3 and row["subgroup"] == 1 / 3
+    assert row["loops"] == 1 / 3 and row["majority_category"] == 2 / 3
+    assert row["predicted_categories"] == {"Smileys & Emotion": 2}
+    assert "| run-a | 0.467 | 0.667 | 0.333 | 0.333 | 0.333 | Smileys & Emotion (0.67) |" in (out / "caption_parts.md").read_text()
+
+    (run / "predictions.jsonl").write_text(json.dumps(rows[1]) + "\n{not json\n")
+    bad = tmp_path / "bad"
+    assert captions.main([str(run), "--out", str(bad)]) == 2
+    assert f"{run / 'predictions.jsonl'}, line 2:" in capsys.readouterr().err
+    assert not bad.exists()

@@ -1,0 +1,132 @@
+"""Where an emoji caption's score goes: format, category, subgroup and degenerate loops, per evaluated run.
+
+The built-in emoji task's captions follow one template, ``"<name>, a <subgroup> emoji from the <category>
+category."``, and ROUGE-L scores them as a whole. This script splits a run's emoji predictions
+(``predictions.jsonl`` of ``asymlora eval``) into what ROUGE-L mixes: the share of predictions in the
+template's format, the share that name the reference's category (one of 9 Unicode groups) and its subgroup,
+and the share that loop (12 or more words, fewer than half of them distinct). It also gives the
+majority-category baseline of the items, so "names the category" can be read against always answering the
+most frequent one.
+
+    python benchmarks/caption_parts.py benchmarks/results/fulltest_200steps/mixed-*-s1 \\
+        --out benchmarks/results/fulltest_200steps/caption_parts
+
+writes ``caption_parts.json`` and ``caption_parts.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from asymlora.errors import DataError
+from asymlora.io import write_json_atomic, write_text_atomic
+
+TEMPLATE = re.compile(r", an? (?P<subgroup>.+?) emoji from the (?P<category>.+?) category")
+TASK = "emoji"
+
+
+def parts(text: str) -> tuple[str, str] | None:
+    """(subgroup, category) of a caption in the template's format, else None."""
+    match = TEMPLATE.search(text)
+    return (match["subgroup"], match["category"]) if match else None
+
+
+def loops(text: str) -> bool:
+    words = text.split()
+    return len(words) >= 12 and len(set(words)) < len(words) / 2
+
+
+def read_emoji(run: str | Path) -> tuple[Path, list[dict[str, Any]]]:
+    """The emoji rows of a run's ``predictions.jsonl`` (the run dir or the file)."""
+    path = Path(run)
+    path = path / "predictions.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise DataError(f"{path}: not found (expected the predictions.jsonl of `asymlora eval`)")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if row["task"] == TASK:
+                    rows.append({"id": row["id"], "prediction": str(row["prediction"]),
+                                 "reference": str(row["reference"]), "score": float(row["score"])})
+            except (ValueError, KeyError, TypeError) as error:
+                raise DataError(f"{path}, line {line_no}: expected a JSON object with 'task', 'id', 'prediction', "
+                                f"'reference' and a numeric 'score' ({error})") from None
+    if not rows:
+        raise DataError(f"{path}: no predictions of task {TASK!r}")
+    return path, rows
+
+
+def summarize(rows: list[dict[str, Any]], path: Path) -> dict[str, Any]:
+    """Shares of the run's emoji predictions in format, naming the category / subgroup, looping."""
+    gold = []
+    for row in rows:
+        found = parts(row["reference"])
+        if found is None:
+            raise DataError(f"{path}: reference of item {row['id']!r} is not in the emoji caption template "
+                            f"({row['reference']!r})")
+        gold.append(found)
+    predicted = [parts(row["prediction"]) for row in rows]
+    n = len(rows)
+    categories = Counter(category for _, category in gold)
+    return {
+        "items": n,
+        "rouge_l": statistics.mean(row["score"] for row in rows),
+        "format": sum(p is not None for p in predicted) / n,
+        "category": sum(p is not None and p[1] == g[1] for p, g in zip(predicted, gold)) / n,
+        "subgroup": sum(p is not None and p[0] == g[0] for p, g in zip(predicted, gold)) / n,
+        "loops": sum(loops(row["prediction"]) for row in rows) / n,
+        "majority_category": categories.most_common(1)[0][1] / n,
+        "predicted_categories": dict(Counter(p[1] for p in predicted if p is not None).most_common()),
+    }
+
+
+def markdown(table: dict[str, dict[str, Any]]) -> str:
+    first = next(iter(table.values()))
+    lines = [f"Emoji captions split into the template's parts ({first['items']} items; always answering the most "
+             f"frequent category would name it for {first['majority_category']:.3f}).", "",
+             "| run | ROUGE-L | in format | names the category | names the subgroup | loops | most predicted category |",
+             "|---|---|---|---|---|---|---|"]
+    for run, row in table.items():
+        top = next(iter(row["predicted_categories"].items()), ("", 0))
+        lines.append(f"| {run} | {row['rouge_l']:.3f} | {row['format']:.3f} | {row['category']:.3f} | "
+                     f"{row['subgroup']:.3f} | {row['loops']:.3f} | {top[0]} ({top[1] / row['items']:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="`asymlora eval` output dirs (or their predictions.jsonl)")
+    parser.add_argument("--out", required=True, help="dir for caption_parts.json and caption_parts.md")
+    args = parser.parse_args(argv)
+    table: dict[str, dict[str, Any]] = {}
+    try:
+        for run in args.runs:
+            path, rows = read_emoji(run)
+            name = path.parent.name if path.name == "predictions.jsonl" else path.stem
+            if name in table:
+                raise DataError(f"{path}: a second run named {name!r}")
+            table[name] = summarize(rows, path)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "caption_parts.json", table)
+    write_text_atomic(out / "caption_parts.md", markdown(table))
+    print(markdown(table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
