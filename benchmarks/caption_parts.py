@@ -17,7 +17,6 @@ writes ``caption_parts.json`` and ``caption_parts.md`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -26,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.errors import DataError
-from asymlora.io import write_json_atomic, write_text_atomic
+from asymlora.evaluate.paired import read_predictions
+from asymlora.io import write_json_and_markdown
 
 TEMPLATE = re.compile(r", an? (?P<subgroup>.+?) emoji from the (?P<category>.+?) category")
 TASK = "emoji"
@@ -45,23 +45,17 @@ def loops(text: str) -> bool:
 
 def read_emoji(run: str | Path) -> tuple[Path, list[dict[str, Any]]]:
     """The emoji rows of a run's ``predictions.jsonl`` (the run dir or the file)."""
-    path = Path(run)
-    path = path / "predictions.jsonl" if path.is_dir() else path
-    if not path.is_file():
-        raise DataError(f"{path}: not found (expected the predictions.jsonl of `asymlora eval`)")
+    path, lines = read_predictions(run)
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if row["task"] == TASK:
-                    rows.append({"id": row["id"], "prediction": str(row["prediction"]),
-                                 "reference": str(row["reference"]), "score": float(row["score"])})
-            except (ValueError, KeyError, TypeError) as error:
-                raise DataError(f"{path}, line {line_no}: expected a JSON object with 'task', 'id', 'prediction', "
-                                f"'reference' and a numeric 'score' ({error})") from None
+    for line_no, row in lines:
+        if row.get("task") != TASK:
+            continue
+        try:
+            rows.append({"id": row["id"], "prediction": str(row["prediction"]), "reference": str(row["reference"]),
+                         "score": float(row["score"])})
+        except (ValueError, KeyError, TypeError) as error:
+            raise DataError(f"{path}, line {line_no}: expected 'id', 'prediction', 'reference' and a numeric "
+                            f"'score' ({error})") from None
     if not rows:
         raise DataError(f"{path}: no predictions of task {TASK!r}")
     return path, rows
@@ -120,11 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "caption_parts.json", table)
-    write_text_atomic(out / "caption_parts.md", markdown(table))
-    print(markdown(table))
+    text = markdown(table)
+    write_json_and_markdown(args.out, "caption_parts", table, text)
+    print(text)
     return 0
 
 

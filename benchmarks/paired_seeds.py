@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.errors import DataError
-from asymlora.io import write_json_atomic, write_text_atomic
+from asymlora.io import write_json_and_markdown
 
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
 
@@ -136,11 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "paired_seeds.json", pooled)
-    write_text_atomic(out / "paired_seeds.md", markdown(pooled))
-    print(markdown(pooled))
+    text = markdown(pooled)
+    write_json_and_markdown(args.out, "paired_seeds", pooled, text)
+    print(text)
     return 0
 
 

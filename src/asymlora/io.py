@@ -50,6 +50,14 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, indent: int = 2) -
     write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=False, ensure_ascii=False) + "\n")
 
 
+def write_json_and_markdown(out_dir: str | os.PathLike[str], stem: str, obj: Any, markdown: str) -> None:
+    """``<out_dir>/<stem>.json`` and ``<stem>.md``, each written atomically; ``out_dir`` is created."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / f"{stem}.json", obj)
+    write_text_atomic(out / f"{stem}.md", markdown)
+
+
 class _YamlLoader(yaml.SafeLoader):
     """SafeLoader that also reads 1e-4 / 2E5 as floats (YAML 1.1 wants a dot: 1.0e-4)."""
 

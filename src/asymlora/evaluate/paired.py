@@ -27,29 +27,44 @@ from asymlora.evaluate.report import headline, oriented
 CONFIDENCE = 0.95
 
 
-def load_predictions(run: str | Path) -> dict[str, dict[Any, float]]:
-    """Per-item scores of an `asymlora eval` output dir: ``{task: {item id: score}}``, in file order."""
+def read_predictions(run: str | Path) -> tuple[Path, list[tuple[int, dict[str, Any]]]]:
+    """The rows of an `asymlora eval` output's ``predictions.jsonl`` (the run dir or the file), each with its
+    line number; a line that is not a JSON object stops it with an error naming the file and line."""
     path = Path(run)
     path = path / "predictions.jsonl" if path.is_dir() else path
     if not path.is_file():
-        raise DataError(f"{path}: no predictions.jsonl (paired comparisons need the per-item scores that "
-                        "`asymlora eval` writes for the built-in tasks)")
-    scores: dict[str, dict[Any, float]] = {}
+        raise DataError(f"{path}: no predictions.jsonl (the per-item scores that `asymlora eval` writes for the "
+                        "built-in tasks)")
+    rows = []
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                task, item, score = row["task"], row["id"], float(row["score"])
-            except (ValueError, KeyError, TypeError) as error:
-                raise DataError(f"{path}, line {line_no}: expected a JSON object with 'task', 'id' and a numeric "
-                                f"'score' ({error})") from None
-            key = json.dumps(item) if isinstance(item, (list, dict)) else item
-            task_scores = scores.setdefault(task, {})
-            if key in task_scores:
-                raise DataError(f"{path}, line {line_no}: item id {item!r} of task {task!r} appears twice")
-            task_scores[key] = score
+            except ValueError as error:
+                raise DataError(f"{path}, line {line_no}: not valid JSON ({error})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {line_no}: expected a JSON object, got {type(row).__name__}")
+            rows.append((line_no, row))
+    return path, rows
+
+
+def load_predictions(run: str | Path) -> dict[str, dict[Any, float]]:
+    """Per-item scores of an `asymlora eval` output dir: ``{task: {item id: score}}``, in file order."""
+    path, rows = read_predictions(run)
+    scores: dict[str, dict[Any, float]] = {}
+    for line_no, row in rows:
+        try:
+            task, item, score = row["task"], row["id"], float(row["score"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise DataError(f"{path}, line {line_no}: expected a JSON object with 'task', 'id' and a numeric "
+                            f"'score' ({error})") from None
+        key = json.dumps(item) if isinstance(item, (list, dict)) else item
+        task_scores = scores.setdefault(task, {})
+        if key in task_scores:
+            raise DataError(f"{path}, line {line_no}: item id {item!r} of task {task!r} appears twice")
+        task_scores[key] = score
     return scores
 
 
