@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.errors import DataError
+from asymlora.evaluate.paired import format_interval, format_signed
 from asymlora.io import write_json_and_markdown
 
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
@@ -56,7 +57,7 @@ def pool(files: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
     "ahead", "tasks": {task: {"mean", "std"}}}}}`` over the given per-seed comparisons."""
     first_path, first = files[0]
     reference, _ = method_of(first["reference"])
-    tasks = {t: {k: info[k] for k in ("metric", "higher_is_better", "items")} for t, info in first["tasks"].items()}
+    tasks = _task_items(first)
     seeds: list[str] = []
     per_method: dict[str, dict[str, dict[str, Any]]] = {}
     for path, data in files:
@@ -67,7 +68,7 @@ def pool(files: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
                             f"against {first['reference']!r}; pool comparisons against the same method")
         if label in seeds:
             raise DataError(f"{path}: seed {label} appears in two of the given files")
-        theirs = {t: {k: info[k] for k in ("metric", "higher_is_better", "items")} for t, info in data["tasks"].items()}
+        theirs = _task_items(data)
         if theirs != tasks:
             raise DataError(f"{path}: field 'tasks' differs from {first_path} ({theirs} against {tasks}); "
                             "every seed must be scored on the same tasks and numbers of items")
@@ -91,16 +92,17 @@ def pool(files: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
             "files": [str(path) for path, _ in files]}
 
 
+def _task_items(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What a comparison scored per task: metric, direction and number of items."""
+    return {t: {k: info[k] for k in ("metric", "higher_is_better", "items")} for t, info in data["tasks"].items()}
+
+
 def _spread(values: list[float]) -> dict[str, float | None]:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
 
 
-def _fmt(value: float) -> str:
-    return f"{value:+.3f}".replace("-", "−")
-
-
 def _mean_std(entry: dict[str, Any]) -> str:
-    return _fmt(entry["mean"]) + ("" if entry["std"] is None else f" ± {entry['std']:.3f}")
+    return format_signed(entry["mean"]) + ("" if entry["std"] is None else f" ± {entry['std']:.3f}")
 
 
 def markdown(pooled: dict[str, Any]) -> str:
@@ -119,8 +121,7 @@ def markdown(pooled: dict[str, Any]) -> str:
         cells = []
         for seed in seeds:
             entry = row["seeds"].get(seed)
-            cells.append("" if entry is None else
-                         f"{_fmt(entry['diff'])} [{_fmt(entry['low'])}, {_fmt(entry['high'])}]")
+            cells.append("" if entry is None else format_interval(entry))
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {_mean_std(row)} | {row['ahead']}/{len(row['seeds'])} | "
                      + " | ".join(_mean_std(row["tasks"][t]) for t in tasks) + " |")
     return "\n".join(lines) + "\n"

@@ -46,7 +46,7 @@ import torch
 
 import asymlora.train
 from asymlora.evaluate.report import oriented
-from asymlora.io import write_json_atomic, write_text_atomic
+from asymlora.io import write_json_and_markdown
 
 METHODS: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora"},
@@ -282,8 +282,7 @@ def plot(data: dict[str, Any], path: Path) -> Path:
 
 
 def write_outputs(data: dict[str, Any], out: Path, name: str) -> None:
-    write_json_atomic(out / f"quality_{name}.json", data)
-    write_text_atomic(out / f"quality_{name}.md", to_markdown(data))
+    write_json_and_markdown(out, f"quality_{name}", data, to_markdown(data))
     if summarize(data["runs"], "mixed", data["tasks"]):
         plot(data, out / f"quality_{name}.png")
 

@@ -152,16 +152,22 @@ def markdown(summary: dict[str, Any]) -> str:
              "|---|---|---|" + "---|" * len(tasks)]
     for name, run in summary["runs"].items():
         mean = run["mean"]
-        cells = [f"{_fmt(e['diff'])} [{_fmt(e['low'])}, {_fmt(e['high'])}] ({e['ahead']}↑ {e['behind']}↓)"
+        cells = [f"{format_interval(e)} ({e['ahead']}↑ {e['behind']}↓)"
                  for e in (run["tasks"][t] for t in tasks)]
-        lines.append(f"| {name} | {_fmt(mean['diff'])} [{_fmt(mean['low'])}, {_fmt(mean['high'])}] | "
+        lines.append(f"| {name} | {format_interval(mean)} | "
                      f"{mean['p_ahead']:.3f} | " + " | ".join(cells) + " |")
     lines += ["", "Per task: difference [interval] (items the run scored higher ↑ / lower ↓ than the reference)."]
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: float) -> str:
+def format_signed(value: float) -> str:
+    """A difference with its sign and a typographic minus: ``+0.012``, ``−0.004``."""
     return f"{value:+.3f}".replace("-", "−")
+
+
+def format_interval(entry: dict[str, float]) -> str:
+    """A difference entry (``diff``, ``low``, ``high``) as ``+0.012 [+0.001, +0.022]``."""
+    return f"{format_signed(entry['diff'])} [{format_signed(entry['low'])}, {format_signed(entry['high'])}]"
 
 
 def resolve_reference(reference: str, names: Sequence[str], dirs: Sequence[str | Path]) -> str:

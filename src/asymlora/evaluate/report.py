@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from asymlora.errors import DataError
-from asymlora.io import atomic_path, write_json_atomic, write_text_atomic
+from asymlora.io import atomic_path, write_json_and_markdown, write_json_atomic, write_text_atomic
 
 _Score = TypeVar("_Score", float, np.ndarray)
 
@@ -180,7 +180,6 @@ def compare(runs: Sequence[str | Path], out: Path, reference: str | None = None,
     plot = bar_chart(loaded, out / "compare.png", title="comparison")
     paths = {"table": out / "compare.md", "plot": plot}
     if summary is not None:
-        write_json_atomic(out / "paired.json", summary)
-        write_text_atomic(out / "paired.md", paired_markdown(summary))
+        write_json_and_markdown(out, "paired", summary, paired_markdown(summary))
         paths.update(paired=out / "paired.md", paired_json=out / "paired.json")
     return paths
