@@ -11,7 +11,9 @@ most frequent one.
     python benchmarks/caption_parts.py benchmarks/results/fulltest_200steps/mixed-*-s1 \\
         --out benchmarks/results/fulltest_200steps/caption_parts
 
-writes ``caption_parts.json`` and ``caption_parts.md`` under ``--out``.
+writes ``caption_parts.json`` and ``caption_parts.md`` under ``--out``. ``--max-items-per-task 200`` reads only
+each run's first 200 emoji items, so that an all-items eval and a ``--max-samples 200`` one are compared on the
+same items.
 """
 
 from __future__ import annotations
@@ -43,12 +45,15 @@ def loops(text: str) -> bool:
     return len(words) >= 12 and len(set(words)) < len(words) / 2
 
 
-def read_emoji(run: str | Path) -> tuple[Path, list[dict[str, Any]]]:
-    """The emoji rows of a run's ``predictions.jsonl`` (the run dir or the file)."""
+def read_emoji(run: str | Path, max_items: int | None = None) -> tuple[Path, list[dict[str, Any]]]:
+    """The emoji rows of a run's ``predictions.jsonl`` (the run dir or the file); with ``max_items``, the first
+    that many (the items of an eval with ``--max-samples max_items``)."""
+    if max_items is not None and max_items < 1:
+        raise DataError(f"--max-items-per-task: {max_items} must be at least 1")
     path, lines = read_predictions(run)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for line_no, row in lines:
-        if row.get("task") != TASK:
+        if row.get("task") != TASK or (max_items is not None and len(rows) >= max_items):
             continue
         try:
             rows.append({"id": row["id"], "prediction": str(row["prediction"]), "reference": str(row["reference"]),
@@ -102,11 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="`asymlora eval` output dirs (or their predictions.jsonl)")
     parser.add_argument("--out", required=True, help="dir for caption_parts.json and caption_parts.md")
+    parser.add_argument("--max-items-per-task", type=int, metavar="N",
+                        help="only the first N emoji items of each run (compares an all-items eval with an "
+                        "`asymlora eval --max-samples N` one on the same items)")
     args = parser.parse_args(argv)
     table: dict[str, dict[str, Any]] = {}
     try:
         for run in args.runs:
-            path, rows = read_emoji(run)
+            path, rows = read_emoji(run, args.max_items_per_task)
             name = path.parent.name if path.name == "predictions.jsonl" else path.stem
             if name in table:
                 raise DataError(f"{path}: a second run named {name!r}")

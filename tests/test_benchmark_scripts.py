@@ -188,6 +188,12 @@ def test_caption_parts_splits_emoji_captions_and_names_bad_lines(tmp_path, capsy
     assert row["loops"] == 1 / 3 and row["majority_category"] == 2 / 3
     assert row["predicted_categories"] == {"Smileys & Emotion": 2}
     assert "| run-a | 0.467 | 0.667 | 0.333 | 0.333 | 0.333 | Smileys & Emotion (0.67) |" in (out / "caption_parts.md").read_text()
+    first = tmp_path / "first"  # the first 2 emoji items, as an eval with --max-samples 2 scores them
+    assert captions.main([str(run), "--out", str(first), "--max-items-per-task", "2"]) == 0
+    row = json.loads((first / "caption_parts.json").read_text())["run-a"]
+    assert row["items"] == 2 and abs(row["rouge_l"] - 0.6) < 1e-12 and row["category"] == 0.5 and row["loops"] == 0.0
+    assert captions.main([str(run), "--out", str(tmp_path / "none"), "--max-items-per-task", "0"]) == 2
+    assert "--max-items-per-task: 0 must be at least 1" in capsys.readouterr().err
 
     (run / "predictions.jsonl").write_text(json.dumps(rows[1]) + "\n{not json\n")
     bad = tmp_path / "bad"

@@ -86,3 +86,36 @@ def test_paired_comparison_refuses_runs_on_other_items(tmp_path):
     (short / "predictions.jsonl").write_text('{"task": "t", "id": 0, "score": 1}\n{"task": "t", "id": 1}\n')
     with pytest.raises(DataError, match=r"short/predictions.jsonl, line 2: expected a JSON object"):
         compare([ref, short], tmp_path / "cmp", reference="ref")
+
+
+def test_first_items_per_task_compare_an_all_items_eval_with_a_shorter_one(tmp_path, capsys):
+    from asymlora.cli import main
+
+    full = write_run(tmp_path, "full", {"vqa": ("vqa_match", True, [1.0, 0.0, 1.0, 0.0, 0.0]),
+                                        "ocr": ("character_error_rate", False, [0.2, 0.4, 0.9, 0.9])})
+    short = write_run(tmp_path, "short", {"vqa": ("vqa_match", True, [1.0, 1.0, 1.0]),
+                                          "ocr": ("character_error_rate", False, [0.2, 0.2, 0.6])})
+    with pytest.raises(DataError, match="task 'vqa' has 3 items, 2 of the reference's 5 missing"):
+        compare([full, short], tmp_path / "plain", reference="full")
+    paths = compare([full, short], tmp_path / "cmp", reference="full", resamples=500, max_items_per_task=3)
+    summary = json.loads(paths["paired_json"].read_text())
+    assert summary["max_items_per_task"] == 3 and {t["items"] for t in summary["tasks"].values()} == {3}
+    entry = summary["runs"]["short"]
+    assert entry["tasks"]["vqa"]["diff"] == pytest.approx(1.0 - 2 / 3)  # first 3 of full: 1, 0, 1
+    assert entry["tasks"]["ocr"]["diff"] == pytest.approx(0.5 - 1 / 3)  # CER 0.5 -> 0.333 on the first 3
+    assert entry["mean"]["diff"] == pytest.approx(((1 - 2 / 3) + (0.5 - 1 / 3)) / 2)
+    table = paths["table"].read_text()
+    assert "first 3 items" in table and "| vqa | vqa_match ↑ | 0.667 | 1.000 |" in table
+    assert "| ocr | character_error_rate ↓ | 0.500 | 0.333 |" in table
+    assert "| 0.583 | 0.833 |" in table  # the means: (2/3 + 0.5) / 2 and (1 + 2/3) / 2
+    assert "first 3 items only" in paths["paired"].read_text()
+    # a limit above the shorter eval's size still leaves the runs on different items
+    with pytest.raises(DataError, match="--max-items-per-task no larger than"):
+        compare([full, short], tmp_path / "big", reference="full", max_items_per_task=4)
+    assert not (tmp_path / "big").exists()
+    # the CLI: without --reference the table alone, from the first items
+    assert main(["compare", str(full), str(short), "--out", str(tmp_path / "cli"), "--max-items-per-task", "2"]) == 0
+    assert "| 0.600 | 0.900 |" in (tmp_path / "cli" / "compare.md").read_text()  # (0.5 + 0.7) / 2, (1 + 0.8) / 2
+    assert main(["compare", str(full), str(short), "--out", str(tmp_path / "zero"), "--max-items-per-task", "0"]) == 1
+    assert "--max-items-per-task: 0 must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "zero").exists()

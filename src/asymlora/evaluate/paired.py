@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from asymlora.errors import DataError
-from asymlora.evaluate.report import headline, oriented
+from asymlora.evaluate.report import headline, mean_score, oriented
 
 CONFIDENCE = 0.95
 
@@ -50,11 +50,15 @@ def read_predictions(run: str | Path) -> tuple[Path, list[tuple[int, dict[str, A
     return path, rows
 
 
-def load_predictions(run: str | Path) -> dict[str, dict[Any, float]]:
-    """Per-item scores of an `asymlora eval` output dir: ``{task: {item id: score}}``, in file order."""
+def load_predictions(run: str | Path, max_items_per_task: int | None = None) -> dict[str, dict[Any, float]]:
+    """Per-item scores of an `asymlora eval` output dir: ``{task: {item id: score}}``, in file order; with
+    ``max_items_per_task``, only each task's first that many items (the items an eval with ``--max-samples``
+    of that size scores, so an all-items eval can be compared with a shorter one)."""
     path, rows = read_predictions(run)
     scores: dict[str, dict[Any, float]] = {}
     for line_no, row in rows:
+        if max_items_per_task is not None and len(scores.get(row.get("task"), ())) >= max_items_per_task:
+            continue
         try:
             task, item, score = row["task"], row["id"], float(row["score"])
         except (ValueError, KeyError, TypeError) as error:
@@ -68,12 +72,33 @@ def load_predictions(run: str | Path) -> dict[str, dict[Any, float]]:
     return scores
 
 
+def results_on_first_items(results: dict[str, Any], run: str | Path, max_items_per_task: int) -> dict[str, Any]:
+    """``results`` (a run's ``results.json``) recomputed on each task's first ``max_items_per_task`` items of its
+    ``predictions.jsonl``: each task's headline metric is the mean of those items' scores, as `asymlora eval`
+    computes it, with ``count`` set to match, and the mean over tasks follows. The task's other figures (e.g.
+    exact match, majority baselines) belong to all its items and are left out."""
+    if max_items_per_task < 1:
+        raise DataError(f"--max-items-per-task: {max_items_per_task} must be at least 1")
+    scores = load_predictions(run, max_items_per_task)
+    tasks: dict[str, dict[str, Any]] = {}
+    for task, result in results["tasks"].items():
+        metric, _, higher = headline(result)
+        items = list(scores.get(task, {}).values())
+        if not items:
+            raise DataError(f"{Path(run) / 'predictions.jsonl' if Path(run).is_dir() else run}: no items of task "
+                            f"{task!r}, so its score on the first {max_items_per_task} cannot be recomputed")
+        tasks[task] = {"task": task, "metric": metric, metric: float(np.mean(items)), "higher_is_better": higher,
+                       "count": len(items)}
+    setup = {**results.get("setup", {}), "max_items_per_task": max_items_per_task}
+    return {**results, "tasks": tasks, "mean": mean_score(tasks), "setup": setup}
+
+
 def paired_bootstrap(runs: dict[str, tuple[dict[str, Any], str | Path]], reference: str, resamples: int = 10_000,
-                     seed: int = 0) -> dict[str, Any]:
+                     seed: int = 0, max_items_per_task: int | None = None) -> dict[str, Any]:
     """Differences of every run to ``reference`` on the items they share, with bootstrap intervals.
 
     ``runs`` maps a run's name to its ``results.json`` content and its output dir. Every run must have scored
-    the reference's tasks on the same item ids. Returns ``{"reference", "resamples", "confidence", "tasks":
+    the reference's tasks on the same item ids (with ``max_items_per_task``: each task's first that many). Returns ``{"reference", "resamples", "confidence", "tasks":
     {task: {"metric", "higher_is_better", "items"}}, "runs": {name: {"mean": {...}, "tasks": {task: {...}}}}}``
     where each difference entry holds ``diff`` (on all items), ``low``/``high`` (the interval), ``p_ahead``
     (share of resamples where the run is ahead) and, per task, ``ahead``/``behind`` (items scored higher /
@@ -86,14 +111,16 @@ def paired_bootstrap(runs: dict[str, tuple[dict[str, Any], str | Path]], referen
     ref_results, ref_dir = runs[reference]
     tasks = list(ref_results["tasks"])
     names = list(runs)
-    items = load_predictions(ref_dir)
-    per_run = {name: items if name == reference else load_predictions(run_dir) for name, (_, run_dir) in runs.items()}
+    items = load_predictions(ref_dir, max_items_per_task)
+    per_run = {name: items if name == reference else load_predictions(run_dir, max_items_per_task)
+               for name, (_, run_dir) in runs.items()}
     ref_row = names.index(reference)
     rng = np.random.default_rng(seed)
     full = np.zeros((len(names), len(tasks)))  # oriented task scores on all items
     sampled = np.zeros((len(names), len(tasks), resamples))  # ... on each resample
     summary: dict[str, Any] = {"reference": reference, "resamples": resamples, "confidence": CONFIDENCE,
-                               "seed": seed, "tasks": {}, "runs": {n: {"tasks": {}} for n in names if n != reference}}
+                               "seed": seed, "max_items_per_task": max_items_per_task, "tasks": {},
+                               "runs": {n: {"tasks": {}} for n in names if n != reference}}
     for t, task in enumerate(tasks):
         metric, _, higher = headline(ref_results["tasks"][task])
         ids = list(items.get(task, {}))
@@ -107,7 +134,8 @@ def paired_bootstrap(runs: dict[str, tuple[dict[str, Any], str | Path]], referen
                 raise DataError(
                     f"{Path(runs[name][1]) / 'predictions.jsonl'}: task {task!r} has {len(scored)} items, "
                     f"{len(missing)} of the reference's {len(ids)} missing (e.g. {missing[:1]}); compare runs "
-                    "evaluated on the same items (same --split and --max-samples)")
+                    "evaluated on the same items (same --split and --max-samples, or --max-items-per-task no "
+                    "larger than the shorter eval's)")
             matrix[r] = [scored[i] for i in ids]
         draw = rng.integers(0, len(ids), size=(resamples, len(ids)))  # one resample of the items for every run
         raw = np.stack([matrix[r][draw].mean(axis=1) for r in range(len(names))])  # (runs, resamples)
@@ -146,7 +174,9 @@ def markdown(summary: dict[str, Any]) -> str:
              f"comparison table, not in its task's column), with {pct}% bootstrap intervals over the items "
              f"({summary['resamples']:,} "
              "resamples). They measure the test set's sampling error for these adapters, not the spread "
-             "between training seeds.", "",
+             "between training seeds." + (f" Each task's first {summary['max_items_per_task']} items only "
+                                           "(--max-items-per-task)." if summary.get("max_items_per_task") else ""),
+             "",
              "| run | mean | P(ahead) | " + " | ".join(
                  f"{t} ({info['items']} items)" for t, info in tasks.items()) + " |",
              "|---|---|---|" + "---|" * len(tasks)]

@@ -154,14 +154,20 @@ def load_results(run: str | Path) -> dict[str, Any]:
 
 
 def compare(runs: Sequence[str | Path], out: Path, reference: str | None = None, resamples: int = 10_000,
-            seed: int = 0) -> dict[str, Path]:
+            seed: int = 0, max_items_per_task: int | None = None) -> dict[str, Path]:
     """Put several evaluated runs side by side: compare.md and compare.png in ``out``. With ``reference`` (a
     run's name or dir), also paired.md and paired.json: every other run's difference to it on the same test
-    items, with bootstrap intervals (:mod:`asymlora.evaluate.paired`)."""
+    items, with bootstrap intervals (:mod:`asymlora.evaluate.paired`). With ``max_items_per_task``, every
+    score is recomputed from ``predictions.jsonl`` on each task's first that many items, so that an eval of
+    every test item and one with ``--max-samples N`` are compared on the same N items."""
     loaded: dict[str, dict[str, Any]] = {}
     dirs: list[str | Path] = []
     for run in runs:
         results = load_results(run)
+        if max_items_per_task is not None:
+            from asymlora.evaluate.paired import results_on_first_items
+
+            results = results_on_first_items(results, run, max_items_per_task)
         name = results.get("name") or Path(run).name
         while name in loaded:
             name += "'"
@@ -174,9 +180,12 @@ def compare(runs: Sequence[str | Path], out: Path, reference: str | None = None,
 
         ref_name = resolve_reference(reference, list(loaded), dirs)
         summary = paired_bootstrap({n: (loaded[n], d) for n, d in zip(loaded, dirs)}, ref_name,
-                                   resamples=resamples, seed=seed)
+                                   resamples=resamples, seed=seed, max_items_per_task=max_items_per_task)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "compare.md", markdown_table(loaded))
+    table = markdown_table(loaded)
+    if max_items_per_task is not None:
+        table = f"Every run scored on each task's first {max_items_per_task} items (--max-items-per-task).\n\n" + table
+    write_text_atomic(out / "compare.md", table)
     plot = bar_chart(loaded, out / "compare.png", title="comparison")
     paths = {"table": out / "compare.md", "plot": plot}
     if summary is not None:

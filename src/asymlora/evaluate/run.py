@@ -269,7 +269,8 @@ def _cli_eval(args: argparse.Namespace) -> int:
 def _cli_compare(args: argparse.Namespace) -> int:
     from asymlora.evaluate.report import compare
 
-    paths = compare(args.runs, Path(args.out), reference=args.reference, resamples=args.resamples, seed=args.seed)
+    paths = compare(args.runs, Path(args.out), reference=args.reference, resamples=args.resamples, seed=args.seed,
+                    max_items_per_task=args.max_items_per_task)
     print(paths["table"].read_text())
     if "paired" in paths:
         print(paths["paired"].read_text())
@@ -322,4 +323,7 @@ def register_cli(subparsers: Any) -> None:
                       "run's difference to it on the same test items with bootstrap intervals")
     comp.add_argument("--resamples", type=int, default=10_000, help="with --reference: bootstrap resamples")
     comp.add_argument("--seed", type=int, default=0, help="with --reference: the bootstrap's random seed")
+    comp.add_argument("--max-items-per-task", type=int, metavar="N",
+                      help="score every run on each task's first N items of its predictions.jsonl (the items "
+                      "`asymlora eval --max-samples N` scores): compares an all-items eval with a shorter one")
     comp.set_defaults(func=_cli_compare)
