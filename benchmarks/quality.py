@@ -28,7 +28,12 @@ Single-domain runs come in two designs (``--single-domain steps data`` runs both
 
 Every finished run is appended to ``<out>/quality_<name>.json`` at once, and a rerun skips the runs that
 are already there, so a long benchmark can be stopped and continued. The report (``RESULTS.md``-ready
-markdown and a plot) is rewritten from that file after each run.
+markdown and a plot) is rewritten from that file after each run. Each run's test predictions with their
+per-item scores go to ``<run>/eval/`` (what ``asymlora eval --out`` writes), and for every seed with a LoRA
+run, ``<out>/quality_<name>_paired/s<seed>/`` holds each method's paired difference to it on the same items
+(``asymlora compare --reference``); ``benchmarks/paired_seeds.py`` pools those over seeds:
+
+    python benchmarks/paired_seeds.py benchmarks/results/quality_mix5_500steps_paired/s* --out paired_seeds
 """
 
 from __future__ import annotations
@@ -139,7 +144,7 @@ def run_config(args: argparse.Namespace, method: str, r: int, seed: int, tasks: 
 
 def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tasks: list[str],
                    mixture: Any, eval_mixture: str, output_dir: Path, steps: int) -> dict[str, Any]:
-    from asymlora.evaluate.report import mean_score
+    from asymlora.evaluate.report import mean_score, write_report
     from asymlora.evaluate.run import evaluate_builtin, load_for_eval
     from asymlora.model import param_report
     from asymlora.train import TrainConfig, run_training
@@ -157,17 +162,46 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
     roles = param_report(model)["by_role"]
     trainable = sum(n for role, n in roles.items() if role != "modules_to_save")  # A, B banks, routers, biases
     start = time.time()
-    results, _ = evaluate_builtin(model, processor, tasks, adapter_tasks, split="test",
-                                  max_samples=args.eval_samples, batch_size=args.eval_batch_size,
-                                  max_new_tokens=args.max_new_tokens, mixture=eval_mixture,
-                                  prompt_suffix=args.prompt_suffix)
+    results, predictions = evaluate_builtin(model, processor, tasks, adapter_tasks, split="test",
+                                            max_samples=args.eval_samples, batch_size=args.eval_batch_size,
+                                            max_new_tokens=args.max_new_tokens, mixture=eval_mixture,
+                                            prompt_suffix=args.prompt_suffix)
     del model
+    eval_seconds = time.time() - start
+    # the per-item scores, as `asymlora eval --out` writes them: `asymlora compare` pairs runs on them
+    eval_dir = run_dir / "eval"
+    write_report(eval_dir, {"name": output_dir.name, "tasks": results, "mean": mean_score(results),
+                            "setup": {"adapter": str(run_dir), "split": "test", "max_samples": args.eval_samples,
+                                      "prompt_suffix": args.prompt_suffix,
+                                      "decoding": f"greedy, max_new_tokens={args.max_new_tokens}"},
+                            "seconds": round(eval_seconds, 1)}, predictions)
     return {"method": method, "r": r, "seed": seed, "tasks": tasks, "steps": steps, "adapter_params": trainable,
             "scores": {t: {"metric": v["metric"], "value": v[v["metric"]], "higher_is_better": v["higher_is_better"],
                            "count": v["count"]} for t, v in results.items()},
             "mean": mean_score(results), "train_seconds": round(train_seconds, 1),
-            "eval_seconds": round(time.time() - start, 1), "loss_first": losses[0] if losses else None,
-            "loss_last": losses[-1] if losses else None, "adapter": manifest.get("method", method)}
+            "eval_seconds": round(eval_seconds, 1), "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None, "adapter": manifest.get("method", method),
+            "eval_dir": str(eval_dir)}
+
+
+def write_paired(data: dict[str, Any], out: Path, name: str, resamples: int = 10_000) -> list[Path]:
+    """Per seed of the mixture runs (matched budget and matched rank), every run's paired difference to LoRA's
+    run of that seed on the same test items (``asymlora compare --reference``): ``<out>/quality_<name>_paired/s<seed>/``. Seeds without a
+    LoRA run, and runs whose eval dir is gone (or predates the per-item scores), are skipped."""
+    from asymlora.evaluate.report import compare
+
+    written = []
+    for seed in sorted({r["seed"] for r in data["runs"] if r["setting"] == "mixed"}):
+        runs = [r for r in data["runs"] if r["setting"] in ("mixed", "matched_rank") and r["seed"] == seed
+                and (Path(r.get("eval_dir", "")) / "predictions.jsonl").is_file()]
+        reference = next((r for r in runs if r["method"] == "lora"), None)
+        if reference is None or len(runs) < 2:
+            continue
+        dirs = [reference["eval_dir"]] + [r["eval_dir"] for r in runs if r is not reference]
+        paths = compare(dirs, out / f"quality_{name}_paired" / f"s{seed}", reference=reference["eval_dir"],
+                        resamples=resamples)
+        written.append(paths["paired_json"])
+    return written
 
 
 def _fmt(values: list[float]) -> str:
@@ -285,6 +319,7 @@ def write_outputs(data: dict[str, Any], out: Path, name: str) -> None:
     write_json_and_markdown(out, f"quality_{name}", data, to_markdown(data))
     if summarize(data["runs"], "mixed", data["tasks"]):
         plot(data, out / f"quality_{name}.png")
+        write_paired(data, out, name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,12 @@ def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache
     assert "Conflict cost, equal steps" in report and "Conflict cost, equal data" in report
     assert "| asymlora | lora |" in report  # asymlora's conflict cost is measured against LoRA's one-task runs
     assert (tmp_path / "res" / "quality_t.png").read_bytes()[:4] == b"\x89PNG"
+    for run in data["runs"]:  # each run's per-item scores, as `asymlora eval --out` writes them
+        rows = [json.loads(line) for line in (Path(run["eval_dir"]) / "predictions.jsonl").read_text().splitlines()]
+        assert sorted(row["task"] for row in rows) == sorted(run["tasks"]) and all("score" in row for row in rows)
+    paired = json.loads((tmp_path / "res" / "quality_t_paired" / "s0" / "paired.json").read_text())
+    assert paired["reference"] == "mixed-lora-r16-s0" and list(paired["runs"]) == [f"mixed-asymlora-r{ranks['asymlora']['r']}-s0"]
+    assert set(paired["tasks"]) == {"easyvqa", "ocr"}
     before = (tmp_path / "res" / "quality_t.json").read_text()
     assert quality.main(argv) == 0  # every run is done: nothing retrains
     assert json.loads((tmp_path / "res" / "quality_t.json").read_text())["runs"] == json.loads(before)["runs"]
