@@ -170,7 +170,8 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
     eval_seconds = time.time() - start
     # the per-item scores, as `asymlora eval --out` writes them: `asymlora compare` pairs runs on them
     eval_dir = run_dir / "eval"
-    write_report(eval_dir, {"name": output_dir.name, "tasks": results, "mean": mean_score(results),
+    mean = mean_score(results)
+    write_report(eval_dir, {"name": output_dir.name, "tasks": results, "mean": mean,
                             "setup": {"adapter": str(run_dir), "split": "test", "max_samples": args.eval_samples,
                                       "prompt_suffix": args.prompt_suffix,
                                       "decoding": f"greedy, max_new_tokens={args.max_new_tokens}"},
@@ -178,16 +179,16 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
     return {"method": method, "r": r, "seed": seed, "tasks": tasks, "steps": steps, "adapter_params": trainable,
             "scores": {t: {"metric": v["metric"], "value": v[v["metric"]], "higher_is_better": v["higher_is_better"],
                            "count": v["count"]} for t, v in results.items()},
-            "mean": mean_score(results), "train_seconds": round(train_seconds, 1),
-            "eval_seconds": round(eval_seconds, 1), "loss_first": losses[0] if losses else None,
-            "loss_last": losses[-1] if losses else None, "adapter": manifest.get("method", method),
-            "eval_dir": str(eval_dir)}
+            "mean": mean, "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "adapter": manifest.get("method", method), "eval_dir": str(eval_dir)}
 
 
 def write_paired(data: dict[str, Any], out: Path, name: str, resamples: int = 10_000) -> list[Path]:
     """Per seed of the mixture runs (matched budget and matched rank), every run's paired difference to LoRA's
-    run of that seed on the same test items (``asymlora compare --reference``): ``<out>/quality_<name>_paired/s<seed>/``. Seeds without a
-    LoRA run, and runs whose eval dir is gone (or predates the per-item scores), are skipped."""
+    run of that seed on the same test items (``asymlora compare --reference``):
+    ``<out>/quality_<name>_paired/s<seed>/``. Seeds without a LoRA run, and runs whose eval dir is gone (or
+    predates the per-item scores), are skipped."""
     from asymlora.evaluate.report import compare
 
     written = []

@@ -54,6 +54,8 @@ def load_predictions(run: str | Path, max_items_per_task: int | None = None) -> 
     """Per-item scores of an `asymlora eval` output dir: ``{task: {item id: score}}``, in file order; with
     ``max_items_per_task``, only each task's first that many items (the items an eval with ``--max-samples``
     of that size scores, so an all-items eval can be compared with a shorter one)."""
+    if max_items_per_task is not None and max_items_per_task < 1:
+        raise DataError(f"--max-items-per-task: {max_items_per_task} must be at least 1")
     path, rows = read_predictions(run)
     scores: dict[str, dict[Any, float]] = {}
     for line_no, row in rows:
@@ -77,8 +79,6 @@ def results_on_first_items(results: dict[str, Any], run: str | Path, max_items_p
     ``predictions.jsonl``: each task's headline metric is the mean of those items' scores, as `asymlora eval`
     computes it, with ``count`` set to match, and the mean over tasks follows. The task's other figures (e.g.
     exact match, majority baselines) belong to all its items and are left out."""
-    if max_items_per_task < 1:
-        raise DataError(f"--max-items-per-task: {max_items_per_task} must be at least 1")
     scores = load_predictions(run, max_items_per_task)
     tasks: dict[str, dict[str, Any]] = {}
     for task, result in results["tasks"].items():
@@ -98,8 +98,9 @@ def paired_bootstrap(runs: dict[str, tuple[dict[str, Any], str | Path]], referen
     """Differences of every run to ``reference`` on the items they share, with bootstrap intervals.
 
     ``runs`` maps a run's name to its ``results.json`` content and its output dir. Every run must have scored
-    the reference's tasks on the same item ids (with ``max_items_per_task``: each task's first that many). Returns ``{"reference", "resamples", "confidence", "tasks":
-    {task: {"metric", "higher_is_better", "items"}}, "runs": {name: {"mean": {...}, "tasks": {task: {...}}}}}``
+    the reference's tasks on the same item ids (with ``max_items_per_task``: each task's first that many).
+    Returns ``{"reference", "resamples", "confidence", "tasks": {task: {"metric", "higher_is_better", "items"}},
+    "runs": {name: {"mean": {...}, "tasks": {task: {...}}}}}``
     where each difference entry holds ``diff`` (on all items), ``low``/``high`` (the interval), ``p_ahead``
     (share of resamples where the run is ahead) and, per task, ``ahead``/``behind`` (items scored higher /
     lower than the reference's).
