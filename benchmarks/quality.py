@@ -10,6 +10,7 @@ visible, and once at matched rank.
     python benchmarks/quality.py --steps 40 --seeds 0 --eval-samples 40   # a short CPU run
     python benchmarks/quality.py --single-domain --matched-rank      # the two extra settings
     python benchmarks/quality.py --single-domain data                # one-task adapters on equal data
+    python benchmarks/quality.py --methods lora --single-domain data --no-mixed --seeds 1   # only those, seed 1
     python benchmarks/quality.py --set loraplus_lr_ratio=4 --name mix5_loraplus4   # a variant, in its own file
     python benchmarks/quality.py --model tiny --mixture tiny --steps 4 --eval-samples 4  # smoke test
 
@@ -344,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also train each method on each task alone: for --steps steps ('steps', the "
                         "default), and/or on the task's share of them ('data'); see the designs above")
     parser.add_argument("--matched-rank", action="store_true", help="also one seed of every method at r = --rank")
+    parser.add_argument("--no-mixed", action="store_true",
+                        help="skip the mixture runs (only --single-domain / --matched-rank), e.g. to add one-task "
+                        "runs of another seed to mixture runs made elsewhere")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="asymlora train overrides for every run, after the method's (e.g. "
                         "loraplus_lr_ratio=4); use a --name of their own")
@@ -384,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method}: r={r} -> {params:,} adapter params (budget {budget:,})")
 
     plan: list[tuple[str, str, int, int, list[str]]] = []
-    for seed in args.seeds:
+    for seed in [] if args.no_mixed else args.seeds:
         plan += [("mixed", m, ranks[m][0], seed, tasks) for m in args.methods]
     if args.matched_rank:
         plan += [("matched_rank", m, args.rank, args.seeds[0], tasks) for m in args.methods if ranks[m][0] != args.rank]

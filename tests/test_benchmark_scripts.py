@@ -206,3 +206,56 @@ def test_caption_parts_splits_emoji_captions_and_names_bad_lines(tmp_path, capsy
     assert captions.main([str(run), "--out", str(bad)]) == 2
     assert f"{run / 'predictions.jsonl'}, line 2:" in capsys.readouterr().err
     assert not bad.exists()
+
+
+def _one_task_eval(out: Path, task: str, scores: list[float], max_samples: int = 3) -> Path:
+    from asymlora.evaluate.report import write_report
+
+    metric, higher = ("character_error_rate", False) if task == "ocr" else ("vqa_match", True)
+    rows = [{"task": task, "id": f"{task}-{i}", "prediction": "p", "reference": "r", "score": s}
+            for i, s in enumerate(scores)]
+    results = {"name": out.name, "tasks": {task: {"task": task, "metric": metric, metric: sum(scores) / len(scores),
+                                                  "higher_is_better": higher, "count": len(scores)}},
+               "mean": 0.0, "setup": {"adapter": f"runs/{out.name}", "split": "test", "max_samples": max_samples,
+                                      "prompt_suffix": None, "decoding": "greedy, max_new_tokens=24"},
+               "seconds": 1.5}
+    write_report(out, results, rows)
+    return out
+
+
+def test_merge_evals_joins_one_task_evals_that_compare_pairs_with_a_mixture_eval(tmp_path, capsys):
+    from asymlora.evaluate.report import compare
+
+    merging = _load_benchmark("merge_evals")
+    vqa = _one_task_eval(tmp_path / "single-vqa", "vqa", [1.0, 0.0, 1.0])
+    ocr = _one_task_eval(tmp_path / "single-ocr", "ocr", [0.5, 0.5, 1.0])
+    merged = tmp_path / "single-s0"
+    assert merging.main([str(vqa), str(ocr / "results.json"), "--name", "single-s0", "--out", str(merged)]) == 0
+    results = json.loads((merged / "results.json").read_text())
+    assert list(results["tasks"]) == ["vqa", "ocr"] and abs(results["mean"] - (2 / 3 + 1 / 3) / 2) < 1e-12
+    assert results["setup"]["merged_from"]["ocr"]["adapter"] == "runs/single-ocr" and results["seconds"] == 3.0
+    rows = [json.loads(line) for line in (merged / "predictions.jsonl").read_text().splitlines()]
+    assert [row["task"] for row in rows] == ["vqa"] * 3 + ["ocr"] * 3
+
+    mixed = tmp_path / "mixed-s0"  # one mixture adapter's eval of both tasks on the same items
+    _one_task_eval(mixed, "vqa", [1.0, 1.0, 1.0])
+    (mixed / "predictions.jsonl").write_text((mixed / "predictions.jsonl").read_text() + "".join(
+        json.dumps({"task": "ocr", "id": f"ocr-{i}", "prediction": "p", "reference": "r", "score": s}) + "\n"
+        for i, s in enumerate([0.5, 0.5, 0.4])))
+    mixed_results = json.loads((mixed / "results.json").read_text())
+    mixed_results["tasks"]["ocr"] = {"task": "ocr", "metric": "character_error_rate", "character_error_rate": 1.4 / 3,
+                                     "higher_is_better": False, "count": 3}
+    (mixed / "results.json").write_text(json.dumps(mixed_results))
+    paths = compare([merged, mixed], tmp_path / "paired", reference="single-s0", resamples=200)
+    paired = json.loads(paths["paired_json"].read_text())
+    entry = paired["runs"]["mixed-s0"]
+    assert abs(entry["tasks"]["vqa"]["diff"] - 1 / 3) < 1e-12 and abs(entry["tasks"]["ocr"]["diff"] - 0.2) < 1e-12
+
+    other = _one_task_eval(tmp_path / "single-vqa-100", "digits", [1.0], max_samples=100)
+    for evals, message in [([vqa, vqa], "task 'vqa' is also in"),
+                           ([vqa, other], "field 'setup.max_samples' is 100, but")]:
+        fresh = tmp_path / "fresh"
+        assert merging.main([*map(str, evals), "--name", "x", "--out", str(fresh)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(evals[1] / "results.json") in err
+        assert not fresh.exists()
