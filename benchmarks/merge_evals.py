@@ -10,8 +10,8 @@ script joins such evals, one per task, into a single eval dir with every task, w
     asymlora compare runs/merged/single_data-lora-r16-s0 runs/fulltest500/mixed-*-s0 \\
         --reference single_data-lora-r16-s0 --out paired_single_s0
 
-The evals must not share a task and must have been scored the same way (split, number of items, decoding,
-prompt suffix, candidates, images, scoring); a mismatch is an error naming the field and the file, and
+The evals must not share a task and must have been scored the same way (model, split, number of items,
+decoding, prompt suffix, candidates, images, scoring: ``SAME_SETUP``); a mismatch is an error naming the field and the file, and
 nothing is written. The merged results.json records which adapter produced each task's scores.
 """
 
