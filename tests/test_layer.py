@@ -104,6 +104,84 @@ def test_fused_gradients_match_loop_float64(case, seq):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("seq", SEQ_LENGTHS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+def test_bfloat16_base_with_float32_adapter_backpropagates_as_the_loop(case, seq):
+    """A bf16 base output with a float32 adapter (result and factors of different dtypes): the bank products
+    cast the product, and their backward hands the base path bf16 gradients and the adapter float32 ones."""
+    layer, ctx = make_layer(dtype=torch.float32, **case)
+    layer.base_layer.to(torch.bfloat16)
+    torch.manual_seed(3)
+    x = torch.randn(3, seq, 12, dtype=torch.bfloat16, requires_grad=True)
+    ctx.task_ids = torch.tensor([2, -1, 1]) if case.get("routing") == "hybrid" else torch.tensor([1, 2, 1])
+    weights = torch.randn(3, seq, layer.out_features)
+    adapter = [p for name, p in layer.named_parameters() if not name.startswith("base_layer")]
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    fused = torch.autograd.grad((out.float() * weights).sum(), [x] + adapter)
+    loop_x = x.detach().float().requires_grad_()
+    layer.base_layer.float()
+    expected = torch.autograd.grad((loop_reference(layer, loop_x, ctx.task_ids) * weights).sum(), [loop_x] + adapter)
+    assert fused[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in fused[1:])
+    for got, want in zip(fused, expected):  # bf16 rounding of the base weight, input and output
+        torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("seq", SEQ_LENGTHS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+def test_float32_layer_under_bfloat16_autocast_backpropagates_as_the_loop(case, seq):
+    """Under autocast (the Trainer's bf16 on a float32 model) the matmuls run in bf16 and backward runs
+    outside autocast: the bank products' backward must still pair bf16 codes with float32 parameters."""
+    layer, ctx = make_layer(dtype=torch.float32, **case)
+    torch.manual_seed(4)
+    x = torch.randn(3, seq, 12, requires_grad=True)
+    ctx.task_ids = torch.tensor([2, -1, 1]) if case.get("routing") == "hybrid" else torch.tensor([1, 2, 1])
+    weights = torch.randn(3, seq, layer.out_features)
+    params = [x] + [p for p in layer.parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    fused = torch.autograd.grad((out.float() * weights).sum(), params)
+    expected = torch.autograd.grad((loop_reference(layer, x, ctx.task_ids) * weights).sum(), params)
+    assert all(got.dtype == want.dtype == torch.float32 for got, want in zip(fused, expected))
+    for got, want in zip(fused, expected):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("seq", SEQ_LENGTHS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+def test_backward_keeps_no_copy_of_the_bank(case, seq):
+    """What one forward saves for backward beyond LoRA's (the input and its A-codes) is only the gates and
+    the router's (T, E)-sized tensors: less than either the gated codes (T, E*r) or one copy of the bank
+    (the stacked B, or the gathered heads), which autograd would keep for every layer until backward."""
+    r, d_in, d_out, samples = 16, 64, 256, 3
+    config = AsymLoraConfig(r=r, alpha=32.0, **case)
+    layer = AsymLoraLinear(nn.Linear(d_in, d_out), config.layer_spec(), name="layer")
+    layer.base_layer.requires_grad_(False)
+    layer.routing_context = RoutingContext()
+    layer.routing_context.task_ids = torch.tensor([2, 0, 1])
+    x = torch.randn(samples, seq, d_in, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    spec, tokens = layer.spec, samples * seq
+    extra = sum(saved.values()) - tokens * (d_in + spec.num_A * r) * 4  # codes: (T, r) on the per-sample path
+    if spec.num_experts == 1:
+        assert extra == 0
+    else:
+        gated_codes = tokens * spec.num_experts * r * 4
+        bank_copy = min(spec.num_experts, samples) * d_out * r * 4
+        assert extra < min(gated_codes, bank_copy)
+
+
 @pytest.mark.parametrize(("method", "seq", "per_sample"), [
     ("asymlora", 1, False), ("asymlora", 47, False), ("asymlora", 48, True), ("lora_moe", 48, True)])
 def test_task_routing_takes_the_per_sample_heads_only_for_long_samples(monkeypatch, method, seq, per_sample):
@@ -111,8 +189,8 @@ def test_task_routing_takes_the_per_sample_heads_only_for_long_samples(monkeypat
     decoding step (one token per sample) takes the gated product, whose cost does not grow with the batch."""
     layer, ctx = make_layer(method=method, tasks=TASKS, **({"routing": "task"} if method == "lora_moe" else {}))
     calls = []
-    original = AsymLoraLinear._task_product
-    monkeypatch.setattr(AsymLoraLinear, "_task_product", lambda self, *a: calls.append(1) or original(self, *a))
+    original = AsymLoraLinear._task_update
+    monkeypatch.setattr(AsymLoraLinear, "_task_update", lambda self, *a: calls.append(1) or original(self, *a))
     ctx.task_ids = torch.tensor([2, 0])
     x = torch.randn(2, seq, 12, dtype=torch.float64)
     torch.testing.assert_close(layer(x), loop_reference(layer, x, ctx.task_ids), rtol=1e-12, atol=1e-12)

@@ -30,6 +30,15 @@ path is taken only when (E - 1) * L >= TASK_BMM_MIN_WORK, where the FLOPs it sav
 sample, outweigh the copy of d_out r; shorter samples take the gated product. Measured on CPU (576 -> 1536,
 r=16, 2048 tokens, forward + backward): at L = 1 the per-sample path took 397 ms against the gated 15 ms,
 at L = 256 9 against 13 ms (E=3); the two cross near L = 40 at E=3 and L = 14 at E=8.
+
+What backward keeps: the bank products are autograd Functions of their own (:class:`GatedBankUpdate`,
+:class:`TaskHeadUpdate`) that save only the codes (or the input), the gates (or task ids) and the bank
+parameter itself. Left to autograd, the addmm would save its two operands: the gated codes (T, E*r) and
+B_stacked, a copy of the whole bank (permute + reshape cannot be a view), and each bmm/baddbmm its N gathered
+heads (B_(task), and lora_moe's A_(task) rows); for every adapted layer, until backward. Backward rebuilds
+them instead (an elementwise pass over (T, E*r) and one copy of the bank, against the (T, d_out) matmuls
+around them). On the default model (30 layers, all-linear, 256 tokens, r=16) this took dense AsymLoRA-MoE's
+saved activations at E=8 from 448 MiB to about LoRA's 344.
 """
 
 from __future__ import annotations
@@ -52,6 +61,111 @@ if TYPE_CHECKING:
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Task routing takes the per-sample heads when (E - 1) * tokens per sample reaches this (see "Task routing").
 TASK_BMM_MIN_WORK = 96
+
+
+def _stacked(B_bank: torch.Tensor) -> torch.Tensor:
+    """B_bank (E, d_out, r) as B_stacked (d_out, E*r): column block e is B_e."""
+    experts, d_out, r = B_bank.shape
+    return B_bank.permute(1, 0, 2).reshape(d_out, experts * r)
+
+
+def _gate_codes(codes: torch.Tensor, gates: torch.Tensor, r: int) -> torch.Tensor:
+    """The gated codes (T, E*r): g_e * codes of A_(e) (codes (T, n_A*r); n_A = 1 broadcasts over E)."""
+    tokens = codes.shape[0]
+    return (gates.unsqueeze(-1) * codes.view(tokens, -1, r)).reshape(tokens, gates.shape[1] * r)
+
+
+def _add_product(result: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, scaling: float) -> torch.Tensor:
+    """result + s * lhs @ rhs (2-D or batched 3-D factors, ``result`` of the same leading shape): one
+    addmm/baddbmm where the dtypes agree, so that neither the scaling nor the residual add is a pass over
+    the (tokens, d_out) output; otherwise s scales the small factor and the product is cast to ``result``."""
+    if result.dtype == lhs.dtype == rhs.dtype:
+        fused = torch.addmm if lhs.dim() == 2 else torch.baddbmm
+        return fused(result, lhs, rhs, alpha=scaling)
+    product = torch.mm if lhs.dim() == 2 else torch.bmm
+    return result + product(lhs * scaling, rhs).to(result.dtype)
+
+
+def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives matmuls on ``tensor``'s device now, or None when autocast is off there."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+class GatedBankUpdate(torch.autograd.Function):
+    """result + s * gated(codes, gates) @ B_stacked^T for T tokens, saving only codes, gates and B_bank.
+
+    ``result`` (T, d_out) is the base output, ``codes`` (T, n_A*r) the A-codes, ``gates`` (T, E) in the
+    codes' dtype, ``B_bank`` (E, d_out, r). Gradients, with G the output's gradient and c = gated codes:
+    dresult = G;  dc = s G B_stacked (T, E*r);  dgates_e = <dc_e, codes_(e)>;  dcodes = sum_e g_e dc_e
+    (n_A = 1) or g_e dc_e (n_A = E);  dB_stacked = s G^T c. Backward runs its matmuls in the dtype the
+    forward's ran in (autocast's, under autocast; backward itself runs outside it), and autograd casts each
+    gradient to its input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, result: torch.Tensor, codes: torch.Tensor, gates: torch.Tensor, B_bank: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+        r = B_bank.shape[2]
+        ctx.save_for_backward(codes, gates, B_bank)
+        ctx.scaling = scaling
+        ctx.compute_dtype = _autocast_dtype(result) or B_bank.dtype
+        return _add_product(result, _gate_codes(codes, gates, r), _stacked(B_bank).t(), scaling)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        dtype = ctx.compute_dtype
+        codes, gates, B_bank = (t.to(dtype) for t in ctx.saved_tensors)
+        experts, _, r = B_bank.shape
+        tokens, s = codes.shape[0], ctx.scaling
+        need_result, need_codes, need_gates, need_B, _ = ctx.needs_input_grad
+        grad = grad_out.to(dtype)
+        grad_codes = grad_gates = grad_B = None
+        if need_codes or need_gates:
+            grad_gated = torch.mm(grad, _stacked(B_bank)).mul_(s).view(tokens, experts, r)
+            if need_gates:
+                grad_gates = (grad_gated * codes.view(tokens, -1, r)).sum(-1)
+            if need_codes:
+                weighted = grad_gated * gates.unsqueeze(-1)  # (T, E, r)
+                grad_codes = (weighted.sum(1) if codes.shape[1] == r else weighted.reshape(tokens, experts * r))
+        if need_B:
+            gated = _gate_codes(codes, gates * s, r)
+            grad_B = torch.mm(grad.t(), gated).view(-1, experts, r).permute(1, 0, 2)
+        return grad_out if need_result else None, grad_codes, grad_gates, grad_B, None
+
+
+class TaskHeadUpdate(torch.autograd.Function):
+    """[result +] s * x @ W_(task)^T per sample, for x (N, L, d) and the bank W (E, d_out, d) gathered at one task
+    id per sample (N,), saving only x, the ids and the bank itself (not the N gathered heads). With
+    ``result`` (N, L, d_out) the sum is one baddbmm; with None, s must be 1 (lora_moe's per-task A rows).
+    Gradients: dx = s G W_(task);  dW_e = s sum over the samples of task e of G^T x, in the forward's matmul
+    dtype as in :class:`GatedBankUpdate`."""
+
+    @staticmethod
+    def forward(ctx, result: torch.Tensor | None, x: torch.Tensor, task_ids: torch.Tensor, bank: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+        ctx.save_for_backward(x, task_ids, bank)
+        ctx.scaling = scaling
+        ctx.compute_dtype = _autocast_dtype(x) or bank.dtype
+        heads = bank[task_ids].transpose(1, 2)
+        return torch.bmm(x, heads) if result is None else _add_product(result, x, heads, scaling)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, task_ids, bank = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        x, bank = x.to(dtype), bank.to(dtype)
+        need_result, need_x, _, need_bank, _ = ctx.needs_input_grad
+        grad = grad_out.to(dtype)
+        grad_x = grad_bank = None
+        if need_x:
+            grad_x = torch.bmm(grad, bank[task_ids]).mul_(ctx.scaling)
+        if need_bank:
+            per_sample = torch.bmm(grad.transpose(1, 2), x * ctx.scaling)  # (N, d_out, d)
+            grad_bank = torch.zeros_like(bank).index_add_(0, task_ids, per_sample)
+        return grad_out if need_result else None, grad_x, None, grad_bank, None
 
 
 class AsymLoraLinear(nn.Module):
@@ -199,43 +313,29 @@ class AsymLoraLinear(nn.Module):
         return hybrid_routing(logits, self.task_bias, token_task_ids)
 
     # ------------------------------------------------------------------------------------ forward
-    def _gated_product(self, x: torch.Tensor, gates: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two factors of the update for flattened tokens x (T, d_in): the gated codes (T, E*r) and the
-        stacked heads transposed (E*r, d_out). Their product times s is s * sum_e g_e B_e A_(e) dropout(x)
-        (see "Semantics")."""
-        spec = self.spec
-        r, experts = spec.r, spec.num_experts
-        x = self.dropout(x).to(self.A_bank.dtype)
-        codes = F.linear(x, self.A_bank)  # (T, n_A * r): A.x computed once
+    def _codes(self, x: torch.Tensor) -> torch.Tensor:
+        """A.x (..., n_A*r) of the dropped-out input, computed once for every head."""
+        return F.linear(self.dropout(x).to(self.A_bank.dtype), self.A_bank)
+
+    def _gated_update(self, result: torch.Tensor, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+        """result + s * sum_e g_e B_e A_(e) dropout(x) for flattened tokens (result (T, d_out), x (T, d_in),
+        gates (T, E) or None for a single expert): one A matmul, one matmul over the stacked bank."""
+        codes = self._codes(x)  # (T, n_A * r)
         if gates is None:  # a single expert: plain LoRA
-            return codes, self.B_bank[0].t()
-        tokens = codes.shape[0]
-        gated = gates.to(codes.dtype).unsqueeze(-1) * codes.view(tokens, spec.num_A, r)  # (T, E, r)
-        stacked_B = self.B_bank.permute(1, 0, 2).reshape(self.out_features, experts * r)
-        return gated.reshape(tokens, experts * r), stacked_B.t()
+            return _add_product(result, codes, self.B_bank[0].t(), self.scaling)
+        return GatedBankUpdate.apply(result, codes, gates.to(codes.dtype), self.B_bank, self.scaling)
 
-    def _task_product(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Task routing without multiplying the zero gates, for x (N, L, d_in) and one task id per sample (N,):
-        codes (N, L, r) and each sample's head transposed (N, r, d_out), whose batched product, times s, is
-        s * B_(task) A_(task) dropout(x) (see "Task routing")."""
+    def _task_update(self, result: torch.Tensor, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Task routing without multiplying the zero gates, for result (N, L, d_out), x (N, L, d_in) and one
+        task id per sample (N,): result + s * B_(task) A_(task) dropout(x) in one batched matmul
+        (see "Task routing")."""
         spec = self.spec
-        r = spec.r
-        x = self.dropout(x).to(self.A_bank.dtype)
         if spec.num_A == 1:
-            codes = F.linear(x, self.A_bank)  # (N, L, r): the shared A.x
+            codes = self._codes(x)  # (N, L, r): the shared A.x
         else:  # lora_moe: each task has its own A rows
-            codes = torch.bmm(x, self.A_bank.view(spec.num_experts, r, self.in_features)[task_ids].transpose(1, 2))
-        return codes, self.B_bank[task_ids].transpose(1, 2)
-
-    def _add_scaled(self, result: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        """result + s * lhs @ rhs (2-D or batched 3-D factors, ``result`` of the same leading shape): one
-        addmm/baddbmm where the dtypes agree, so that neither the scaling nor the residual add is a pass over
-        the (tokens, d_out) output; otherwise s scales the small factor and the product is cast to ``result``."""
-        if result.dtype == lhs.dtype == rhs.dtype:
-            fused = torch.addmm if lhs.dim() == 2 else torch.baddbmm
-            return fused(result, lhs, rhs, alpha=self.scaling)
-        product = torch.mm if lhs.dim() == 2 else torch.bmm
-        return result + product(lhs * self.scaling, rhs).to(result.dtype)
+            A_heads = self.A_bank.view(spec.num_experts, spec.r, self.in_features)
+            codes = TaskHeadUpdate.apply(None, self.dropout(x).to(self.A_bank.dtype), task_ids, A_heads, 1.0)
+        return TaskHeadUpdate.apply(result, codes, task_ids, self.B_bank, self.scaling)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -248,8 +348,8 @@ class AsymLoraLinear(nn.Module):
         if self.router is None and spec.num_experts > 1 and x.dim() >= 2 and \
                 (spec.num_experts - 1) * math.prod(x.shape[1:-1]) >= TASK_BMM_MIN_WORK:  # task routing, long samples
             ids = self._sample_task_ids(x)  # raises if the forward was given none
-            codes, heads = self._task_product(x.reshape(ids.shape[0], -1, self.in_features), ids)
-            out = self._add_scaled(result.reshape(ids.shape[0], -1, self.out_features), codes, heads)
+            out = self._task_update(result.reshape(ids.shape[0], -1, self.out_features),
+                                    x.reshape(ids.shape[0], -1, self.in_features), ids)
             return out.view(result.shape)
         x_flat = x.reshape(-1, self.in_features)
         needs_ids = spec.needs_task_ids or spec.has_task_bias
@@ -258,8 +358,9 @@ class AsymLoraLinear(nn.Module):
         routing = self.route(x_flat, token_task_ids)
         if collecting:
             self._record(routing, self._token_mask(x), token_task_ids)
-        lhs, rhs = self._gated_product(x_flat, None if routing is None else routing.gates)
-        return self._add_scaled(result.reshape(-1, self.out_features), lhs, rhs).view(result.shape)
+        out = self._gated_update(result.reshape(-1, self.out_features), x_flat,
+                                 None if routing is None else routing.gates)
+        return out.view(result.shape)
 
     def _record(self, routing: Routing, token_mask: torch.Tensor | None, token_task_ids: torch.Tensor | None) -> None:
         """Hand this forward's router tensors (with their graph) to the context for the balance loss
