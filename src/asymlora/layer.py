@@ -160,10 +160,15 @@ class TaskHeadUpdate(torch.autograd.Function):
         need_result, need_x, _, need_bank, _ = ctx.needs_input_grad
         grad = grad_out.to(dtype)
         grad_x = grad_bank = None
+        s = ctx.scaling
+
+        def scaled(product: torch.Tensor) -> torch.Tensor:  # s on the product, not on x (no pass when s = 1)
+            return product if s == 1 else product.mul_(s)
+
         if need_x:
-            grad_x = torch.bmm(grad, bank[task_ids]).mul_(ctx.scaling)
+            grad_x = scaled(torch.bmm(grad, bank[task_ids]))
         if need_bank:
-            per_sample = torch.bmm(grad.transpose(1, 2), x * ctx.scaling)  # (N, d_out, d)
+            per_sample = scaled(torch.bmm(grad.transpose(1, 2), x))  # (N, d_out, d)
             grad_bank = torch.zeros_like(bank).index_add_(0, task_ids, per_sample)
         return grad_out if need_result else None, grad_x, None, grad_bank, None
 
@@ -313,9 +318,13 @@ class AsymLoraLinear(nn.Module):
         return hybrid_routing(logits, self.task_bias, token_task_ids)
 
     # ------------------------------------------------------------------------------------ forward
+    def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What A multiplies: dropout(x) in the adapter's dtype."""
+        return self.dropout(x).to(self.A_bank.dtype)
+
     def _codes(self, x: torch.Tensor) -> torch.Tensor:
         """A.x (..., n_A*r) of the dropped-out input, computed once for every head."""
-        return F.linear(self.dropout(x).to(self.A_bank.dtype), self.A_bank)
+        return F.linear(self._adapter_input(x), self.A_bank)
 
     def _gated_update(self, result: torch.Tensor, x: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         """result + s * sum_e g_e B_e A_(e) dropout(x) for flattened tokens (result (T, d_out), x (T, d_in),
@@ -334,7 +343,7 @@ class AsymLoraLinear(nn.Module):
             codes = self._codes(x)  # (N, L, r): the shared A.x
         else:  # lora_moe: each task has its own A rows
             A_heads = self.A_bank.view(spec.num_experts, spec.r, self.in_features)
-            codes = TaskHeadUpdate.apply(None, self.dropout(x).to(self.A_bank.dtype), task_ids, A_heads, 1.0)
+            codes = TaskHeadUpdate.apply(None, self._adapter_input(x), task_ids, A_heads, 1.0)
         return TaskHeadUpdate.apply(result, codes, task_ids, self.B_bank, self.scaling)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
