@@ -19,6 +19,23 @@ def test_layer_speed_script_writes_results(tmp_path):
     assert "| lora | 1 | fused |" in (tmp_path / "layer_speed_tiny_cpu.md").read_text()
 
 
+def test_task_path_crossover_script_times_both_paths(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "task_path_crossover.py"), "--preset", "tiny",
+                           "--rounds", "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "task_path_crossover_tiny_cpu.json").read_text())
+    from asymlora.layer import TASK_BMM_MIN_WORK
+
+    assert data["task_bmm_min_work"] == TASK_BMM_MIN_WORK
+    rows = data["rows"]
+    assert [r["tokens_per_sample"] for r in rows] == [1, 4, 16, 64]
+    assert all(r["per_sample_ms"] > 0 and r["gated_ms"] > 0 and r["lora_ms"] > 0 for r in rows)
+    # E = 3: (E-1) * L = 2, 8, 32, 128 -> the layer picks the gated product below 96, the per-sample heads above
+    assert [r["picked"] for r in rows] == ["gated", "gated", "gated", "per_sample"]
+    assert "| 3 | 64 | 128 |" in (tmp_path / "task_path_crossover_tiny_cpu.md").read_text()
+
+
 def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache, monkeypatch):
     """benchmarks/quality.py on the tiny model and tiny mixture: matched budgets, mixed and single-domain
     runs, a resumable results file and the RESULTS tables."""
