@@ -31,7 +31,7 @@ def test_task_path_crossover_script_times_both_paths(tmp_path):
     rows = data["rows"]
     assert [r["tokens_per_sample"] for r in rows] == [1, 4, 16, 64]
     assert all(r["per_sample_ms"] > 0 and r["gated_ms"] > 0 and r["lora_ms"] > 0 for r in rows)
-    # E = 3: (E-1) * L = 2, 8, 32, 128 -> the layer picks the gated product below 96, the per-sample heads above
+    # E = 3: (E-1) * L = 2, 8, 32, 128 -> the layer picks the gated product below 64, the per-sample heads above
     assert [r["picked"] for r in rows] == ["gated", "gated", "gated", "per_sample"]
     assert "| 3 | 64 | 128 |" in (tmp_path / "task_path_crossover_tiny_cpu.md").read_text()
 

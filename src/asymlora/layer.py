@@ -28,8 +28,10 @@ The gathered heads B_bank[task_ids] are N copies of (d_out, r), and their backwa
 that costs more than the zero gates when samples are short (a decoding step has L = 1). So the per-sample
 path is taken only when (E - 1) * L >= TASK_BMM_MIN_WORK, where the FLOPs it saves, (E - 1) L r d_out per
 sample, outweigh the copy of d_out r; shorter samples take the gated product. Measured on CPU (576 -> 1536,
-r=16, 2048 tokens, forward + backward): at L = 1 the per-sample path took 397 ms against the gated 15 ms,
-at L = 256 9 against 13 ms (E=3); the two cross near L = 40 at E=3 and L = 14 at E=8.
+r=16, 2048 tokens, forward + backward, benchmarks/task_path_crossover.py): at L = 1 the per-sample path took
+256 ms against the gated 52 ms, at L = 256 44 against 47 ms (E=3); the faster path changes near L = 23 at
+E=3 ((E - 1) L = 45) and near L = 11 at E=8 ((E - 1) L = 79), and 64 picks the faster one at every length
+measured.
 
 What backward keeps: the bank products are autograd Functions of their own (:class:`GatedBankUpdate`,
 :class:`TaskHeadUpdate`) that save only the codes (or the input), the gates (or task ids) and the bank
@@ -60,7 +62,7 @@ if TYPE_CHECKING:
 # dtype names of configs (adapter_dtype, model.dtype, speed presets) -> torch dtypes
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Task routing takes the per-sample heads when (E - 1) * tokens per sample reaches this (see "Task routing").
-TASK_BMM_MIN_WORK = 96
+TASK_BMM_MIN_WORK = 64
 
 
 def _stacked(B_bank: torch.Tensor) -> torch.Tensor:
