@@ -38,6 +38,13 @@ PRESETS = {
 }
 
 
+def device_label(device: torch.device) -> str:
+    """The GPU's name, or the CPU's architecture and torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def time_fn(fn, device: torch.device, warmup: int, iters: int) -> tuple[float, float]:
     """Median and min seconds per call."""
     for _ in range(warmup):
@@ -134,10 +141,7 @@ def main() -> None:
     device = torch.device(args.device)
     rows = bench(args.preset, device, args.warmup, args.iters)
     p = PRESETS[args.preset]
-    if device.type == "cuda":
-        dev_name = torch.cuda.get_device_name(device)
-    else:
-        dev_name = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    dev_name = device_label(device)
     dtype = p["dtype"] if device.type == "cuda" else "float32"
     header = (f"## Layer fwd+bwd, preset {args.preset}: {p['d_in']} -> {p['d_out']}, {p['tokens']} tokens, r={p['r']}, "
               f"{dtype}, {dev_name}, torch {torch.__version__}")

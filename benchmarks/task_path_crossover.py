@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,9 @@ import asymlora.layer
 from asymlora import AsymLoraConfig, AsymLoraLinear
 from asymlora.io import write_json_atomic, write_text_atomic
 from asymlora.model import RoutingContext
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layer_speed import device_label  # noqa: E402
 
 PRESETS = {
     "tiny": dict(d_in=64, d_out=96, tokens=64, r=4, experts=(3,), lengths=(1, 4, 16, 64)),
@@ -141,8 +143,7 @@ def main() -> None:
     device = torch.device(args.device)
     rows = bench(args.preset, device, args.warmup, args.rounds)
     p = PRESETS[args.preset]
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    dev_name = device_label(device)
     header = (f"## Task routing's two paths, preset {args.preset}: {p['d_in']} -> {p['d_out']}, {p['tokens']} tokens, "
               f"r={p['r']}, float32, forward + backward, median of {args.rounds} alternating rounds, {dev_name}, "
               f"torch {torch.__version__}")

@@ -8,11 +8,16 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 
 
-def test_layer_speed_script_writes_results(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "layer_speed.py"), "--preset", "tiny",
-                           "--iters", "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)],
+def _run_tiny(script: str, out: Path, *args: str) -> None:
+    """Run a benchmark script on its tiny preset, CPU, no warm-up, writing to ``out``."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--preset", "tiny", *args,
+                           "--warmup", "0", "--device", "cpu", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_layer_speed_script_writes_results(tmp_path):
+    _run_tiny("layer_speed.py", tmp_path, "--iters", "1")
     data = json.loads((tmp_path / "layer_speed_tiny_cpu.json").read_text())
     impls = {(row["method"], row["impl"]) for row in data["rows"]}
     assert ("asymlora_moe (dense)", "loop") in impls and ("asymlora_moe (dense)", "fused") in impls
@@ -20,10 +25,7 @@ def test_layer_speed_script_writes_results(tmp_path):
 
 
 def test_task_path_crossover_script_times_both_paths(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "task_path_crossover.py"), "--preset", "tiny",
-                           "--rounds", "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _run_tiny("task_path_crossover.py", tmp_path, "--rounds", "1")
     data = json.loads((tmp_path / "task_path_crossover_tiny_cpu.json").read_text())
     from asymlora.layer import TASK_BMM_MIN_WORK
 
