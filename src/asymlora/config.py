@@ -149,8 +149,8 @@ class AsymLoraConfig:
     task_bias_init: float = field(
         default=4.0,
         metadata=_meta("hybrid routing: initial task bias toward expert (task id mod E); the task's head starts "
-                       "with e^b / (e^b + E - 1) of the gate (b = 4, E = 5: 0.93); 0 = pure router. 4 beat 1 "
-                       "at every seed measured on mix5 (docs/RESULTS.md)"),
+                       "with e^b / (e^b + E - 1) of the gate (b = 4, E = 5: 0.93); 0 = pure router. 4 was ahead "
+                       "of or level with 1 at every seed measured on mix5 (docs/RESULTS.md)"),
     )
     b_init_std: float = field(
         default=0.0,
