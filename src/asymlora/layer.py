@@ -94,6 +94,22 @@ def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
+def _save_operands(ctx, scaling: float, like: torch.Tensor, fallback: torch.dtype, *tensors: torch.Tensor) -> None:
+    """Forward side of the bank Functions: save ``tensors``, the scaling and the dtype the forward's matmuls
+    ran in (autocast's on ``like``'s device, else ``fallback``), for :func:`_saved_operands`."""
+    ctx.save_for_backward(*tensors)
+    ctx.scaling = scaling
+    ctx.compute_dtype = _autocast_dtype(like) or fallback
+
+
+def _saved_operands(ctx, grad_out: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Backward side: the saved tensors, floating ones cast to the forward's matmul dtype (backward runs
+    outside autocast), and the output's gradient in that dtype."""
+    dtype = ctx.compute_dtype
+    saved = [t.to(dtype) if t.is_floating_point() else t for t in ctx.saved_tensors]
+    return saved, grad_out.to(dtype)
+
+
 class GatedBankUpdate(torch.autograd.Function):
     """result + s * gated(codes, gates) @ B_stacked^T for T tokens, saving only codes, gates and B_bank.
 
@@ -108,21 +124,16 @@ class GatedBankUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result: torch.Tensor, codes: torch.Tensor, gates: torch.Tensor, B_bank: torch.Tensor,
                 scaling: float) -> torch.Tensor:
-        r = B_bank.shape[2]
-        ctx.save_for_backward(codes, gates, B_bank)
-        ctx.scaling = scaling
-        ctx.compute_dtype = _autocast_dtype(result) or B_bank.dtype
-        return _add_product(result, _gate_codes(codes, gates, r), _stacked(B_bank).t(), scaling)
+        _save_operands(ctx, scaling, result, B_bank.dtype, codes, gates, B_bank)
+        return _add_product(result, _gate_codes(codes, gates, B_bank.shape[2]), _stacked(B_bank).t(), scaling)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        dtype = ctx.compute_dtype
-        codes, gates, B_bank = (t.to(dtype) for t in ctx.saved_tensors)
+        (codes, gates, B_bank), grad = _saved_operands(ctx, grad_out)
         experts, _, r = B_bank.shape
         tokens, s = codes.shape[0], ctx.scaling
         need_result, need_codes, need_gates, need_B, _ = ctx.needs_input_grad
-        grad = grad_out.to(dtype)
         grad_codes = grad_gates = grad_B = None
         if need_codes or need_gates:
             grad_gated = torch.mm(grad, _stacked(B_bank)).mul_(s).view(tokens, experts, r)
@@ -147,20 +158,15 @@ class TaskHeadUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result: torch.Tensor | None, x: torch.Tensor, task_ids: torch.Tensor, bank: torch.Tensor,
                 scaling: float) -> torch.Tensor:
-        ctx.save_for_backward(x, task_ids, bank)
-        ctx.scaling = scaling
-        ctx.compute_dtype = _autocast_dtype(x) or bank.dtype
+        _save_operands(ctx, scaling, x, bank.dtype, x, task_ids, bank)
         heads = bank[task_ids].transpose(1, 2)
         return torch.bmm(x, heads) if result is None else _add_product(result, x, heads, scaling)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        x, task_ids, bank = ctx.saved_tensors
-        dtype = ctx.compute_dtype
-        x, bank = x.to(dtype), bank.to(dtype)
+        (x, task_ids, bank), grad = _saved_operands(ctx, grad_out)
         need_result, need_x, _, need_bank, _ = ctx.needs_input_grad
-        grad = grad_out.to(dtype)
         grad_x = grad_bank = None
         s = ctx.scaling
 
