@@ -112,14 +112,14 @@ def crossings(rows: list[dict]) -> dict[int, float | None]:
     return out
 
 
-def to_markdown(rows: list[dict], header: str) -> str:
+def to_markdown(rows: list[dict], crossed: dict[int, float | None], header: str) -> str:
     lines = [header, "", "| E | tokens per sample | (E-1) x L | LoRA ms | per-sample heads ms | gated product ms | "
              "faster | layer picks | picked / faster |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['E']} | {r['tokens_per_sample']} | {r['work']} | {r['lora_ms']:.2f} | {r['per_sample_ms']:.2f} | "
                      f"{r['gated_ms']:.2f} | {r['faster']} | {r['picked']} | {r['picked_over_best']:.2f} |")
     lines.append("")
-    for experts, length in crossings(rows).items():
+    for experts, length in crossed.items():
         where = "never within the measured lengths" if length is None else \
             f"near L = {length:.0f} tokens per sample, (E-1) x L = {(experts - 1) * length:.0f}"
         lines.append(f"- E={experts}: the per-sample heads become the faster path {where}.")
@@ -142,6 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = bench(args.preset, device, args.warmup, args.rounds)
+    crossed = crossings(rows)
     p = PRESETS[args.preset]
     dev_name = device_label(device)
     header = (f"## Task routing's two paths, preset {args.preset}: {p['d_in']} -> {p['d_out']}, {p['tokens']} tokens, "
@@ -151,8 +152,8 @@ def main() -> None:
     write_json_atomic(stem.with_suffix(".json"), {
         "preset": args.preset, **{k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
         "device": dev_name, "torch": torch.__version__, "rounds": args.rounds, "task_bmm_min_work": CONSTANT,
-        "crossings": {str(k): v for k, v in crossings(rows).items()}, "rows": rows})
-    md = to_markdown(rows, header)
+        "crossings": {str(k): v for k, v in crossed.items()}, "rows": rows})
+    md = to_markdown(rows, crossed, header)
     write_text_atomic(stem.with_suffix(".md"), md)
     print(md)
 
