@@ -1,30 +1,61 @@
 #!/usr/bin/env bash
-# Every GPU number the benchmarks issue asks for, in one call (e.g. one `device` run, where the machine
-# has torch/transformers but no registry): run from the repository root, results go to $1 (default
-# benchmarks/results). Each benchmark has its own time limit so that one slow part cannot eat the rest;
-# a part that fails or runs out of time is reported and the others still run.
-#   bash benchmarks/gpu_run.sh "$OUT"
+# Every GPU number the benchmarks and training issues ask for, in parts that fit separate calls of a GPU
+# machine that has torch/transformers but no registry. Run from the repository root:
+#   bash benchmarks/gpu_run.sh OUT [PART ...]        (no PART: the three speed parts)
+# Parts, each with its own time limit so that one slow part cannot eat the rest; a part that fails or
+# runs out of time is reported and the others still run:
+#   layer_speed_7b      benchmarks/layer_speed.py --preset 7b
+#   speed_default_cuda  benchmarks/speed.py --preset default
+#   speed_7b_cuda       benchmarks/speed.py --preset 7b
+#   gpu_tests           tests/test_gpu_training.py (bf16, fp16, FSDP2, DeepSpeed ZeRO-2/3 Trainer runs + resume)
+#   default_run         configs/default_asymlora_moe.yaml on the real default model, bf16 (needs $GPU_PAYLOAD:
+#                       a folder with pack/ from `benchmarks/pack_default.py pack` and data/ from
+#                       `asymlora data build`; DEFAULT_RUN_ARGS adds overrides)
 set -uo pipefail
 out="${1:-benchmarks/results}"
+shift || true
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(layer_speed_7b speed_default_cuda speed_7b_cuda)
 mkdir -p "$out"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error \
+  TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_env.txt"
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
-  | tee -a "$out/gpu_env.txt"
+python -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)" | tee -a "$out/gpu_env.txt"
 status=0
 run() {  # run LIMIT_SECONDS NAME COMMAND...
-  local limit=$1 name=$2
+  local limit=$1 name=$2 started=$SECONDS
   shift 2
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
-  tail -n 3 "$out/$name.log"
+  tail -n 4 "$out/$name.log"
+  echo "-- $name: exit $rc after $((SECONDS - started)) s"
   [ "$rc" -eq 0 ] || { echo "!! $name exited $rc (124: out of time)"; status=1; }
 }
-run 150 layer_speed_7b python benchmarks/layer_speed.py --preset 7b --device cuda --out "$out"
-# --no-paired: the round-by-round ratios against LoRA (speed.py's default) are there for a shared CPU host
-# whose speed drifts over minutes; a dedicated GPU with synchronised timing does not, and pairing doubles
-# the steps, which these time limits were not sized for (speed.py writes its files only at the end).
-run 200 speed_default_cuda python benchmarks/speed.py --preset default --device cuda --no-paired --out-dir "$out"
-run 200 speed_7b_cuda python benchmarks/speed.py --preset 7b --device cuda --no-paired --out-dir "$out"
+default_run() {
+  local cache=/tmp/asymlora_cache
+  python benchmarks/pack_default.py unpack "$GPU_PAYLOAD/pack" --out "$cache/models/default" || return 1
+  rm -rf "$cache/data" && cp -r "$GPU_PAYLOAD/data" "$cache/data" || return 1
+  # shellcheck disable=SC2086
+  ASYMLORA_CACHE="$cache" python -m asymlora.cli train configs/default_asymlora_moe.yaml training.bf16=true \
+    training.output_dir=/tmp/default_run training.report_to=[] ${DEFAULT_RUN_ARGS:-} || return 1
+  cp /tmp/default_run/trainer_state.json "$out/default_run_trainer_state.json"
+  cp /tmp/default_run/param_report.json "$out/default_run_param_report.json" 2>/dev/null || true
+}
+export out
+export -f default_run
+for part in "${parts[@]}"; do
+  case "$part" in
+    # --no-paired: the round-by-round ratios against LoRA (speed.py's default) are there for a shared CPU
+    # host whose speed drifts over minutes; a dedicated GPU with synchronised timing does not, and pairing
+    # doubles the steps (speed.py writes its files only at the end).
+    layer_speed_7b) run 150 "$part" python benchmarks/layer_speed.py --preset 7b --device cuda --out "$out" ;;
+    speed_default_cuda) run 240 "$part" python benchmarks/speed.py --preset default --device cuda --no-paired --out-dir "$out" ;;
+    speed_7b_cuda) run 240 "$part" python benchmarks/speed.py --preset 7b --device cuda --no-paired --out-dir "$out" ;;
+    gpu_tests) run 300 "$part" python -m pytest tests/test_gpu_training.py -m gpu -v -s -p no:cacheprovider ;;
+    default_run) run "${DEFAULT_RUN_LIMIT:-330}" "$part" bash -c default_run ;;
+    *) echo "unknown part $part"; status=1 ;;
+  esac
+done
 exit $status

@@ -505,6 +505,8 @@ def make_trainer_class() -> type:
                 load = load / load_layers
                 for e, share in enumerate(load.tolist()):
                     metrics[f"expert_load_{e}"] = round(share, 4)
+            if device.type == "cuda":  # the highest allocation of this process's GPU so far, in MiB
+                metrics["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             self._task_sums = torch.zeros_like(self._task_sums)
             self._aux_sum = torch.zeros((), dtype=torch.float64)
             self._aux_count = 0
