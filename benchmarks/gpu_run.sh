@@ -51,8 +51,8 @@ for part in "${parts[@]}"; do
     # host whose speed drifts over minutes; a dedicated GPU with synchronised timing does not, and pairing
     # doubles the steps (speed.py writes its files only at the end).
     layer_speed_7b) run 150 "$part" python benchmarks/layer_speed.py --preset 7b --device cuda --out "$out" ;;
-    speed_default_cuda) run 240 "$part" python benchmarks/speed.py --preset default --device cuda --no-paired --out-dir "$out" ;;
-    speed_7b_cuda) run 240 "$part" python benchmarks/speed.py --preset 7b --device cuda --no-paired --out-dir "$out" ;;
+    speed_default_cuda) run 330 "$part" python benchmarks/speed.py --preset default --device cuda --no-paired --out-dir "$out" ;;
+    speed_7b_cuda) run 300 "$part" python benchmarks/speed.py --preset 7b --device cuda --no-paired --out-dir "$out" ;;
     gpu_tests) run 300 "$part" python -m pytest tests/test_gpu_training.py -m gpu -v -s -p no:cacheprovider ;;
     default_run) run "${DEFAULT_RUN_LIMIT:-330}" "$part" bash -c default_run ;;
     *) echo "unknown part $part"; status=1 ;;

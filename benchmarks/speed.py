@@ -608,7 +608,9 @@ def train_jobs(s: Settings) -> list[tuple[str, int, str]]:
     return jobs
 
 
-def bench_train(s: Settings, base: nn.Module | None, log: Callable[[str], None]) -> list[dict]:
+def bench_train(s: Settings, base: nn.Module | None, log: Callable[[str], None],
+                on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Every training configuration's row; ``on_row(rows so far)`` after each (for partial results)."""
     rows = []
     jobs = train_jobs(s)
     begin = time.perf_counter()
@@ -620,6 +622,8 @@ def bench_train(s: Settings, base: nn.Module | None, log: Callable[[str], None])
         rows.append(row)
         log(f"[{i}/{len(jobs)}] train {method:12s} E={experts} {impl:5s} {row['ms']:10.2f} ms/step "
             f"{row['tokens_per_s']:10.0f} tok/s  (elapsed {time.perf_counter() - begin:.0f} s)")
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -766,6 +770,11 @@ def to_markdown(result: dict) -> str:
     lines = [
         f"## Full-model speed, preset {result['preset']}: {env['device_name']}",
         "",
+    ]
+    if not result.get("complete", True):
+        lines += [f"**Partial: {len(train)} of {result.get('planned_train_configurations', '?')} training "
+                  "configurations measured, no inference rows (the run stopped before the end).**", ""]
+    lines += [
         f"- model: {env['model_desc']} (random weights), {env['layers']} decoder layers, {env['dtype']}, "
         f"adapters {env['adapter_dtype']}, all-linear targets ({env['adapted_linears']} adapted nn.Linear)",
         f"- batch {env['batch']} x seq {env['seq']} = {env['batch'] * env['seq']} tokens/step, r={env['r']}, "
@@ -962,19 +971,27 @@ def _run(args: argparse.Namespace) -> dict:
         del base
         _free(s.device, s.preset != "tiny")
         base = None
-    train = bench_train(s, base, log)
+    stem = Path(args.out_dir) / f"speed_{s.preset}_{'cuda' if s.device.startswith('cuda') else 'cpu'}"
+    planned = len(train_jobs(s))
+
+    def write(train: list[dict], infer: list[dict], complete: bool) -> dict:
+        """The result so far, written after every configuration: a run cut short by a time limit keeps
+        what it measured (``complete`` false, the table says which configurations are missing)."""
+        result = dict(preset=s.preset, environment=env, train=train, inference=infer, complete=complete,
+                      planned_train_configurations=planned,
+                      targets=target_checks(train, infer, s.experts), seconds=time.perf_counter() - begin)
+        write_json_atomic(stem.with_suffix(".json"), result)
+        write_text_atomic(stem.with_suffix(".md"), to_markdown(result))
+        return result
+
+    train = bench_train(s, base, log, on_row=lambda rows: write(rows, [], False))
     infer: list[dict] = []
     if s.inference:
         if base is None:
             base = build_base(s)
         infer = bench_inference(s, base, log)
-    result = dict(preset=s.preset, environment=env, train=train, inference=infer,
-                  targets=target_checks(train, infer, s.experts), seconds=time.perf_counter() - begin)
-    stem = Path(args.out_dir) / f"speed_{s.preset}_{'cuda' if s.device.startswith('cuda') else 'cpu'}"
-    write_json_atomic(stem.with_suffix(".json"), result)
-    md = to_markdown(result)
-    write_text_atomic(stem.with_suffix(".md"), md)
-    log(md)
+    result = write(train, infer, True)
+    log(to_markdown(result))
     log(f"wrote {stem}.json and {stem}.md in {result['seconds']:.0f} s")
     return result
 

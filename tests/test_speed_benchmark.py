@@ -32,6 +32,8 @@ def test_tiny_preset_writes_every_configuration(tmp_path):
     result = speed.main([*TINY, "--iters", "1", "--warmup", "0", "--out-dir", str(tmp_path)])
     data = json.loads((tmp_path / "speed_tiny_cpu.json").read_text())
     assert data["train"] == result["train"]
+    assert data["complete"] and data["planned_train_configurations"] == len(data["train"])
+    assert "Partial" not in (tmp_path / "speed_tiny_cpu.md").read_text()
     rows = {(r["method"], r["E"], r["impl"]): r for r in data["train"]}
     expected = {("lora", 1, impl) for impl in speed.IMPLS}
     expected |= {(m, e, impl) for m in ("lora_moe", "asymlora", "asymlora_moe") for e in (3, 4, 8)
@@ -182,3 +184,23 @@ def test_loop_layer_matches_fused_layer_for_every_router(routing, top_k):
     out_loop.square().sum().backward()
     torch.testing.assert_close(loop.router.weight.grad, fused.router.weight.grad)
     torch.testing.assert_close(torch.stack([h.weight.grad for h in loop.lora_B]), fused.B_bank.grad)
+
+
+def test_a_run_cut_short_keeps_the_configurations_it_measured(tmp_path, monkeypatch):
+    """speed.py writes its files after every configuration, so a time limit loses only the unfinished one."""
+    real, calls = speed.run_train_config, []
+
+    def stop_at_the_third(*args, **kwargs):
+        calls.append(args[1:4])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a time limit's signal looks like to the run
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(speed, "run_train_config", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        speed.main([*TINY, "--iters", "1", "--warmup", "0", "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "speed_tiny_cpu.json").read_text())
+    assert not data["complete"] and data["inference"] == []
+    assert [(r["method"], r["E"], r["impl"]) for r in data["train"]] == [tuple(c) for c in calls[:2]]
+    assert data["planned_train_configurations"] == 20
+    assert "**Partial: 2 of 20 training configurations" in (tmp_path / "speed_tiny_cpu.md").read_text()
