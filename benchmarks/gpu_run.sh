@@ -50,7 +50,7 @@ for part in "${parts[@]}"; do
     # --no-paired: the round-by-round ratios against LoRA (speed.py's default) are there for a shared CPU
     # host whose speed drifts over minutes; a dedicated GPU with synchronised timing does not, and pairing
     # doubles the steps (speed.py writes its files only at the end).
-    layer_speed_7b) run 150 "$part" python benchmarks/layer_speed.py --preset 7b --device cuda --out "$out" ;;
+    layer_speed_7b) run 150 "$part" python benchmarks/layer_speed.py --preset 7b --device cuda --profile 6 --out "$out" ;;
     speed_default_cuda) run 330 "$part" python benchmarks/speed.py --preset default --device cuda --no-paired --out-dir "$out" ;;
     speed_7b_cuda) run 300 "$part" python benchmarks/speed.py --preset 7b --device cuda --no-paired --out-dir "$out" ;;
     gpu_tests) run 300 "$part" python -m pytest tests/test_gpu_training.py -m gpu -v -s -p no:cacheprovider ;;

@@ -61,7 +61,29 @@ def time_fn(fn, device: torch.device, warmup: int, iters: int) -> tuple[float, f
     return statistics.median(times), min(times)
 
 
-def bench(preset: str, device: torch.device, warmup: int, iters: int) -> list[dict]:
+def profile_step(step, device: torch.device, top: int) -> dict:
+    """One call of ``step`` under torch.profiler: its leaf ATen operators, its GPU kernels (None on CPU), and
+    the ``top`` operators by self time on the device (CPU time on a CPU), as [name, calls, microseconds]."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    ops = sum(1 for e in events if e.name.startswith("aten::") and not e.cpu_children)
+    kernels = sum(1 for e in events if e.device_type == DeviceType.CUDA) if cuda else None
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    averages = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    averages.sort(key=lambda e: getattr(e, key), reverse=True)
+    return {"aten_ops": ops, "kernels": kernels, "time": "device" if cuda else "cpu",
+            "top": [[e.key, e.count, round(float(getattr(e, key)), 1)] for e in averages[:top]]}
+
+
+def bench(preset: str, device: torch.device, warmup: int, iters: int, profile_top: int = 0) -> list[dict]:
     p = PRESETS[preset]
     dtype = getattr(torch, p["dtype"]) if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -85,6 +107,8 @@ def bench(preset: str, device: torch.device, warmup: int, iters: int) -> list[di
         params = sum(q.numel() for q in module.parameters() if q.requires_grad)
         rows.append(dict(method=name, E=experts, impl=kind, ms=median * 1e3, ms_min=best * 1e3, peak_mib=peak,
                          trainable=params))
+        if profile_top:
+            rows[-1]["profile"] = profile_step(step, device, profile_top)
 
     frozen_step = run(base)
     record("base (frozen linear)", 0, base, frozen_step, "-")
@@ -127,6 +151,16 @@ def to_markdown(rows: list[dict], header: str) -> str:
             f"| {r['method']} | {r['E']} | {r['impl']} | {r['ms']:.3f} | {r['ms'] / lora_ms:.2f} | "
             f"{vs_fused} | {peak} | {r['trainable']:,} |"
         )
+    profiled = [r for r in rows if "profile" in r]
+    if profiled:
+        unit = "device" if profiled[0]["profile"]["time"] == "device" else "CPU"
+        lines += ["", f"### One call under torch.profiler: operators, kernels, and the top operators by self {unit} "
+                  "time (µs, calls)", "", "| method | E | impl | ATen ops | kernels | top operators |", "|---|---|---|---|---|---|"]
+        for r in profiled:
+            prof = r["profile"]
+            top = "; ".join(f"{name} {us:.0f} ({calls})" for name, calls, us in prof["top"])
+            kernels = "" if prof["kernels"] is None else prof["kernels"]
+            lines.append(f"| {r['method']} | {r['E']} | {r['impl']} | {prof['aten_ops']} | {kernels} | {top} |")
     return "\n".join(lines) + "\n"
 
 
@@ -137,9 +171,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile one call of each configuration: operator and kernel counts and the N "
+                             "operators with the most self time (default 0: off)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = bench(args.preset, device, args.warmup, args.iters)
+    rows = bench(args.preset, device, args.warmup, args.iters, args.profile)
     p = PRESETS[args.preset]
     dev_name = device_label(device)
     dtype = p["dtype"] if device.type == "cuda" else "float32"

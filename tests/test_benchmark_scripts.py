@@ -17,11 +17,18 @@ def _run_tiny(script: str, out: Path, *args: str) -> None:
 
 
 def test_layer_speed_script_writes_results(tmp_path):
-    _run_tiny("layer_speed.py", tmp_path, "--iters", "1")
+    _run_tiny("layer_speed.py", tmp_path, "--iters", "1", "--profile", "3")
     data = json.loads((tmp_path / "layer_speed_tiny_cpu.json").read_text())
     impls = {(row["method"], row["impl"]) for row in data["rows"]}
     assert ("asymlora_moe (dense)", "loop") in impls and ("asymlora_moe (dense)", "fused") in impls
-    assert "| lora | 1 | fused |" in (tmp_path / "layer_speed_tiny_cpu.md").read_text()
+    md = (tmp_path / "layer_speed_tiny_cpu.md").read_text()
+    assert "| lora | 1 | fused |" in md
+    profiles = {(row["method"], row["impl"]): row["profile"] for row in data["rows"]}
+    assert all(p["kernels"] is None and 1 <= len(p["top"]) <= 3 for p in profiles.values())  # CPU: no kernels
+    # the loop formulation dispatches more operators than the fused layer, and LoRA fewer than either
+    dense_fused, dense_loop = profiles[("asymlora_moe (dense)", "fused")], profiles[("asymlora_moe (dense)", "loop")]
+    assert profiles[("lora", "fused")]["aten_ops"] < dense_fused["aten_ops"] < dense_loop["aten_ops"]
+    assert "### One call under torch.profiler" in md
 
 
 def test_task_path_crossover_script_times_both_paths(tmp_path):
