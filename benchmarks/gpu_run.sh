@@ -49,10 +49,12 @@ for part in "${parts[@]}"; do
   case "$part" in
     # --no-paired: the round-by-round ratios against LoRA (speed.py's default) are there for a shared CPU
     # host whose speed drifts over minutes; a dedicated GPU with synchronised timing does not, and pairing
-    # doubles the steps (speed.py writes its files only at the end).
+    # doubles the steps. --no-count-ops: the ATen operator count does not depend on the device (the CPU
+    # runs have it) and profiling a 30-layer step costs seconds per configuration. On an H200 on
+    # 2026-12-04 the default preset took about 12 s per configuration (20 of them) with both on.
     layer_speed_7b) run 150 "$part" python benchmarks/layer_speed.py --preset 7b --device cuda --profile 6 --out "$out" ;;
-    speed_default_cuda) run 330 "$part" python benchmarks/speed.py --preset default --device cuda --no-paired --out-dir "$out" ;;
-    speed_7b_cuda) run 300 "$part" python benchmarks/speed.py --preset 7b --device cuda --no-paired --out-dir "$out" ;;
+    speed_default_cuda) run 330 "$part" python benchmarks/speed.py --preset default --device cuda --no-paired --no-count-ops --out-dir "$out" ;;
+    speed_7b_cuda) run 300 "$part" python benchmarks/speed.py --preset 7b --device cuda --no-paired --no-count-ops --out-dir "$out" ;;
     gpu_tests) run 300 "$part" python -m pytest tests/test_gpu_training.py -m gpu -v -s -p no:cacheprovider ;;
     default_run) run "${DEFAULT_RUN_LIMIT:-330}" "$part" bash -c default_run ;;
     *) echo "unknown part $part"; status=1 ;;
