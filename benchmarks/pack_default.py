@@ -54,29 +54,53 @@ def _lm_state(gguf: Path) -> dict[str, torch.Tensor]:
     return {LM_PREFIX + k: v for k, v in model.state_dict().items()}
 
 
-def pack(model_dir: Path, gguf: Path, out: Path, vision_dtype: torch.dtype) -> dict[str, int]:
-    """Write ``out/{smollm2.gguf, rest.safetensors, small files}``; returns byte counts."""
-    lm = _lm_state(gguf)
+def split_state(built: dict[str, torch.Tensor], lm: dict[str, torch.Tensor],
+                vision_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], int]:
+    """The tensors of ``built`` that ``lm`` does not reproduce bit for bit, and how many it does.
+
+    A tensor that is ``lm``'s with rows appended (an embedding grown by new tokens) keeps only the new rows,
+    under ``key + ROWS_SUFFIX``; the vision tower's floating matrices are cast to ``vision_dtype``.
+    """
     rest: dict[str, torch.Tensor] = {}
     kept = 0
-    with safe_open(model_dir / WEIGHTS, "pt") as f:
-        keys = list(f.keys())
-        for key in keys:
-            value = f.get_tensor(key)
-            ref = lm.get(key)
-            if ref is not None and ref.shape == value.shape and torch.equal(ref, value):
-                kept += 1
-                continue
-            if ref is not None and ref.dim() == value.dim() and value.shape[1:] == ref.shape[1:] \
-                    and value.shape[0] > ref.shape[0] and torch.equal(value[: ref.shape[0]], ref):
-                rest[key + ROWS_SUFFIX] = value[ref.shape[0]:].contiguous()
-                continue
-            if key.startswith("vision_tower.") and value.is_floating_point() and value.dim() >= 2:
-                value = value.to(vision_dtype)
-            rest[key] = value.contiguous()
+    for key, value in built.items():
+        ref = lm.get(key)
+        if ref is not None and ref.shape == value.shape and torch.equal(ref, value):
+            kept += 1
+            continue
+        if ref is not None and ref.dim() == value.dim() and value.shape[1:] == ref.shape[1:] \
+                and value.shape[0] > ref.shape[0] and torch.equal(value[: ref.shape[0]], ref):
+            rest[key + ROWS_SUFFIX] = value[ref.shape[0]:].contiguous()
+            continue
+        if key.startswith("vision_tower.") and value.is_floating_point() and value.dim() >= 2:
+            value = value.to(vision_dtype)
+        rest[key] = value.contiguous()
+    return rest, kept
+
+
+def merge_state(rest: dict[str, torch.Tensor], lm: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`split_state`: ``keys`` in order, float32, from ``rest`` where it has them (new rows
+    appended to ``lm``'s tensor), else from ``lm``."""
+    state: dict[str, torch.Tensor] = {}
+    for key, value in rest.items():
+        if key.endswith(ROWS_SUFFIX):
+            base = key.removesuffix(ROWS_SUFFIX)
+            state[base] = torch.cat([lm[base], value.float()])
+        else:
+            state[key] = value.float()
+    missing = [key for key in keys if key not in state and key not in lm]
+    if missing:
+        raise SystemExit(f"the pack lacks {len(missing)} tensor(s) of the build, e.g. {missing[:3]}")
+    return {key: (state[key] if key in state else lm[key]).contiguous() for key in keys}
+
+
+def pack(model_dir: Path, gguf: Path, out: Path, vision_dtype: torch.dtype) -> dict[str, int]:
+    """Write ``out/{smollm2.gguf, rest.safetensors, small files}``; returns byte counts."""
+    built = load_file(model_dir / WEIGHTS)
+    rest, kept = split_state(built, _lm_state(gguf), vision_dtype)
     out.mkdir(parents=True, exist_ok=True)
     save_file(rest, str(out / REST), metadata={"vision_dtype": str(vision_dtype).removeprefix("torch."),
-                                                    "keys": json.dumps(keys)})
+                                                    "keys": json.dumps(list(built))})
     shutil.copyfile(gguf, out / GGUF)
     for p in sorted(model_dir.iterdir()):
         if p.is_file() and p.name != WEIGHTS:
@@ -88,26 +112,17 @@ def pack(model_dir: Path, gguf: Path, out: Path, vision_dtype: torch.dtype) -> d
 
 def unpack(packed: Path, out: Path) -> Path:
     """Rebuild ``out/model.safetensors`` (float32, the built key order and header) and the small files."""
-    lm = _lm_state(packed / GGUF)
-    with safe_open(packed / REST, "pt") as f:
-        metadata = f.metadata() or {}
-    vision_dtype, keys = metadata.get("vision_dtype", "float32"), json.loads(metadata["keys"])
-    rest = load_file(packed / REST)
     manifest = read_manifest(packed)
     if manifest is None:
         raise SystemExit(f"{packed}: no manifest.json; pack it with `pack_default.py pack`")
-    state: dict[str, torch.Tensor] = {}
-    for key, value in rest.items():
-        if key.endswith(ROWS_SUFFIX):
-            base = key.removesuffix(ROWS_SUFFIX)
-            state[base] = torch.cat([lm.pop(base), value.float()])
-        else:
-            state[key] = value.float()
-    state = {key: state[key] if key in state else lm[key] for key in keys}  # the build's keys (lm_head is tied)
+    with safe_open(packed / REST, "pt") as f:
+        metadata = f.metadata() or {}
+    vision_dtype, keys = metadata.get("vision_dtype", "float32"), json.loads(metadata["keys"])
+    state = merge_state(load_file(packed / REST), _lm_state(packed / GGUF), keys)
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.unpacking-"))
     building.chmod(0o755)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(building / WEIGHTS), metadata={"format": "pt"})
+    save_file(state, str(building / WEIGHTS), metadata={"format": "pt"})
     for p in sorted(packed.iterdir()):
         if p.is_file() and p.name not in (REST, GGUF):
             shutil.copyfile(p, building / p.name)

@@ -285,3 +285,43 @@ def test_merge_evals_joins_one_task_evals_that_compare_pairs_with_a_mixture_eval
         err = capsys.readouterr().err
         assert message in err and str(evals[1] / "results.json") in err
         assert not fresh.exists()
+
+
+def test_pack_default_splits_and_rebuilds_a_checkpoint():
+    """benchmarks/pack_default.py keeps only what the GGUF cannot give back, and puts the build together again:
+    the same keys in the same order, exact except the vision tower's matrices (float16 once)."""
+    import importlib.util
+
+    import pytest
+    import torch
+
+    spec = importlib.util.spec_from_file_location("asymlora_bench_pack", ROOT / "benchmarks" / "pack_default.py")
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    g = torch.Generator().manual_seed(0)
+    emb, norm = "language_model.model.embed_tokens.weight", "language_model.model.norm.weight"
+    fc1, scale = "vision_tower.encoder.layer.0.mlp.fc1.weight", "vision_tower.encoder.layer.0.layer_scale1.lambda1"
+    proj = "multi_modal_projector.linear_1.weight"
+    lm = {emb: torch.randn(10, 4, generator=g), norm: torch.randn(4, generator=g),
+          "language_model.lm_head.weight": torch.randn(10, 4, generator=g)}  # tied: not in the build
+    built = {emb: torch.cat([lm[emb], torch.randn(1, 4, generator=g)]),  # grown by one token
+             norm: lm[norm].clone(), proj: torch.randn(4, 4, generator=g),
+             fc1: torch.randn(8, 4, generator=g), scale: torch.full((4,), 1e-6)}
+
+    rest, kept = pack.split_state(built, lm, torch.float16)
+    assert kept == 1
+    assert set(rest) == {emb + pack.ROWS_SUFFIX, proj, fc1, scale}
+    assert rest[emb + pack.ROWS_SUFFIX].shape == (1, 4)
+    assert rest[fc1].dtype == torch.float16 and rest[scale].dtype == torch.float32  # vectors stay exact
+
+    merged = pack.merge_state(rest, lm, list(built))
+    assert list(merged) == list(built)
+    for key, value in built.items():
+        assert merged[key].dtype == torch.float32
+        if key == fc1:
+            torch.testing.assert_close(merged[key], value, rtol=1e-3, atol=1e-4)
+            assert not torch.equal(merged[key], value)
+        else:
+            assert torch.equal(merged[key], value), key
+    with pytest.raises(SystemExit, match="lacks 1 tensor"):
+        pack.merge_state(rest, lm, [*built, "vision_tower.missing"])
