@@ -53,13 +53,14 @@ def _check_run(run: Path) -> dict[str, torch.Tensor]:
     losses = _losses(run)
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), losses
     assert sum(losses[-3:]) < sum(losses[:3]), losses  # it learns
-    assert all(entry["peak_memory_mib"] > 0 for entry in log_history(run) if "loss" in entry)
+    if torch.cuda.is_available():  # (the module also runs on CPU when called directly, to check its logic)
+        assert all(entry["peak_memory_mib"] > 0 for entry in log_history(run) if "loss" in entry)
     adapter = load_file(run / "adapter_model.safetensors")
     assert adapter and all(t.isfinite().all() for t in adapter.values())
     return adapter
 
 
-def _resume_and_compare(config: dict, tmp_path: Path, name: str, *, launcher: bool, exact: bool) -> float:
+def _resume_and_compare(config: dict, tmp_path: Path, name: str, *, launcher: bool) -> float:
     """Resume ``name`` from its step-6 checkpoint to step 12; the largest difference to the straight run."""
     run, resumed = tmp_path / name, tmp_path / f"{name}_resumed"
     resumed.mkdir()
@@ -68,13 +69,11 @@ def _resume_and_compare(config: dict, tmp_path: Path, name: str, *, launcher: bo
            launcher=launcher)
     final, again = load_file(run / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
     assert again.keys() == final.keys()
-    worst = max(float((again[k].float() - final[k].float()).abs().max()) for k in final)
-    if exact:
-        assert worst == 0.0, (name, worst)
-    else:  # GPU kernels may reduce in another order on the second run: same to float32 rounding
-        for key in final:
-            torch.testing.assert_close(again[key].float(), final[key].float(), rtol=1e-4, atol=1e-5, msg=key)
-    return worst
+    # GPU kernels may reduce in another order on the second run, so equal to float32 rounding is asked for
+    # (on an H200 on 2026-12-04 both FSDP runs came back bit-identical); the largest difference is printed
+    for key in final:
+        torch.testing.assert_close(again[key].float(), final[key].float(), rtol=1e-4, atol=1e-5, msg=key)
+    return max(float((again[k].float() - final[k].float()).abs().max()) for k in final)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -95,7 +94,7 @@ def test_fsdp2_trainer_run_saves_and_resumes_on_gpu(method, tmp_path):
     _check_run(run)
     log = (run / "trainer_state.json").read_text()
     assert ("expert_load_0" in log) == (method == "asymlora_moe"), "routing statistics in the logs"
-    worst = _resume_and_compare(config, tmp_path, name, launcher=True, exact=False)
+    worst = _resume_and_compare(config, tmp_path, name, launcher=True)
     print(f"{name}: the resumed run's adapter differs by at most {worst:.3g}")
 
 
