@@ -29,7 +29,7 @@ from asymlora.io import write_json_atomic, write_text_atomic
 from asymlora.model import RoutingContext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import LoopContext, LoopLinear  # noqa: E402  (the loop reference of the full-model benchmark)
+from speed import LoopContext, LoopLinear, leaf_aten_ops  # noqa: E402  (the full-model benchmark's loop reference)
 
 PRESETS = {
     "tiny": dict(d_in=64, d_out=96, tokens=64, r=4, experts=(3,), dtype="float32"),  # a smoke test of the script
@@ -74,7 +74,7 @@ def profile_step(step, device: torch.device, top: int) -> dict:
         if cuda:
             torch.cuda.synchronize()
     events = prof.events()
-    ops = sum(1 for e in events if e.name.startswith("aten::") and not e.cpu_children)
+    ops = leaf_aten_ops(events)
     kernels = sum(1 for e in events if e.device_type == DeviceType.CUDA) if cuda else None
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     averages = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]

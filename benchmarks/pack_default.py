@@ -21,7 +21,7 @@ sizes still match, so ``asymlora`` loads the directory as the default model
 (``ASYMLORA_CACHE=<dir>`` with the model in ``<dir>/models/default``).
 
     python benchmarks/pack_default.py pack --out /tmp/pack              # here
-    split -b 40m /tmp/pack/... ; carry the parts; cat them together      # see benchmarks/gpu_run.sh
+    tar + split into parts; carry them; cat them together there         # see docs/benchmarks.md
     python benchmarks/pack_default.py unpack /tmp/pack --out $ASYMLORA_CACHE/models/default   # there
 """
 

@@ -579,12 +579,17 @@ def trainable_state_bytes(params: Sequence[torch.Tensor]) -> int:
     return sum(4 * p.numel() * p.element_size() for p in params)
 
 
+def leaf_aten_ops(events: Any) -> int:
+    """How many of a profile's events are leaf ATen operators (no operators under them)."""
+    return sum(1 for event in events if event.name.startswith("aten::") and not event.cpu_children)
+
+
 def count_ops(fn: Callable[[], Any]) -> int:
     """Leaf ATen operators that one call of ``fn`` dispatches (profiled once, after the timed steps): each
     is at least one kernel launch on a GPU, so on small models this count, not FLOPs, sets the pace."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(1 for event in prof.events() if event.name.startswith("aten::") and not event.cpu_children)
+    return leaf_aten_ops(prof.events())
 
 
 def _run_isolated(s: Settings, method: str, experts: int, impl: str) -> dict:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_fixtures import launch_two_processes, log_history, train_setup
+from train_fixtures import launch_two_processes, losses, train_setup
 
 pytest.importorskip("deepspeed")
 
@@ -31,9 +31,6 @@ def _launch(config: dict, path: Path, *overrides: str) -> None:
     path.write_text(yaml.safe_dump(config))
     launch_two_processes(path, *overrides, timeout=900)
 
-
-def _losses(run: Path) -> list[float]:
-    return [entry["loss"] for entry in log_history(run) if "loss" in entry]
 
 
 def _projector(tmp_path: Path) -> Path:
@@ -69,7 +66,7 @@ def _assert_resumes_exactly(config: dict, tmp_path: Path, name: str) -> None:
     assert again.keys() == final.keys()
     for key in final:
         assert torch.equal(again[key], final[key]), (name, key)
-    assert _losses(resumed)[-3:] == _losses(run)[-3:]
+    assert losses(resumed)[-3:] == losses(run)[-3:]
 
 
 def test_zero2_and_zero3_match_ddp_and_resume_exactly(tmp_path):
@@ -80,7 +77,7 @@ def test_zero2_and_zero3_match_ddp_and_resume_exactly(tmp_path):
         config = _config(tmp_path, name, stage)
         _launch(config, tmp_path / f"{name}.yaml")
         run = tmp_path / name
-        assert _losses(run) == pytest.approx(_losses(tmp_path / "ddp"), rel=1e-4, abs=1e-5), name
+        assert losses(run) == pytest.approx(losses(tmp_path / "ddp"), rel=1e-4, abs=1e-5), name
         final = load_file(run / "adapter_model.safetensors")
         assert final.keys() == reference.keys()
         for key in final:  # every trainable tensor: A, B bank, routers, projector
@@ -108,7 +105,7 @@ def test_zero3_bf16_trains_like_ddp_bf16(tmp_path):
         if stage is not None:
             config["training"]["deepspeed"]["bf16"] = {"enabled": "auto"}
         _launch(config, tmp_path / f"{name}.yaml")
-        runs[name] = _losses(tmp_path / name)
+        runs[name] = losses(tmp_path / name)
     # bf16 weights (DeepSpeed) against float32 weights under bf16 autocast (DDP): close, not equal
     assert runs["zero3_bf16"] == pytest.approx(runs["ddp_bf16"], rel=2e-3)
     final = load_file(tmp_path / "zero3_bf16" / "adapter_model.safetensors")
@@ -137,7 +134,7 @@ def test_zero_offload_matches_ddp_and_resumes_exactly(tmp_path):
         config["training"]["deepspeed"]["zero_optimization"].update(offload)
         _launch(config, tmp_path / f"{name}.yaml")
         run = tmp_path / name
-        assert _losses(run) == pytest.approx(_losses(tmp_path / "ddp"), rel=1e-5), name
+        assert losses(run) == pytest.approx(losses(tmp_path / "ddp"), rel=1e-5), name
         final = load_file(run / "adapter_model.safetensors")
         assert final.keys() == reference.keys()
         for key in final:

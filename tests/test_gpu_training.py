@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_fixtures import log_history, train_setup
+from train_fixtures import log_history, losses, train_setup
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -45,14 +45,11 @@ def _train(config: dict, path: Path, *args: str, launcher: bool = False, timeout
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-def _losses(run: Path) -> list[float]:
-    return [entry["loss"] for entry in log_history(run) if "loss" in entry]
-
 
 def _check_run(run: Path) -> dict[str, torch.Tensor]:
-    losses = _losses(run)
-    assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), losses
-    assert sum(losses[-3:]) < sum(losses[:3]), losses  # it learns
+    curve = losses(run)
+    assert len(curve) == STEPS and all(math.isfinite(x) for x in curve), curve
+    assert sum(curve[-3:]) < sum(curve[:3]), curve  # it learns
     if torch.cuda.is_available():  # (the module also runs on CPU when called directly, to check its logic)
         assert all(entry["peak_memory_mib"] > 0 for entry in log_history(run) if "loss" in entry)
     adapter = load_file(run / "adapter_model.safetensors")

@@ -62,6 +62,11 @@ def log_history(run: Path) -> list[dict]:
     return json.loads((run / "trainer_state.json").read_text())["log_history"]
 
 
+def losses(run: Path) -> list[float]:
+    """The training loss of every logging step of a finished run."""
+    return [entry["loss"] for entry in log_history(run) if "loss" in entry]
+
+
 def launch_two_processes(config_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """The README's command, on CPU: accelerate launch --multi_gpu --num_processes 2 -m asymlora.cli train."""
     proc = subprocess.run(
