@@ -70,12 +70,20 @@ def loop_reference(layer, x, task_ids):
     return out
 
 
+EACH_CASE = pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+
+
+def gradient_task_ids(case: dict) -> torch.Tensor:
+    """Task ids of the three samples of the gradient tests: two tasks (one twice); hybrid's -1 is the router alone."""
+    return torch.tensor([2, -1, 1]) if case.get("routing") == "hybrid" else torch.tensor([1, 2, 1])
+
+
 # 5 tokens per sample: task routing takes the gated product; 60: the per-sample heads (TASK_BMM_MIN_WORK)
 SEQ_LENGTHS = [5, 60]
 
 
 @pytest.mark.parametrize("seq", SEQ_LENGTHS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+@EACH_CASE
 def test_fused_matches_loop_float64(case, seq):
     layer, ctx = make_layer(**case)
     torch.manual_seed(1)
@@ -89,13 +97,13 @@ def test_fused_matches_loop_float64(case, seq):
 
 
 @pytest.mark.parametrize("seq", SEQ_LENGTHS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+@EACH_CASE
 def test_fused_gradients_match_loop_float64(case, seq):
     """The fused path (and the per-sample head gather of task routing) backpropagates as the loop does."""
     layer, ctx = make_layer(**case)
     torch.manual_seed(2)
     x = torch.randn(3, seq, 12, dtype=torch.float64, requires_grad=True)
-    ctx.task_ids = torch.tensor([2, -1, 1]) if case.get("routing") == "hybrid" else torch.tensor([1, 2, 1])
+    ctx.task_ids = gradient_task_ids(case)
     weights = torch.randn(3, seq, layer.out_features, dtype=torch.float64)
     params = [x] + [p for p in layer.parameters() if p.requires_grad]
     fused = torch.autograd.grad((layer(x) * weights).sum(), params)
@@ -105,7 +113,7 @@ def test_fused_gradients_match_loop_float64(case, seq):
 
 
 @pytest.mark.parametrize("seq", SEQ_LENGTHS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+@EACH_CASE
 def test_bfloat16_base_with_float32_adapter_backpropagates_as_the_loop(case, seq):
     """A bf16 base output with a float32 adapter (result and factors of different dtypes): the bank products
     cast the product, and their backward hands the base path bf16 gradients and the adapter float32 ones."""
@@ -113,7 +121,7 @@ def test_bfloat16_base_with_float32_adapter_backpropagates_as_the_loop(case, seq
     layer.base_layer.to(torch.bfloat16)
     torch.manual_seed(3)
     x = torch.randn(3, seq, 12, dtype=torch.bfloat16, requires_grad=True)
-    ctx.task_ids = torch.tensor([2, -1, 1]) if case.get("routing") == "hybrid" else torch.tensor([1, 2, 1])
+    ctx.task_ids = gradient_task_ids(case)
     weights = torch.randn(3, seq, layer.out_features)
     adapter = [p for name, p in layer.named_parameters() if not name.startswith("base_layer")]
     out = layer(x)
@@ -128,14 +136,14 @@ def test_bfloat16_base_with_float32_adapter_backpropagates_as_the_loop(case, seq
 
 
 @pytest.mark.parametrize("seq", SEQ_LENGTHS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+@EACH_CASE
 def test_float32_layer_under_bfloat16_autocast_backpropagates_as_the_loop(case, seq):
     """Under autocast (the Trainer's bf16 on a float32 model) the matmuls run in bf16 and backward runs
     outside autocast: the bank products' backward must still pair bf16 codes with float32 parameters."""
     layer, ctx = make_layer(dtype=torch.float32, **case)
     torch.manual_seed(4)
     x = torch.randn(3, seq, 12, requires_grad=True)
-    ctx.task_ids = torch.tensor([2, -1, 1]) if case.get("routing") == "hybrid" else torch.tensor([1, 2, 1])
+    ctx.task_ids = gradient_task_ids(case)
     weights = torch.randn(3, seq, layer.out_features)
     params = [x] + [p for p in layer.parameters() if p.requires_grad]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -149,7 +157,7 @@ def test_float32_layer_under_bfloat16_autocast_backpropagates_as_the_loop(case, 
 
 
 @pytest.mark.parametrize("seq", SEQ_LENGTHS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+@EACH_CASE
 def test_backward_keeps_no_copy_of_the_bank(case, seq):
     """What one forward saves for backward beyond LoRA's (the input and its A-codes) is only the gates and
     the router's (T, E)-sized tensors: less than either the gated codes (T, E*r) or one copy of the bank
@@ -208,7 +216,7 @@ def test_task_routing_expands_ids_over_beams_and_rows():
                                rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+@EACH_CASE
 def test_zero_initialised_B_is_identity(case):
     config = AsymLoraConfig(r=4, **case)
     base = nn.Linear(8, 6)

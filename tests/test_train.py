@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_fixtures import launch_two_processes, log_history, train_setup
+from train_fixtures import launch_two_processes, log_history, losses, train_setup
 
 import asymlora
 from asymlora.errors import ConfigError
@@ -92,8 +92,8 @@ def test_bf16_model_trains_a_float32_projector_and_fp16_on_cpu_warns(tmp_path):
     for name, value in saved.items():
         assert value.dtype == torch.float32
         assert (value != start[name]).all(), name  # bf16 weights kept about a third of these steps
-    losses = [e["loss"] for e in log_history(out) if "loss" in e]
-    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+    logged = losses(out)
+    assert len(logged) == 2 and all(0 < loss < 20 for loss in logged)
 
     values = train_setup(tmp_path, max_steps=1, save_steps=100, fp16=True, output_dir=str(tmp_path / "fp16"))
     with pytest.warns(UserWarning, match="training.fp16 has no effect on cpu"):
@@ -114,7 +114,7 @@ def test_sample_average_is_the_global_batch_mean_across_accumulation_steps(tmp_p
         values["training"]["output_dir"] = str(tmp_path / name)
         values["loss_average"] = average
         run_training(TrainConfig.from_dict(values))
-        runs[name] = [e["loss"] for e in log_history(tmp_path / name) if "loss" in e]
+        runs[name] = losses(tmp_path / name)
     assert len(runs["samples"]) == 4
     assert runs["samples_acc"] == pytest.approx(runs["samples"], rel=1e-4, abs=1e-5)
     # The same first batch, weighted otherwise: near the token mean at init (every token's loss is about
@@ -195,8 +195,8 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     config_path = tmp_path / "ddp.yaml"
     config_path.write_text(yaml.safe_dump(ddp))
     launch_two_processes(config_path)
-    one = [e["loss"] for e in log_history(tmp_path / "single") if "loss" in e]
-    two = [e["loss"] for e in log_history(tmp_path / "ddp") if "loss" in e]
+    one = losses(tmp_path / "single")
+    two = losses(tmp_path / "ddp")
     assert len(one) == len(two) == 6
     assert one == pytest.approx(two, rel=1e-3, abs=1e-4)
 
