@@ -6,14 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from test_model import ALL_CASES, randomize_adapter
-from tiny_models import image_batch, tiny_llava
+from tiny_models import case_id, image_batch, tiny_llava
 from train_fixtures import losses, train_setup
 
 import asymlora
 from asymlora import AsymLoraConfig
 from asymlora.train import TrainConfig, run_training
-
-CASE_IDS = [f"{c['method']}-{c.get('routing', 'default')}" for c in ALL_CASES]
 
 
 def adapted(case: dict) -> asymlora.AsymLoraModel:
@@ -36,7 +34,7 @@ def train_step(model: torch.nn.Module, wrapped: asymlora.AsymLoraModel, inputs: 
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("case", ALL_CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", ALL_CASES, ids=case_id)
 def test_compiled_training_step_matches_eager_without_a_break_per_layer(case):
     """aot_eager: dynamo and AOTAutograd trace forward and backward (the bank Functions' backward included),
     without inductor's code generation, which is the slow part and not asymlora's. Graph breaks are allowed
@@ -73,8 +71,9 @@ def test_trainer_torch_compile_trains_like_eager(tmp_path, method):
     for compile_ in (False, True):
         values = train_setup(tmp_path, method=method, max_steps=4, save_steps=100, logging_steps=1,
                              torch_compile=compile_)
-        values["training"]["output_dir"] = str(tmp_path / f"run{int(compile_)}")
+        out = tmp_path / f"run{int(compile_)}"
+        values["training"]["output_dir"] = str(out)
         run_training(TrainConfig.from_dict(values))
-        runs[compile_] = losses(tmp_path / f"run{int(compile_)}")
+        runs[compile_] = losses(out)
     assert len(runs[True]) == 4
     assert runs[True] == pytest.approx(runs[False], rel=1e-4, abs=1e-5)

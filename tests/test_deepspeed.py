@@ -32,7 +32,6 @@ def _launch(config: dict, path: Path, *overrides: str) -> None:
     launch_two_processes(path, *overrides, timeout=900)
 
 
-
 def _projector(tmp_path: Path) -> Path:
     """A projector file unlike the tiny model's own weights (so a load that is skipped shows)."""
     path = tmp_path / "projector.safetensors"

@@ -45,7 +45,6 @@ def _train(config: dict, path: Path, *args: str, launcher: bool = False, timeout
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-
 def _check_run(run: Path) -> dict[str, torch.Tensor]:
     curve = losses(run)
     assert len(curve) == STEPS and all(math.isfinite(x) for x in curve), curve

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_models import case_id
 from torch import nn
 
 from asymlora import AsymLoraConfig, AsymLoraLinear
@@ -70,7 +71,7 @@ def loop_reference(layer, x, task_ids):
     return out
 
 
-EACH_CASE = pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+EACH_CASE = pytest.mark.parametrize("case", CASES, ids=case_id)
 
 
 def gradient_task_ids(case: dict) -> torch.Tensor:

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import FAMILY_FACTORIES, image_batch, tiny_llama_lm, tiny_llava
+from tiny_models import FAMILY_FACTORIES, case_id, image_batch, tiny_llama_lm, tiny_llava
 
 import asymlora
 from asymlora import AsymLoraConfig, CheckpointError, ConfigError
@@ -173,7 +173,7 @@ def test_balance_loss_counts_supervised_and_image_tokens_only():
     assert torch.equal(mask, expected) and mask.sum() < mask.numel()
 
 
-@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: f"{c['method']}-{c.get('routing', 'default')}")
+@pytest.mark.parametrize("case", ALL_CASES, ids=case_id)
 def test_save_load_round_trip_is_exact(tmp_path, case):
     config = AsymLoraConfig(r=4, modules_to_save=["projector"], **case)
     model = asymlora.get_model(tiny_llava(), config)

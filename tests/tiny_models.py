@@ -13,6 +13,11 @@ IMAGE_TOKEN = asymlora_tiny.IMAGE_TOKEN
 TEXT = dict(asymlora_tiny.TEXT_CONFIG)
 
 
+def case_id(case: dict) -> str:
+    """A test id for an adapter-config case: method and routing."""
+    return f"{case['method']}-{case.get('routing', 'default')}"
+
+
 def tiny_llama_lm() -> tf.PreTrainedModel:
     torch.manual_seed(0)
     return tf.LlamaForCausalLM(tf.LlamaConfig(**TEXT)).eval()
