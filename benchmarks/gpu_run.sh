@@ -7,6 +7,9 @@
 #   layer_speed_7b      benchmarks/layer_speed.py --preset 7b
 #   speed_default_cuda  benchmarks/speed.py --preset default
 #   speed_7b_cuda       benchmarks/speed.py --preset 7b
+#   compile_default_cuda   the default preset's LoRA, task-routed and dense E=8 steps under torch.compile
+#   compile_cg_default_cuda  the same with mode reduce-overhead (CUDA graphs): does compiling close the gap
+#                       that launch overhead leaves (237 ms per eager LoRA step on an H200, ~14 us per operator)?
 #   gpu_tests           tests/test_gpu_training.py (bf16, fp16, FSDP2, DeepSpeed ZeRO-2/3 Trainer runs + resume)
 #   default_run         configs/default_asymlora_moe.yaml on the real default model, bf16 (needs $GPU_PAYLOAD:
 #                       a folder with pack/ from `benchmarks/pack_default.py pack` and data/ from
@@ -55,6 +58,10 @@ for part in "${parts[@]}"; do
     layer_speed_7b) run 150 "$part" python benchmarks/layer_speed.py --preset 7b --device cuda --profile 6 --out "$out" ;;
     speed_default_cuda) run 330 "$part" python benchmarks/speed.py --preset default --device cuda --no-paired --no-count-ops --out-dir "$out" ;;
     speed_7b_cuda) run 300 "$part" python benchmarks/speed.py --preset 7b --device cuda --no-paired --no-count-ops --out-dir "$out" ;;
+    compile_default_cuda|compile_cg_default_cuda)
+      mode=default; [ "$part" = compile_cg_default_cuda ] && mode=reduce-overhead
+      run 300 "$part" python benchmarks/speed.py --preset default --device cuda --compile "$mode" --methods lora asymlora \
+        asymlora_moe --experts 8 --impls fused --no-paired --no-count-ops --no-inference --out-dir "$out/$part" ;;
     gpu_tests) run 300 "$part" python -m pytest tests/test_gpu_training.py -m gpu -v -s -p no:cacheprovider ;;
     default_run) run "${DEFAULT_RUN_LIMIT:-330}" "$part" bash -c default_run ;;
     *) echo "unknown part $part"; status=1 ;;

@@ -83,7 +83,10 @@ def profile_step(step, device: torch.device, top: int) -> dict:
             "top": [[e.key, e.count, round(float(getattr(e, key)), 1)] for e in averages[:top]]}
 
 
-def bench(preset: str, device: torch.device, warmup: int, iters: int, profile_top: int = 0) -> list[dict]:
+def bench(preset: str, device: torch.device, warmup: int, iters: int, profile_top: int = 0,
+          compile_mode: str = "") -> list[dict]:
+    """Rows of every configuration; with ``compile_mode`` each fused layer is also timed under
+    ``torch.compile`` (inductor, that mode; impl "compiled"), right after its eager row."""
     p = PRESETS[preset]
     dtype = getattr(torch, p["dtype"]) if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -115,7 +118,15 @@ def bench(preset: str, device: torch.device, warmup: int, iters: int, profile_to
     lora = AsymLoraLinear(base, AsymLoraConfig(method="lora", r=p["r"]).layer_spec(), "lora",
                           adapter_dtype="auto").to(device)
     lora.routing_context = RoutingContext()
-    record("lora", 1, lora, run(lora), "fused")
+
+    def record_fused(name: str, experts: int, layer: AsymLoraLinear) -> None:
+        record(name, experts, layer, run(layer), "fused")
+        if compile_mode:
+            torch._dynamo.reset()  # each layer compiles afresh (no recompile limit across configurations)
+            compiled = torch.compile(layer, mode=None if compile_mode == "default" else compile_mode)
+            record(name, experts, layer, run(compiled), "compiled")
+
+    record_fused("lora", 1, lora)
     for experts in p["experts"]:
         tasks = [f"t{i}" for i in range(experts)]
         task_ids = torch.arange(x.shape[0], device=device) % experts
@@ -131,7 +142,7 @@ def bench(preset: str, device: torch.device, warmup: int, iters: int, profile_to
             ctx = RoutingContext()
             ctx.task_ids = task_ids
             layer.routing_context = ctx
-            record(name, experts, layer, run(layer), "fused")
+            record_fused(name, experts, layer)
             loop_ctx = LoopContext()
             loop_ctx.task_ids = task_ids
             loop = LoopLinear(base, spec, loop_ctx, adapter_dtype="auto")
@@ -141,15 +152,23 @@ def bench(preset: str, device: torch.device, warmup: int, iters: int, profile_to
 
 def to_markdown(rows: list[dict], header: str) -> str:
     lora_ms = next(r["ms"] for r in rows if r["method"] == "lora")
+    compiled = {(r["method"], r["E"]): r["ms"] for r in rows if r["impl"] == "compiled"}
     lines = [header, "", "| method | E | impl | ms (median) | x LoRA | x fused | peak MiB | trainable |",
              "|---|---|---|---|---|---|---|---|"]
+    if compiled:  # the compiled rows' own ratio to compiled LoRA: the gap that compiling leaves
+        lines[2:4] = ["| method | E | impl | ms (median) | x LoRA | x fused | x compiled LoRA | peak MiB | trainable |",
+                      "|---|---|---|---|---|---|---|---|---|"]
     fused = {(r["method"], r["E"]): r["ms"] for r in rows if r["impl"] == "fused"}
     for r in rows:
-        vs_fused = f"{r['ms'] / fused[(r['method'], r['E'])]:.2f}" if r["impl"] == "loop" else ""
+        vs_fused = f"{r['ms'] / fused[(r['method'], r['E'])]:.2f}" if r["impl"] in ("loop", "compiled") else ""
         peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        vs_compiled = ""
+        if compiled:
+            lora_compiled = compiled.get(("lora", 1))
+            vs_compiled = f"{r['ms'] / lora_compiled:.2f} | " if r["impl"] == "compiled" and lora_compiled else " | "
         lines.append(
             f"| {r['method']} | {r['E']} | {r['impl']} | {r['ms']:.3f} | {r['ms'] / lora_ms:.2f} | "
-            f"{vs_fused} | {peak} | {r['trainable']:,} |"
+            f"{vs_fused} | {vs_compiled}{peak} | {r['trainable']:,} |"
         )
     profiled = [r for r in rows if "profile" in r]
     if profiled:
@@ -174,17 +193,22 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also profile one call of each configuration: operator and kernel counts and the N "
                              "operators with the most self time (default 0: off)")
+    parser.add_argument("--compile", nargs="?", const="default", default="",
+                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                        help="also time each fused layer under torch.compile (inductor; optional MODE); the warmup "
+                             "calls compile, so keep --warmup >= 2")
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = bench(args.preset, device, args.warmup, args.iters, args.profile)
+    rows = bench(args.preset, device, args.warmup, args.iters, args.profile, args.compile)
     p = PRESETS[args.preset]
     dev_name = device_label(device)
     dtype = p["dtype"] if device.type == "cuda" else "float32"
     header = (f"## Layer fwd+bwd, preset {args.preset}: {p['d_in']} -> {p['d_out']}, {p['tokens']} tokens, r={p['r']}, "
-              f"{dtype}, {dev_name}, torch {torch.__version__}")
+              f"{dtype}, {dev_name}, torch {torch.__version__}"
+              + (f"; impl compiled: torch.compile (inductor, mode {args.compile!r}) of the fused layer" if args.compile else ""))
     stem = Path(args.out) / f"layer_speed_{args.preset}_{device.type}"
     write_json_atomic(stem.with_suffix(".json"), {"preset": args.preset, **p, "dtype": dtype, "device": dev_name,
-                                                  "torch": torch.__version__, "rows": rows})
+                                                  "torch": torch.__version__, "compile": args.compile, "rows": rows})
     md = to_markdown(rows, header)
     write_text_atomic(stem.with_suffix(".md"), md)
     print(md)

@@ -32,6 +32,7 @@ the Python/torch runtime and the model weights) is reported; without isolation, 
     python benchmarks/speed.py --preset tiny                  # smoke test
     python benchmarks/speed.py                                # default preset on the available device
     python benchmarks/speed.py --preset 7b --device cuda      # LLaMA-7B-shaped layers, bf16
+    python benchmarks/speed.py --compile [--pair-with-eager]  # steps of the torch.compile'd model
 
 Writes ``benchmarks/results/speed_<preset>_<device>.{json,md}``.
 """
@@ -50,7 +51,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,8 @@ class Settings:
     routing_stats: bool = True
     count_ops: bool = True
     paired: bool = True
+    compile: str = ""  # "" (eager) or a torch.compile mode: the training steps run the compiled model
+    pair_with_eager: bool = False  # with compile: pair each configuration with itself run eagerly
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -236,6 +239,12 @@ class Variant:
         self.base = base
         self.config = config
         self.names = names
+        self.call: Callable[..., Any] = self.model  # what ``loss`` runs: the model, or its compiled form
+
+    def compile(self, mode: str) -> None:
+        """Run the model under ``torch.compile`` (inductor, ``mode`` as torch.compile's; "default" is its
+        default) from now on, as the Trainer's ``torch_compile`` does: the whole model, graph breaks included."""
+        self.call = torch.compile(self.model, mode=None if mode == "default" else mode)
 
     @property
     def model(self) -> nn.Module:
@@ -273,7 +282,7 @@ class FusedVariant(Variant):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.wrapped.collect_routing_stats() if self.routing_stats else contextlib.nullcontext():
-            out = self.wrapped(input_ids=batch["input_ids"], labels=batch["labels"], task_ids=batch["task_ids"])
+            out = self.call(input_ids=batch["input_ids"], labels=batch["labels"], task_ids=batch["task_ids"])
         aux = self.wrapped.aux_loss
         weight = self.config.balance_loss_weight
         return out.loss + weight * aux if weight and aux.requires_grad else out.loss
@@ -302,7 +311,7 @@ class LoopVariant(Variant):
         ctx = self.context
         ctx.task_ids, ctx.records, ctx.collecting = batch["task_ids"], [], self.base.training
         try:
-            out = self.base(input_ids=batch["input_ids"], labels=batch["labels"])
+            out = self.call(input_ids=batch["input_ids"], labels=batch["labels"])
         finally:
             ctx.collecting = False  # gradient checkpointing re-runs layers in backward: record once
         weight = self.config.balance_loss_weight
@@ -315,9 +324,12 @@ class LoopVariant(Variant):
 
 
 def attach(base: nn.Module, method: str, experts: int, impl: str, s: Settings) -> Variant:
-    """Adapt ``base`` in place with one method in one formulation."""
+    """Adapt ``base`` in place with one method in one formulation (compiled with ``--compile``)."""
     config = adapter_config(method, experts, s)
-    return FusedVariant(base, config, s.routing_stats) if impl == "fused" else LoopVariant(base, config)
+    variant = FusedVariant(base, config, s.routing_stats) if impl == "fused" else LoopVariant(base, config)
+    if s.compile:
+        variant.compile(s.compile)
+    return variant
 
 
 @torch.no_grad()
@@ -439,8 +451,11 @@ def train_step(variant: Variant, batch: dict[str, torch.Tensor], optimizer: torc
     return middle - start, time.perf_counter() - middle, loss.detach()
 
 
-def reference_of(method: str, experts: int, impl: str) -> tuple[str, int, str] | None:
-    """The configuration a row is paired with: LoRA for asymlora's layers, asymlora's layer for the loop."""
+def reference_of(method: str, experts: int, impl: str, itself: bool = False) -> tuple[str, int, str] | None:
+    """The configuration a row is paired with: LoRA for asymlora's layers, asymlora's layer for the loop;
+    the row's own configuration with ``itself`` (``--pair-with-eager``: compiled against eager)."""
+    if itself:
+        return method, experts, impl
     if impl == "loop":
         return method, experts, "fused"
     return None if method == "lora" else ("lora", 1, "fused")
@@ -454,11 +469,13 @@ def paired_ratios(s: Settings, variant: Variant, batch: dict[str, torch.Tensor],
     measured here, so the ratio of two medians taken minutes apart (the "x LoRA" column) carries that drift.
     Here each round times one step of the reference and one of the configuration back to back (ABBA order,
     so neither is always first) and the ratio is taken per round; the median and quartiles of those ratios
-    are reported. The reference is a freshly built model of the same seed, adapted with its own method.
+    are reported. The reference is a freshly built model of the same seed, adapted with its own method, and
+    run eagerly with ``s.pair_with_eager`` (else compiled as the configuration is).
     """
     ref_method, ref_experts, ref_impl = reference
     ref_base = build_base(s)
-    ref_variant = attach(ref_base, ref_method, ref_experts, ref_impl, s)
+    ref_variant = attach(ref_base, ref_method, ref_experts, ref_impl,
+                         replace(s, compile="") if s.pair_with_eager else s)
     ref_variant.model.train()
     ref_batch = make_batch(s, ref_experts)
     ref_optimizer = make_optimizer(ref_variant.trainable())
@@ -480,7 +497,8 @@ def paired_ratios(s: Settings, variant: Variant, batch: dict[str, torch.Tensor],
         del ref_variant, ref_base
         _free(s.device, s.preset != "tiny")
     step_q = _quartiles(ratios["step"])
-    return dict(paired_with=f"{ref_method} E={ref_experts} {ref_impl}", paired_rounds=s.iters,
+    eager = " eager" if s.pair_with_eager else ""
+    return dict(paired_with=f"{ref_method} E={ref_experts} {ref_impl}{eager}", paired_rounds=s.iters,
                 paired_ratio=step_q[1], paired_q1=step_q[0], paired_q3=step_q[2],
                 paired_fwd_bwd_ratio=_quartiles(ratios["fwd_bwd"])[1])
 
@@ -500,6 +518,8 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
     counts and saved bytes are taken before the paired rounds (:func:`paired_ratios`) build their reference.
     """
     isolated = base is None
+    if s.compile:  # a fresh compile cache: configurations of one process would otherwise pile up recompiles
+        torch._dynamo.reset()
     if base is None:
         base = build_base(s)
     batch = make_batch(s, experts)
@@ -535,7 +555,7 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
         ops = count_ops(lambda: variant.loss(batch).backward()) if s.count_ops else None
         optimizer.zero_grad(set_to_none=True)
         saved = saved_activation_bytes(lambda: variant.loss(batch), list(model.parameters()))
-        reference = reference_of(method, experts, impl)
+        reference = reference_of(method, experts, impl, s.pair_with_eager)
         if s.paired and reference is not None:
             paired = paired_ratios(s, variant, batch, optimizer, reference)
     finally:
@@ -791,11 +811,15 @@ def to_markdown(result: dict) -> str:
            if env.get("routing_stats") else "methods: off (--no-routing-stats)"),
         f"- median of {env['iters']} after {env['warmup']} warmup; torch {env['torch']}, transformers "
         f"{env['transformers']}, {env['threads']} CPU threads",
+        "- " + (f"training steps of the `torch.compile`d model (inductor, mode {env['compile']!r}; the warmup steps "
+                "compile; every configuration and its paired reference compiled alike); inference eager"
+                if env.get("compile") else "eager (no torch.compile)"),
         f"- memory: {env['memory']}",
-        "- paired: each configuration timed round by round against its reference in one process (LoRA for "
-        "asymlora's layers, the fused layer for the loop formulation; ABBA order); the median of the per-round "
-        "step-time ratios, with the interquartile range. The other ratio columns divide medians taken minutes "
-        "apart, and carry the host's drift",
+        "- paired: each configuration timed round by round against its reference in one process ("
+        + ("the same configuration run eagerly: compiled / eager" if env.get("pair_with_eager") else
+           "LoRA for asymlora's layers, the fused layer for the loop formulation")
+        + "; ABBA order); the median of the per-round step-time ratios, with the interquartile range. The other "
+        "ratio columns divide medians taken minutes apart, and carry the host's drift",
         "- ATen ops: leaf ATen operators dispatched by one forward+backward (torch.profiler, after the timed "
         "steps); each is at least one kernel launch on a GPU",
         "- saved act: bytes of the tensors autograd saves for backward in one forward (each storage once, "
@@ -889,6 +913,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "report the median per-round ratio (robust to the host's drift; doubles the steps)")
     parser.add_argument("--no-count-ops", dest="count_ops", action="store_false",
                         help="skip counting the ATen operators of one forward+backward per configuration")
+    parser.add_argument("--compile", nargs="?", const="default", default="",
+                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                        help="time training steps of the torch.compile'd model (inductor; optional MODE, default "
+                             "'default'); at least 2 warmup steps, which compile. Inference rows stay eager")
+    parser.add_argument("--pair-with-eager", action="store_true",
+                        help="with --compile: pair each configuration with itself run eagerly (the paired column "
+                             "is then compiled / eager) instead of with LoRA, every row LoRA's included")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
@@ -910,16 +941,19 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
 
+    if args.pair_with_eager and not (args.compile and args.paired):
+        raise SystemExit("--pair-with-eager: needs --compile, and --paired (the default)")
     isolate = args.isolate if args.isolate is not None else (device == "cpu" and args.preset != "tiny")
     return Settings(
         preset=args.preset, device=device, model=dict(preset["model"]), layers=pick(args.layers, run["layers"]),
         batch=pick(args.batch, run["batch"]), seq=pick(args.seq, run["seq"]), r=r,
         alpha=pick(args.alpha, 2.0 * r), dtype=pick(args.dtype, run["dtype"]), adapter_dtype=args.adapter_dtype,
         experts=list(args.experts or preset["experts"]), methods=list(args.methods), impls=list(args.impls),
-        warmup=pick(args.warmup, run["warmup"]), iters=max(1, pick(args.iters, run["iters"])),
+        # compiled: the first step compiles, the second recompiles once the routing statistics' totals exist
+        warmup=max(pick(args.warmup, run["warmup"]), 2 if args.compile else 0), iters=max(1, pick(args.iters, run["iters"])),
         balance_weight=args.balance_weight, grad_ckpt=args.grad_ckpt, routing_stats=args.routing_stats,
         count_ops=args.count_ops, paired=args.paired, isolate=bool(isolate) and device == "cpu",
-        inference=args.inference, seed=args.seed,
+        inference=args.inference, seed=args.seed, compile=args.compile, pair_with_eager=args.pair_with_eager,
     )
 
 

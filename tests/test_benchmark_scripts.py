@@ -31,6 +31,17 @@ def test_layer_speed_script_writes_results(tmp_path):
     assert "### One call under torch.profiler" in md
 
 
+def test_layer_speed_compile_adds_a_compiled_row_per_fused_layer(tmp_path):
+    _run_tiny("layer_speed.py", tmp_path, "--iters", "1", "--compile")
+    data = json.loads((tmp_path / "layer_speed_tiny_cpu.json").read_text())
+    assert data["compile"] == "default"
+    fused = {(r["method"], r["E"]) for r in data["rows"] if r["impl"] == "fused"}
+    assert fused == {(r["method"], r["E"]) for r in data["rows"] if r["impl"] == "compiled"}
+    assert all(r["ms"] > 0 for r in data["rows"])
+    md = (tmp_path / "layer_speed_tiny_cpu.md").read_text()
+    assert "| x compiled LoRA |" in md and "| lora | 1 | compiled |" in md and "torch.compile (inductor" in md
+
+
 def test_task_path_crossover_script_times_both_paths(tmp_path):
     _run_tiny("task_path_crossover.py", tmp_path, "--rounds", "1")
     data = json.loads((tmp_path / "task_path_crossover_tiny_cpu.json").read_text())

@@ -204,3 +204,29 @@ def test_a_run_cut_short_keeps_the_configurations_it_measured(tmp_path, monkeypa
     assert [(r["method"], r["E"], r["impl"]) for r in data["train"]] == [tuple(c) for c in calls[:2]]
     assert data["planned_train_configurations"] == 20
     assert "**Partial: 2 of 20 training configurations" in (tmp_path / "speed_tiny_cpu.md").read_text()
+
+
+def test_compile_times_the_compiled_model_and_trains_as_eager_does(tmp_path):
+    """--compile: every configuration's steps run under torch.compile (inductor), the report says so, the
+    compiled steps train exactly what the eager steps train (same losses after the same steps), and
+    --pair-with-eager times each configuration against itself run eagerly."""
+    import torch._dynamo
+
+    argv = [*TINY, "--methods", "lora", "asymlora_moe", "--experts", "3", "--impls", "fused",
+            "--no-inference", "--no-count-ops", "--iters", "1"]
+    eager = speed.main([*argv, "--no-paired", "--warmup", "2", "--out-dir", str(tmp_path / "eager")])
+    torch._dynamo.utils.counters.clear()
+    compiled = speed.main([*argv, "--compile", "--pair-with-eager", "--warmup", "0",
+                           "--out-dir", str(tmp_path / "compiled")])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # it compiled both configurations
+    assert compiled["environment"]["compile"] == "default" and compiled["environment"]["warmup"] == 2
+    md = (tmp_path / "compiled" / "speed_tiny_cpu.md").read_text()
+    assert "torch.compile" in md and "compiled / eager" in md
+    assert "eager (no torch.compile)" in (tmp_path / "eager" / "speed_tiny_cpu.md").read_text()
+    for e_row, c_row in zip(eager["train"], compiled["train"], strict=True):
+        assert (e_row["method"], e_row["E"]) == (c_row["method"], c_row["E"])
+        assert c_row["loss"] == pytest.approx(e_row["loss"], rel=1e-4)
+        assert c_row["saved_act_mib"] > 0
+        assert c_row["paired_with"] == f"{c_row['method']} E={c_row['E']} fused eager" and c_row["paired_ratio"] > 0
+    with pytest.raises(SystemExit, match="--pair-with-eager"):
+        speed.main([*argv, "--pair-with-eager", "--out-dir", str(tmp_path / "refused")])
