@@ -14,7 +14,10 @@
 #   default_run         configs/default_asymlora_moe.yaml on the real default model, bf16 (needs $GPU_PAYLOAD:
 #                       a folder with pack/ from `benchmarks/pack_default.py pack` and data/ from
 #                       `asymlora data build`; DEFAULT_RUN_ARGS adds overrides)
+# GPU_RUN_DRY=1 prints each part's command (DRY NAME LIMIT ARGS..., shell-quoted) instead of running it:
+# tests/test_benchmark_scripts.py parses those commands here, so a typo cannot cost device time.
 set -uo pipefail
+dry="${GPU_RUN_DRY:-}"
 out="${1:-benchmarks/results}"
 shift || true
 parts=("$@")
@@ -22,13 +25,16 @@ parts=("$@")
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error \
   TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_env.txt"
-python -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', \
+if [ -z "$dry" ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_env.txt"
+  python -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)" | tee -a "$out/gpu_env.txt"
+fi
 status=0
 run() {  # run LIMIT_SECONDS NAME COMMAND...
   local limit=$1 name=$2 started=$SECONDS
   shift 2
+  if [ -n "$dry" ]; then printf 'DRY %q %q' "$name" "$limit"; printf ' %q' "$@"; echo; return; fi
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?

@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -183,7 +184,7 @@ def to_markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -197,7 +198,11 @@ def main() -> None:
                         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                         help="also time each fused layer under torch.compile (inductor; optional MODE); the warmup "
                              "calls compile, so keep --warmup >= 2")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
     rows = bench(args.preset, device, args.warmup, args.iters, args.profile, args.compile)
     p = PRESETS[args.preset]

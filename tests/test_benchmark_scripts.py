@@ -124,6 +124,7 @@ def _load_benchmark(name: str):
 
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -336,3 +337,38 @@ def test_pack_default_splits_and_rebuilds_a_checkpoint():
             assert torch.equal(merged[key], value), key
     with pytest.raises(SystemExit, match="lacks 1 tensor"):
         pack.merge_state(rest, lm, [*built, "vision_tower.missing"])
+
+
+GPU_PARTS = ("layer_speed_7b", "speed_default_cuda", "speed_7b_cuda", "compile_default_cuda", "compile_cg_default_cuda",
+             "gpu_tests", "default_run")
+
+
+def test_gpu_run_parts_are_commands_the_benchmarks_accept(tmp_path):
+    """benchmarks/gpu_run.sh runs only where a GPU is lent, minutes at a time: its dry mode prints each part's
+    command, and every benchmark command must parse with that script's own argument parser here."""
+    import os
+    import shlex
+
+    env = {**os.environ, "GPU_RUN_DRY": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), str(tmp_path), *GPU_PARTS],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    commands = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("DRY "):
+            _, name, limit, *argv = shlex.split(line)
+            assert int(limit) <= 600  # the device tool's limit for one command
+            commands[name] = argv
+    assert set(commands) == set(GPU_PARTS)
+    parsers = {"benchmarks/speed.py": _load_benchmark("speed").parse_args,
+               "benchmarks/layer_speed.py": _load_benchmark("layer_speed").parse_args}
+    parsed = {}
+    for name, argv in commands.items():
+        if argv[:1] == ["python"] and argv[1] in parsers:
+            parsed[name] = parsers[argv[1]](argv[2:])
+        elif argv[:3] == ["python", "-m", "pytest"]:
+            assert (ROOT / argv[3]).is_file()
+    assert set(parsed) == set(GPU_PARTS) - {"gpu_tests", "default_run"}
+    assert parsed["compile_default_cuda"].compile == "default"
+    assert parsed["compile_cg_default_cuda"].compile == "reduce-overhead"
+    assert all(args.device == "cuda" for args in parsed.values())
