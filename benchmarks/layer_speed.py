@@ -30,7 +30,13 @@ from asymlora.io import write_json_atomic, write_text_atomic
 from asymlora.model import RoutingContext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import LoopContext, LoopLinear, leaf_aten_ops  # noqa: E402  (the full-model benchmark's loop reference)
+from speed import (  # noqa: E402  (the full-model benchmark's loop reference and compile modes)
+    COMPILE_MODES,
+    LoopContext,
+    LoopLinear,
+    compile_module,
+    leaf_aten_ops,
+)
 
 PRESETS = {
     "tiny": dict(d_in=64, d_out=96, tokens=64, r=4, experts=(3,), dtype="float32"),  # a smoke test of the script
@@ -124,8 +130,7 @@ def bench(preset: str, device: torch.device, warmup: int, iters: int, profile_to
         record(name, experts, layer, run(layer), "fused")
         if compile_mode:
             torch._dynamo.reset()  # each layer compiles afresh (no recompile limit across configurations)
-            compiled = torch.compile(layer, mode=None if compile_mode == "default" else compile_mode)
-            record(name, experts, layer, run(compiled), "compiled")
+            record(name, experts, layer, run(compile_module(layer, compile_mode)), "compiled")
 
     record_fused("lora", 1, lora)
     for experts in p["experts"]:
@@ -153,24 +158,20 @@ def bench(preset: str, device: torch.device, warmup: int, iters: int, profile_to
 
 def to_markdown(rows: list[dict], header: str) -> str:
     lora_ms = next(r["ms"] for r in rows if r["method"] == "lora")
-    compiled = {(r["method"], r["E"]): r["ms"] for r in rows if r["impl"] == "compiled"}
-    lines = [header, "", "| method | E | impl | ms (median) | x LoRA | x fused | peak MiB | trainable |",
-             "|---|---|---|---|---|---|---|---|"]
-    if compiled:  # the compiled rows' own ratio to compiled LoRA: the gap that compiling leaves
-        lines[2:4] = ["| method | E | impl | ms (median) | x LoRA | x fused | x compiled LoRA | peak MiB | trainable |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+    # with compiled rows, also their ratio to compiled LoRA: the gap that compiling leaves
+    lora_compiled = next((r["ms"] for r in rows if r["method"] == "lora" and r["impl"] == "compiled"), None)
+    has_compiled = any(r["impl"] == "compiled" for r in rows)
+    columns = ["method", "E", "impl", "ms (median)", "x LoRA", "x fused", *(["x compiled LoRA"] * has_compiled),
+               "peak MiB", "trainable"]
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     fused = {(r["method"], r["E"]): r["ms"] for r in rows if r["impl"] == "fused"}
     for r in rows:
         vs_fused = f"{r['ms'] / fused[(r['method'], r['E'])]:.2f}" if r["impl"] in ("loop", "compiled") else ""
+        vs_compiled = f"{r['ms'] / lora_compiled:.2f}" if r["impl"] == "compiled" and lora_compiled else ""
         peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        vs_compiled = ""
-        if compiled:
-            lora_compiled = compiled.get(("lora", 1))
-            vs_compiled = f"{r['ms'] / lora_compiled:.2f} | " if r["impl"] == "compiled" and lora_compiled else " | "
-        lines.append(
-            f"| {r['method']} | {r['E']} | {r['impl']} | {r['ms']:.3f} | {r['ms'] / lora_ms:.2f} | "
-            f"{vs_fused} | {vs_compiled}{peak} | {r['trainable']:,} |"
-        )
+        cells = [r["method"], r["E"], r["impl"], f"{r['ms']:.3f}", f"{r['ms'] / lora_ms:.2f}", vs_fused,
+                 *([vs_compiled] * has_compiled), peak, f"{r['trainable']:,}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     profiled = [r for r in rows if "profile" in r]
     if profiled:
         unit = "device" if profiled[0]["profile"]["time"] == "device" else "CPU"
@@ -194,8 +195,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also profile one call of each configuration: operator and kernel counts and the N "
                              "operators with the most self time (default 0: off)")
-    parser.add_argument("--compile", nargs="?", const="default", default="",
-                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    parser.add_argument("--compile", nargs="?", const="default", default="", choices=COMPILE_MODES,
                         help="also time each fused layer under torch.compile (inductor; optional MODE); the warmup "
                              "calls compile, so keep --warmup >= 2")
     return parser.parse_args(argv)

@@ -69,6 +69,7 @@ METHODS = ("lora", "lora_moe", "asymlora", "asymlora_moe")
 IMPLS = ("fused", "loop")
 ROUTING = {"lora": "-", "lora_moe": "dense", "asymlora": "task", "asymlora_moe": "dense"}
 RESULT_TAG = "@@SPEED_RESULT "
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # --compile MODE
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, tie_word_embeddings=True)
@@ -230,6 +231,12 @@ class LoopLinear(nn.Module):
         return out + (delta * self.scaling).to(out.dtype)
 
 
+def compile_module(module: nn.Module, mode: str) -> Callable[..., Any]:
+    """``torch.compile(module)`` with inductor and ``mode``, one of :data:`COMPILE_MODES` ("default" is
+    torch.compile's own default)."""
+    return torch.compile(module, mode=None if mode == "default" else mode)
+
+
 class Variant:
     """One adapted model being benchmarked: ``loss(batch)`` and ``detach()`` (restore the plain base)."""
 
@@ -242,9 +249,9 @@ class Variant:
         self.call: Callable[..., Any] = self.model  # what ``loss`` runs: the model, or its compiled form
 
     def compile(self, mode: str) -> None:
-        """Run the model under ``torch.compile`` (inductor, ``mode`` as torch.compile's; "default" is its
-        default) from now on, as the Trainer's ``torch_compile`` does: the whole model, graph breaks included."""
-        self.call = torch.compile(self.model, mode=None if mode == "default" else mode)
+        """Run the model under ``torch.compile`` from now on, as the Trainer's ``torch_compile`` does: the
+        whole model, graph breaks included."""
+        self.call = compile_module(self.model, mode)
 
     @property
     def model(self) -> nn.Module:
@@ -913,8 +920,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "report the median per-round ratio (robust to the host's drift; doubles the steps)")
     parser.add_argument("--no-count-ops", dest="count_ops", action="store_false",
                         help="skip counting the ATen operators of one forward+backward per configuration")
-    parser.add_argument("--compile", nargs="?", const="default", default="",
-                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    parser.add_argument("--compile", nargs="?", const="default", default="", choices=COMPILE_MODES,
                         help="time training steps of the torch.compile'd model (inductor; optional MODE, default "
                              "'default'); at least 2 warmup steps, which compile. Inference rows stay eager")
     parser.add_argument("--pair-with-eager", action="store_true",
