@@ -7,6 +7,8 @@
 #   layer_speed_7b      benchmarks/layer_speed.py --preset 7b
 #   speed_default_cuda  benchmarks/speed.py --preset default
 #   speed_7b_cuda       benchmarks/speed.py --preset 7b
+#   inference_cache_default_cuda  benchmarks/inference_cache.py: decoding with the kept stacked bank against
+#                       re-stacking it per step (one copy kernel per adapted layer and token)
 #   compile_default_cuda   the default preset's LoRA, task-routed and dense E=8 steps under torch.compile
 #   compile_cg_default_cuda  the same with mode reduce-overhead (CUDA graphs): does compiling close the gap
 #                       that launch overhead leaves (237 ms per eager LoRA step on an H200, ~14 us per operator)?
@@ -62,7 +64,11 @@ for part in "${parts[@]}"; do
     # runs have it) and profiling a 30-layer step costs seconds per configuration. On an H200 on
     # 2026-12-04 the default preset took about 12 s per configuration (20 of them) with both on.
     layer_speed_7b) run 150 "$part" python benchmarks/layer_speed.py --preset 7b --device cuda --profile 6 --out "$out" ;;
-    speed_default_cuda) run 330 "$part" python benchmarks/speed.py --preset default --device cuda --no-paired --no-count-ops --out-dir "$out" ;;
+    # --decode-tokens 16: the inference rows' decoding steps fit the limit beside the 20 training rows
+    speed_default_cuda) run 330 "$part" python benchmarks/speed.py --preset default --device cuda --no-paired --no-count-ops \
+      --decode-tokens 16 --out-dir "$out" ;;
+    inference_cache_default_cuda) run 150 "$part" python benchmarks/inference_cache.py --preset default --device cuda \
+      --experts 3 8 --rounds 6 --out-dir "$out" ;;
     speed_7b_cuda) run 300 "$part" python benchmarks/speed.py --preset 7b --device cuda --no-paired --no-count-ops --out-dir "$out" ;;
     compile_default_cuda|compile_cg_default_cuda)
       mode=default; [ "$part" = compile_cg_default_cuda ] && mode=reduce-overhead

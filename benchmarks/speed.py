@@ -13,7 +13,9 @@ zero_grad) of a whole decoder, median over ``--iters`` steps after ``--warmup``.
 
 Inference: forward latency (prefill, logits of the last position) of the plain base model, the adapter
 model unmerged, and merged with ``model.merge(task=0)`` (lora, task-routed asymlora; asymlora_moe cannot be
-merged and is reported unmerged), timed round-robin so the three see the same machine state.
+merged and is reported unmerged), timed round-robin so the three see the same machine state; and, with
+``--decode-tokens`` (default per preset), the per-token step of greedy decoding with a KV cache after the
+prefill. ``--no-train`` times inference only.
 
 The decoder is a randomly initialised ``LlamaForCausalLM`` (timing does not depend on weight values);
 inputs are random token ids (text only: the decoder is the cost). Presets:
@@ -43,6 +45,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import inspect
 import json
 import os
 import platform
@@ -83,18 +86,18 @@ LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
 # Per preset: the model shape, r, and per-device run sizes (layers, batch, seq, dtype, warmup, iters).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model=TINY, r=4, experts=(3, 4, 8),
-                 cpu=dict(layers=2, batch=2, seq=16, dtype="float32", warmup=1, iters=2),
-                 cuda=dict(layers=2, batch=2, seq=16, dtype="float32", warmup=1, iters=2)),
+                 cpu=dict(layers=2, batch=2, seq=16, dtype="float32", warmup=1, iters=2, decode=4),
+                 cuda=dict(layers=2, batch=2, seq=16, dtype="float32", warmup=1, iters=2, decode=4)),
     # CPU: all 30 layers at 256 tokens/step, 2 + 9 steps per configuration (with 3 timed steps, the same
     # configuration's ratio to LoRA moved by up to 0.25 between runs on 2 shared cores). --layers 8 is ~3x
     # quicker, but the tied 49152-word LM head (~8 layers' worth of compute) then weighs more and dilutes
     # every ratio.
     "default": dict(model=SMOLLM2_135M, r=16, experts=(3, 4, 8),
-                    cpu=dict(layers=30, batch=2, seq=128, dtype="float32", warmup=2, iters=9),
-                    cuda=dict(layers=30, batch=8, seq=512, dtype="bfloat16", warmup=3, iters=10)),
+                    cpu=dict(layers=30, batch=2, seq=128, dtype="float32", warmup=2, iters=9, decode=16),
+                    cuda=dict(layers=30, batch=8, seq=512, dtype="bfloat16", warmup=3, iters=10, decode=32)),
     "7b": dict(model=LLAMA_7B, r=32, experts=(3, 4, 8),
-               cpu=dict(layers=1, batch=1, seq=64, dtype="float32", warmup=1, iters=2),
-               cuda=dict(layers=4, batch=8, seq=1024, dtype="bfloat16", warmup=3, iters=10)),
+               cpu=dict(layers=1, batch=1, seq=64, dtype="float32", warmup=1, iters=2, decode=4),
+               cuda=dict(layers=4, batch=8, seq=1024, dtype="bfloat16", warmup=3, iters=10, decode=32)),
 }
 
 
@@ -127,6 +130,8 @@ class Settings:
     paired: bool = True
     compile: str = ""  # "" (eager) or a torch.compile mode: the training steps run the compiled model
     pair_with_eager: bool = False  # with compile: pair each configuration with itself run eagerly
+    decode_tokens: int = 0  # inference: greedy decoding steps timed per round (0: prefill only)
+    train: bool = True  # time the training configurations (False: inference only)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -632,8 +637,11 @@ def _run_isolated(s: Settings, method: str, experts: int, impl: str) -> dict:
 
 
 def train_jobs(s: Settings) -> list[tuple[str, int, str]]:
-    """(method, E, formulation) in measurement order: fused then loop for each (method, E)."""
-    jobs = []
+    """(method, E, formulation) in measurement order: fused then loop for each (method, E); none with
+    ``--no-train``."""
+    jobs: list[tuple[str, int, str]] = []
+    if not s.train:
+        return jobs
     for method in s.methods:
         for experts in ([1] if method == "lora" else s.experts):
             jobs.extend((method, experts, impl) for impl in s.impls)
@@ -659,14 +667,40 @@ def bench_train(s: Settings, base: nn.Module | None, log: Callable[[str], None],
     return rows
 
 
+def _cache_argument() -> str:
+    """The KV cache's name in the decoder's forward and output: ``cache`` in newer transformers releases
+    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    import transformers as tf
+
+    return "cache" if "cache" in inspect.signature(tf.LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _decode_seconds(model: nn.Module, prompt: torch.Tensor, steps: int, kwargs: dict, device: str) -> float:
+    """Seconds per greedy decoding step (one new token per sample, KV cache) over ``steps`` steps after an
+    untimed prefill of ``prompt``."""
+    name = _cache_argument()
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **kwargs)
+    past, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, use_cache=True, **{name: past}, **kwargs)
+        past, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
 def bench_inference(s: Settings, base: nn.Module, log: Callable[[str], None]) -> list[dict]:
-    """Prefill latency of plain base vs adapter unmerged vs merged (task 0), timed round-robin."""
+    """Latency of the plain base vs the adapter unmerged vs merged (task 0), timed round-robin: prefill
+    (one forward of the batch, logits of the last position) and, with ``s.decode_tokens``, the per-token
+    step of greedy decoding with a KV cache (one token per sample)."""
     plain = copy.deepcopy(base).eval()
     groups = [("lora", 1)] if "lora" in s.methods else []
     if "asymlora" in s.methods:
         groups += [("asymlora", e) for e in s.experts]
     if "asymlora_moe" in s.methods and s.experts:
         groups.append(("asymlora_moe", max(s.experts)))
+    kinds = ("base", "unmerged", "merged")
     rows = []
     for method, experts in groups:
         batch = make_batch(s, experts)
@@ -676,37 +710,63 @@ def bench_inference(s: Settings, base: nn.Module, log: Callable[[str], None]) ->
         wrapped.eval()
         mergeable = method != "asymlora_moe"
 
+        def kwargs(adapter: bool, batch: dict = batch) -> dict:
+            return {"task_ids": batch["task_ids"] * 0} if adapter else {}
+
         @torch.inference_mode()
         def forward(model: nn.Module, adapter: bool, batch: dict = batch) -> None:
-            kwargs = {"task_ids": batch["task_ids"] * 0} if adapter else {}
-            model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1, **kwargs)
+            model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1, **kwargs(adapter))
 
-        times: dict[str, list[float]] = {"base": [], "unmerged": [], "merged": []}
+        @torch.inference_mode()
+        def decode(model: nn.Module, adapter: bool, batch: dict = batch) -> float:
+            return _decode_seconds(model, batch["input_ids"], s.decode_tokens, kwargs(adapter), s.device)
+
+        times: dict[str, list[float]] = {k: [] for k in kinds}
+        decode_times: dict[str, list[float]] = {k: [] for k in kinds}
+
+        def measure(key: str, model: nn.Module, adapter: bool, keep: bool, times: dict = times,
+                    decode_times: dict = decode_times) -> None:
+            t = time_calls(lambda: forward(model, adapter), s.device, 0, 1)[0]
+            d = decode(model, adapter) if s.decode_tokens else None
+            if keep:
+                times[key].append(t)
+                if d is not None:
+                    decode_times[key].append(d)
+
         try:
             for i in range(s.warmup + s.iters):
                 keep = i >= s.warmup
-                for key, model, adapter in (("base", plain, False), ("unmerged", wrapped, True)):
-                    t = time_calls(lambda m=model, a=adapter: forward(m, a), s.device, 0, 1)[0]
-                    if keep:
-                        times[key].append(t)
+                measure("base", plain, False, keep)
+                measure("unmerged", wrapped, True, keep)
                 if mergeable:
                     wrapped.merge(task=0)
-                    t = time_calls(lambda m=wrapped: forward(m, True), s.device, 0, 1)[0]
-                    wrapped.unmerge()
-                    if keep:
-                        times["merged"].append(t)
+                    try:
+                        measure("merged", wrapped, True, keep)
+                    finally:
+                        wrapped.unmerge()
         finally:
             wrapped.unmerge()
             variant.detach()
             _free(s.device, s.preset != "tiny")
         med = {k: statistics.median(v) * 1e3 if v else None for k, v in times.items()}
+        dec = {k: statistics.median(v) * 1e3 if v else None for k, v in decode_times.items()}
+
+        def over_base(values: dict, key: str) -> float | None:
+            return None if values[key] is None or not values["base"] else values[key] / values["base"]
+
         row = dict(method=method, E=experts, base_ms=med["base"], unmerged_ms=med["unmerged"],
-                   merged_ms=med["merged"], unmerged_vs_base=med["unmerged"] / med["base"],
-                   merged_vs_base=None if med["merged"] is None else med["merged"] / med["base"])
+                   merged_ms=med["merged"], unmerged_vs_base=over_base(med, "unmerged"),
+                   merged_vs_base=over_base(med, "merged"))
+        if s.decode_tokens:
+            row.update(decode_tokens=s.decode_tokens, decode_base_ms=dec["base"], decode_unmerged_ms=dec["unmerged"],
+                       decode_merged_ms=dec["merged"], decode_unmerged_vs_base=over_base(dec, "unmerged"),
+                       decode_merged_vs_base=over_base(dec, "merged"))
         rows.append(row)
         merged = "n/a" if row["merged_ms"] is None else f"{row['merged_ms']:.2f}"
         log(f"infer {method:12s} E={experts} base {row['base_ms']:.2f} ms, unmerged {row['unmerged_ms']:.2f} ms, "
-            f"merged {merged} ms")
+            f"merged {merged} ms" + (f"; decode per token base {dec['base']:.2f} ms, unmerged "
+                                     f"{dec['unmerged']:.2f} ms, merged {_fmt(dec['merged'])} ms"
+                                     if s.decode_tokens else ""))
     del plain
     _free(s.device, s.preset != "tiny")
     return rows
@@ -862,6 +922,16 @@ def to_markdown(result: dict) -> str:
         for r in infer:
             lines.append(f"| {r['method']} | {r['E']} | {r['base_ms']:.2f} | {r['unmerged_ms']:.2f} | "
                          f"{_fmt(r['merged_ms'])} | {r['unmerged_vs_base']:.3f} | {_fmt(r['merged_vs_base'], '.3f')} |")
+        decoded = [r for r in infer if r.get("decode_tokens")]
+        if decoded:
+            lines += ["", f"### Decode latency (greedy, KV cache: ms per step of one new token per sample, "
+                      f"median over rounds of {decoded[0]['decode_tokens']} steps)", "",
+                      "| adapter | E | base ms | unmerged ms | merged ms | unmerged / base | merged / base |",
+                      "|---|---|---|---|---|---|---|"]
+            for r in decoded:
+                lines.append(f"| {r['method']} | {r['E']} | {r['decode_base_ms']:.2f} | {r['decode_unmerged_ms']:.2f} | "
+                             f"{_fmt(r['decode_merged_ms'])} | {r['decode_unmerged_vs_base']:.3f} | "
+                             f"{_fmt(r['decode_merged_vs_base'], '.3f')} |")
     if result["targets"]:
         lines += ["", "### Targets (measured ratios; reported, not asserted)", "",
                   "| target | measured | bound | within |", "|---|---|---|---|"]
@@ -914,6 +984,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="one fresh subprocess per training configuration (CPU peak RSS); default: on for "
                              "CPU except the tiny preset")
     parser.add_argument("--no-inference", dest="inference", action="store_false")
+    parser.add_argument("--no-train", dest="train", action="store_false",
+                        help="time inference only (no training configurations)")
+    parser.add_argument("--decode-tokens", type=int, default=None,
+                        help="inference: greedy decoding steps (KV cache) timed per round after the prefill; "
+                             "0 times the prefill only (default: per preset)")
     parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
                         help="also time each configuration round by round against its reference (LoRA for "
                              "asymlora's layers, the fused layer for the loop formulation) in one process, and "
@@ -947,6 +1022,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
 
+    if not (args.train or args.inference):
+        raise SystemExit("--no-train with --no-inference: nothing to time")
     if args.pair_with_eager and not (args.compile and args.paired):
         raise SystemExit("--pair-with-eager: needs --compile, and --paired (the default)")
     isolate = args.isolate if args.isolate is not None else (device == "cpu" and args.preset != "tiny")
@@ -960,6 +1037,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         balance_weight=args.balance_weight, grad_ckpt=args.grad_ckpt, routing_stats=args.routing_stats,
         count_ops=args.count_ops, paired=args.paired, isolate=bool(isolate) and device == "cpu",
         inference=args.inference, seed=args.seed, compile=args.compile, pair_with_eager=args.pair_with_eager,
+        decode_tokens=max(0, pick(args.decode_tokens, run["decode"])), train=args.train,
     )
 
 
@@ -1029,7 +1107,7 @@ def _run(args: argparse.Namespace) -> dict:
         write_text_atomic(stem.with_suffix(".md"), to_markdown(result))
         return result
 
-    train = bench_train(s, base, log, on_row=lambda rows: write(rows, [], False))
+    train = bench_train(s, base, log, on_row=lambda rows: write(rows, [], False)) if s.train else []
     infer: list[dict] = []
     if s.inference:
         if base is None:

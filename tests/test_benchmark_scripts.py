@@ -56,6 +56,36 @@ def test_task_path_crossover_script_times_both_paths(tmp_path):
     assert "| 3 | 64 | 128 |" in (tmp_path / "task_path_crossover_tiny_cpu.md").read_text()
 
 
+def test_inference_cache_script_times_kept_against_restacked(tmp_path):
+    _run_tiny("inference_cache.py", tmp_path, "--rounds", "1", "--experts", "3", "--methods", "asymlora", "asymlora_moe")
+    data = json.loads((tmp_path / "inference_cache_tiny_cpu.json").read_text())
+    assert [(r["method"], r["E"]) for r in data["rows"]] == [("asymlora", 3), ("asymlora_moe", 3)]
+    for row in data["rows"]:
+        for part in ("prefill", "decode"):
+            assert row[f"{part}_kept_ms"] > 0 and row[f"{part}_restacked_ms"] > 0
+            assert row[f"{part}_q1"] <= row[f"{part}_ratio"] <= row[f"{part}_q3"]
+    assert "| asymlora_moe | 3 |" in (tmp_path / "inference_cache_tiny_cpu.md").read_text()
+
+
+def test_inference_cache_restacked_arm_is_the_training_path():
+    """The benchmark's "restacked" arm switches the kept copy off, and only while it runs."""
+    import torch
+    from torch import nn
+
+    from asymlora import AsymLoraConfig, AsymLoraLinear
+
+    bench = _load_benchmark("inference_cache")
+    config = AsymLoraConfig(method="asymlora_moe", num_experts=3, routing="dense", r=2)
+    layer = AsymLoraLinear(nn.Linear(4, 5), config.layer_spec(), name="l").eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        with bench.restacking():
+            layer(x)
+            assert layer._stacked_cache is None
+        layer(x)
+        assert layer._stacked_cache is not None
+
+
 def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache, monkeypatch):
     """benchmarks/quality.py on the tiny model and tiny mixture: matched budgets, mixed and single-domain
     runs, a resumable results file and the RESULTS tables."""
@@ -339,8 +369,8 @@ def test_pack_default_splits_and_rebuilds_a_checkpoint():
         pack.merge_state(rest, lm, [*built, "vision_tower.missing"])
 
 
-GPU_PARTS = ("layer_speed_7b", "speed_default_cuda", "speed_7b_cuda", "compile_default_cuda", "compile_cg_default_cuda",
-             "gpu_tests", "default_run")
+GPU_PARTS = ("layer_speed_7b", "speed_default_cuda", "speed_7b_cuda", "inference_cache_default_cuda",
+             "compile_default_cuda", "compile_cg_default_cuda", "gpu_tests", "default_run")
 
 
 def test_gpu_run_parts_are_commands_the_benchmarks_accept(tmp_path):
@@ -361,7 +391,8 @@ def test_gpu_run_parts_are_commands_the_benchmarks_accept(tmp_path):
             commands[name] = argv
     assert set(commands) == set(GPU_PARTS)
     parsers = {"benchmarks/speed.py": _load_benchmark("speed").parse_args,
-               "benchmarks/layer_speed.py": _load_benchmark("layer_speed").parse_args}
+               "benchmarks/layer_speed.py": _load_benchmark("layer_speed").parse_args,
+               "benchmarks/inference_cache.py": _load_benchmark("inference_cache").parse_args}
     parsed = {}
     for name, argv in commands.items():
         if argv[:1] == ["python"] and argv[1] in parsers:

@@ -218,6 +218,58 @@ def test_task_routing_expands_ids_over_beams_and_rows():
 
 
 @EACH_CASE
+def test_inference_reuses_one_stacked_bank_until_the_bank_changes(case):
+    """In eval mode without gradients the stacked bank is built once and reused (a decoding step would
+    otherwise copy the whole bank per token); its output is the training path's, bit for bit, and any
+    in-place change of the bank (an optimizer step, load_state_dict) makes a new copy. train() drops it."""
+    layer, ctx = make_layer(dtype=torch.float32, **case)
+    ctx.task_ids = torch.tensor([2, 0])
+    x = torch.randn(2, 1, 12)  # one token per sample: task routing takes the gated product too
+    layer.eval()
+    reference = layer(x).detach()  # gradients on: the autograd Function, no copy kept
+    assert layer._stacked_cache is None
+    with torch.inference_mode():
+        first = layer(x)
+    kept = layer._stacked_cache
+    if layer.spec.num_experts == 1:  # LoRA multiplies B_0 itself: nothing to stack
+        assert kept is None and torch.equal(first, reference)
+        return
+    assert kept is not None and torch.equal(first, reference)
+    with torch.no_grad():  # outside inference mode the copy made inside it is still usable
+        assert torch.equal(layer(x), reference) and layer._stacked_cache[1] is kept[1]
+        layer.B_bank.mul_(2.0)
+        changed = layer(x)
+    assert layer._stacked_cache[1] is not kept[1]
+    expected = layer(x).detach()
+    assert torch.equal(changed, expected) and not torch.equal(changed, reference)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["B_bank"].add_(1.0)
+    layer.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer(x.clone().requires_grad_()).detach())
+    assert "_stacked_cache" not in str(list(layer.state_dict()))
+    layer.train()
+    assert layer._stacked_cache is None
+
+
+@pytest.mark.parametrize("seq", SEQ_LENGTHS)
+def test_inference_cache_follows_autocast(seq):
+    """Under autocast the kept copy is in the autocast dtype, so no cast of the bank is left per call."""
+    layer, ctx = make_layer(dtype=torch.float32, method="asymlora_moe", num_experts=4, routing="dense", tasks=TASKS)
+    ctx.task_ids = torch.tensor([2, 0])
+    x = torch.randn(2, seq, 12)
+    layer.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = layer(x).detach()
+        with torch.no_grad():
+            got = layer(x)
+    assert layer._stacked_cache[1].dtype == torch.bfloat16 and torch.equal(got, reference)
+    with torch.no_grad():
+        layer(x)
+    assert layer._stacked_cache[1].dtype == torch.float32
+
+
+@EACH_CASE
 def test_zero_initialised_B_is_identity(case):
     config = AsymLoraConfig(r=4, **case)
     base = nn.Linear(8, 6)

@@ -58,9 +58,13 @@ def test_tiny_preset_writes_every_configuration(tmp_path):
     infer = {(r["method"], r["E"]): r for r in data["inference"]}
     assert infer[("asymlora", 8)]["merged_ms"] > 0 and infer[("lora", 1)]["merged_vs_base"] > 0
     assert infer[("asymlora_moe", 8)]["merged_ms"] is None  # a router-gated adapter cannot be merged
+    # decoding: one token per sample per step with a KV cache, for the same three models
+    assert infer[("asymlora_moe", 8)]["decode_unmerged_ms"] > 0 and infer[("asymlora_moe", 8)]["decode_merged_ms"] is None
+    assert infer[("asymlora", 8)]["decode_merged_vs_base"] > 0 and infer[("lora", 1)]["decode_tokens"] == 4
     assert any(t["target"].startswith("asymlora_moe E=8 loop") for t in data["targets"])
     md = (tmp_path / "speed_tiny_cpu.md").read_text()
     assert "| asymlora_moe | dense | 8 | loop |" in md and "merged / base" in md and "saved act MiB" in md
+    assert "### Decode latency" in md
     assert any(t["target"] == "asymlora_moe E=3 saved activations + trainable state / lora" for t in data["targets"])
     # Every row but LoRA's is also timed round by round against its reference, in one process.
     for (method, e, impl), row in rows.items():
@@ -72,6 +76,16 @@ def test_tiny_preset_writes_every_configuration(tmp_path):
     assert "| asymlora_moe E=3 step / lora step (paired) |" in md
     assert rows[("lora", 1, "fused")]["optimizer"] == speed._optimizer_name(speed.make_optimizer([torch.nn.Parameter(
         torch.zeros(1))]))
+
+
+def test_no_train_times_inference_only(tmp_path):
+    result = speed.main([*TINY, "--iters", "1", "--warmup", "0", "--no-train", "--methods", "asymlora_moe",
+                         "--experts", "3", "--decode-tokens", "2", "--out-dir", str(tmp_path)])
+    assert result["train"] == [] and result["planned_train_configurations"] == 0
+    (row,) = result["inference"]
+    assert (row["method"], row["E"], row["decode_tokens"]) == ("asymlora_moe", 3, 2) and row["decode_unmerged_ms"] > 0
+    with pytest.raises(SystemExit, match="nothing to time"):
+        speed.main([*TINY, "--no-train", "--no-inference"])
 
 
 def test_optimizer_is_the_one_asymlora_train_builds():

@@ -33,6 +33,11 @@ r=16, 2048 tokens, forward + backward, benchmarks/task_path_crossover.py): at L 
 E=3 ((E - 1) L = 45) and near L = 11 at E=8 ((E - 1) L = 79), and 64 picks the faster one at every length
 measured.
 
+In inference (eval mode, no gradient) B_stacked is kept between forwards while the bank is unchanged
+(:meth:`AsymLoraLinear._inference_stacked`): a decoding step multiplies one token per sample, so the copy
+would otherwise be a large share of its memory traffic. Measured on CPU (default model, 30 layers, E=8,
+benchmarks/inference_cache.py): 0.95x the per-token decoding time of re-stacking, 0.91-0.92x at E=3.
+
 What backward keeps: the bank products are autograd Functions of their own (:class:`GatedBankUpdate`,
 :class:`TaskHeadUpdate`) that save only the codes (or the input), the gates (or task ids) and the bank
 parameter itself. Left to autograd, the addmm would save its two operands: the gated codes (T, E*r) and
@@ -77,11 +82,13 @@ def _gate_codes(codes: torch.Tensor, gates: torch.Tensor, r: int) -> torch.Tenso
     return (gates.unsqueeze(-1) * codes.view(tokens, -1, r)).reshape(tokens, gates.shape[1] * r)
 
 
-def _add_product(result: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, scaling: float) -> torch.Tensor:
+def _add_product(result: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, scaling: float,
+                 rhs_dtype: torch.dtype | None = None) -> torch.Tensor:
     """result + s * lhs @ rhs (2-D or batched 3-D factors, ``result`` of the same leading shape): one
     addmm/baddbmm where the dtypes agree, so that neither the scaling nor the residual add is a pass over
-    the (tokens, d_out) output; otherwise s scales the small factor and the product is cast to ``result``."""
-    if result.dtype == lhs.dtype == rhs.dtype:
+    the (tokens, d_out) output; otherwise s scales the small factor and the product is cast to ``result``.
+    ``rhs_dtype``: the dtype that decides, when ``rhs`` is a copy already cast to autocast's dtype."""
+    if result.dtype == lhs.dtype == (rhs_dtype or rhs.dtype):
         fused = torch.addmm if lhs.dim() == 2 else torch.baddbmm
         return fused(result, lhs, rhs, alpha=scaling)
     product = torch.mm if lhs.dim() == 2 else torch.bmm
@@ -224,6 +231,8 @@ class AsymLoraLinear(nn.Module):
         self.routing_context: RoutingContext | None = None
         self.merged_task: int | None = None
         self._base_backup: torch.Tensor | None = None
+        # Inference only: B_stacked kept between forwards, with the (storage, version, dtype) it was made from.
+        self._stacked_cache: tuple[tuple, torch.Tensor] | None = None
 
     def reset_adapter_parameters(self) -> None:
         """A: kaiming-uniform (as nn.Linear / PEFT); B: zeros (or centred noise); router: N(0, std); task bias: prior.
@@ -340,7 +349,38 @@ class AsymLoraLinear(nn.Module):
         codes = self._codes(x)  # (T, n_A * r)
         if gates is None:  # a single expert: plain LoRA
             return _add_product(result, codes, self.B_bank[0].t(), self.scaling)
-        return GatedBankUpdate.apply(result, codes, gates.to(codes.dtype), self.B_bank, self.scaling)
+        gates = gates.to(codes.dtype)
+        stacked = self._inference_stacked(codes)
+        if stacked is not None:
+            return _add_product(result, _gate_codes(codes, gates, self.spec.r), stacked.t(), self.scaling,
+                                self.B_bank.dtype)  # the same arithmetic as the training path's
+        return GatedBankUpdate.apply(result, codes, gates, self.B_bank, self.scaling)
+
+    def _inference_stacked(self, like: torch.Tensor) -> torch.Tensor | None:
+        """B_stacked (d_out, E*r) for an inference forward (eval mode, no gradient), built once and reused while
+        the bank is unchanged; None otherwise (training re-stacks: keeping a copy would hold the bank twice).
+
+        Stacking copies the whole bank, which at a decoding step (one token per sample) is as much memory
+        traffic as the base weight itself. The copy is keyed by the bank's storage, version counter (every
+        in-place update bumps it) and the dtype the product runs in (autocast's, when it is on), and is dropped
+        by ``train()``. Not kept under ``torch.compile`` (inductor plans its own copies) or inside an
+        initialised process group (FSDP gathers a full bank for each forward and frees it after)."""
+        bank = self.B_bank
+        if self.training or torch.is_grad_enabled() or bank.is_inference() or torch.compiler.is_compiling() \
+                or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        dtype = _autocast_dtype(like) or bank.dtype
+        key = (bank.data_ptr(), bank._version, dtype, bank.device, tuple(bank.shape))
+        if self._stacked_cache is None or self._stacked_cache[0] != key:
+            self._stacked_cache = None  # free the stale copy before making the new one
+            with torch.inference_mode(False):  # a normal tensor: usable outside inference mode too
+                self._stacked_cache = (key, _stacked(bank.detach()).to(dtype))
+        return self._stacked_cache[1]
+
+    def train(self, mode: bool = True) -> AsymLoraLinear:
+        if mode:
+            self._stacked_cache = None
+        return super().train(mode)
 
     def _task_update(self, result: torch.Tensor, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """Task routing without multiplying the zero gates, for result (N, L, d_out), x (N, L, d_in) and one

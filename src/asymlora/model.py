@@ -94,7 +94,7 @@ class AsymLoraModel(nn.Module):
             raise ConfigError(f"task_ids: expected a 1-D integer tensor (one id per sample), got {tuple(task_ids.shape)} "
                               f"{task_ids.dtype}")
         if task_ids.numel():
-            low, high = int(task_ids.min()), int(task_ids.max())
+            low, high = torch.stack(torch.aminmax(task_ids)).tolist()  # one read from the device
             n = len(self.tasks)
             if n == 0:  # no task-dependent layer exists (task/hybrid routing require tasks): ids unused
                 return None
