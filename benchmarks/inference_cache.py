@@ -11,7 +11,13 @@ cache (one new token per sample), as ``benchmarks/speed.py`` times them.
 
     python benchmarks/inference_cache.py --preset default --device cpu --methods asymlora asymlora_moe --experts 8
 
-Writes ``<out-dir>/inference_cache_<preset>_<device>.{json,md}``.
+With ``--adapter DIR`` (a trained adapter whose routing cannot be merged: dense, top-k or hybrid) it times
+``asymlora eval``'s own work instead, on the real model the adapter was trained on: ``evaluate_builtin`` on the
+first ``--max-samples`` test items of every task, greedy, in both arms, and checks that both arms generate
+the same answers.
+
+Writes ``<out-dir>/inference_cache_<preset>_<device>.{json,md}`` (``inference_cache_eval.{json,md}`` with
+``--adapter``).
 """
 
 from __future__ import annotations
@@ -78,13 +84,82 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--adapter", help="time asymlora eval of this trained adapter instead (see above)")
+    parser.add_argument("--max-samples", type=int, default=8, help="--adapter: test items per task")
+    parser.add_argument("--mixture", default="mix5", help="--adapter: the mixture whose test split is used")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="--adapter: greedy tokens per answer")
     return parser.parse_args(argv)
+
+
+def _abba(rounds: int, run: dict) -> dict[str, list]:
+    """Call ``run[arm]()`` for both arms in ABBA order; per round and arm, the list of the two results."""
+    out: dict[str, list] = {"kept": [], "restacked": []}
+    for i in range(rounds):
+        order = ("kept", "restacked", "restacked", "kept") if i % 2 == 0 else ("restacked", "kept", "kept", "restacked")
+        got: dict[str, list] = {"kept": [], "restacked": []}
+        for arm in order:
+            with restacking() if arm == "restacked" else contextlib.nullcontext():
+                got[arm].append(run[arm]())
+        for arm, values in got.items():
+            out[arm].append(values)
+    return out
+
+
+def eval_main(args: argparse.Namespace) -> dict:
+    """``--adapter``: ``asymlora eval``'s generation on the real model, kept vs restacked."""
+    from asymlora.data import load_mixture
+    from asymlora.evaluate.run import evaluate_builtin, load_for_eval
+
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    begin = time.perf_counter()
+    model, processor, adapter_tasks = load_for_eval(adapter=args.adapter)
+    layers = [m for m in model.modules() if isinstance(m, AsymLoraLinear)]
+    if not layers or not any(layer.spec.input_dependent for layer in layers):
+        raise SystemExit(f"--adapter {args.adapter}: no router-gated layer; a task-routed adapter is evaluated merged "
+                         "or per task, use the model mode for it")
+    tasks = load_mixture(args.mixture).tasks
+
+    def evaluate() -> tuple[float, list[str]]:
+        start = time.perf_counter()
+        _, predictions = evaluate_builtin(model, processor, tasks, adapter_tasks, max_samples=args.max_samples,
+                                          max_new_tokens=args.max_new_tokens, mixture=args.mixture)
+        return time.perf_counter() - start, [p["prediction"] for p in predictions]
+
+    for _ in range(args.warmup):
+        evaluate()
+    arms = _abba(args.rounds, {"kept": evaluate, "restacked": evaluate})
+    answers = {arm: [a for values in rounds for _, a in values] for arm, rounds in arms.items()}
+    same = all(a == answers["kept"][0] for arm in answers for a in answers[arm])
+    seconds = {arm: [statistics.mean(s for s, _ in values) for values in rounds] for arm, rounds in arms.items()}
+    q1, med, q3 = _quartiles([k / r for k, r in zip(seconds["kept"], seconds["restacked"])])
+    spec = layers[0].spec
+    row = dict(adapter=args.adapter, method=spec.method, routing=spec.routing, E=spec.num_experts, r=spec.r,
+               items=len(answers["kept"][0]), max_new_tokens=args.max_new_tokens, rounds=args.rounds,
+               kept_s=statistics.median(seconds["kept"]), restacked_s=statistics.median(seconds["restacked"]),
+               ratio=med, q1=q1, q3=q3, same_answers=same)
+    env = dict(device_name=speed._device_name("cuda" if torch.cuda.is_available() else "cpu"),
+               torch=torch.__version__, threads=torch.get_num_threads())
+    result = dict(environment=env, eval=row, seconds=time.perf_counter() - begin)
+    stem = Path(args.out_dir) / "inference_cache_eval"
+    md = (f"## asymlora eval, kept vs re-stacked bank: {env['device_name']}\n\n"
+          f"- adapter `{row['adapter']}`: {row['method']}, routing {row['routing']}, E={row['E']}, r={row['r']}; "
+          f"{row['items']} test items (first {args.max_samples} per task), greedy, max {row['max_new_tokens']} new "
+          f"tokens; {row['rounds']} ABBA rounds; torch {env['torch']}\n\n"
+          "| eval s kept | eval s restacked | kept / restacked (IQR) | same answers |\n|---|---|---|---|\n"
+          f"| {row['kept_s']:.1f} | {row['restacked_s']:.1f} | {row['ratio']:.3f} ({row['q1']:.3f}-{row['q3']:.3f}) | "
+          f"{'yes' if same else 'NO'} |\n")
+    write_json_atomic(stem.with_suffix(".json"), result)
+    write_text_atomic(stem.with_suffix(".md"), md)
+    log(md)
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.adapter:
+        return eval_main(args)
     forwarded = ["--preset", args.preset, "--device", args.device, "--no-train", "--methods", *args.methods,
                  "--experts", *map(str, args.experts)]
     for flag in ("layers", "batch", "seq", "decode_tokens"):
@@ -114,23 +189,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 prefill = time.perf_counter() - start
                 return prefill, speed._decode_seconds(model, batch["input_ids"], s.decode_tokens, kwargs, s.device)
 
-            arms: dict[str, list[tuple[float, float]]] = {"kept": [], "restacked": []}
             try:
                 for _ in range(args.warmup):
                     timed()
                     with restacking():
                         timed()
-                for i in range(args.rounds):
-                    order = ("kept", "restacked", "restacked", "kept") if i % 2 == 0 else \
-                        ("restacked", "kept", "kept", "restacked")
-                    got: dict[str, list[tuple[float, float]]] = {"kept": [], "restacked": []}
-                    for arm in order:
-                        with restacking() if arm == "restacked" else contextlib.nullcontext():
-                            got[arm].append(timed())
-                    for arm, values in got.items():
-                        arms[arm].append(tuple(statistics.mean(v[k] for v in values) for k in (0, 1)))
+                pairs = _abba(args.rounds, {"kept": timed, "restacked": timed})
             finally:
                 variant.detach()
+            arms = {arm: [tuple(statistics.mean(v[k] for v in values) for k in (0, 1)) for values in rounds]
+                    for arm, rounds in pairs.items()}
             row: dict = dict(method=method, E=experts, rounds=args.rounds, decode_tokens=s.decode_tokens)
             for k, part in enumerate(("prefill", "decode")):
                 kept = [a[k] for a in arms["kept"]]

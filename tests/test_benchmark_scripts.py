@@ -86,6 +86,29 @@ def test_inference_cache_restacked_arm_is_the_training_path():
         assert layer._stacked_cache is not None
 
 
+def test_inference_cache_eval_mode_gives_the_same_answers_in_both_arms(tmp_path):
+    """--adapter: asymlora eval's generation with a trained router-gated adapter, timed in both arms."""
+    import yaml
+    from train_fixtures import train_setup
+
+    from asymlora.train import TrainConfig, run_training
+
+    values = train_setup(tmp_path, method="asymlora_moe", max_steps=3, save_steps=100)
+    for entry in values["data"]["mixture"]["datasets"]:
+        entry["splits"] = {"test": entry["path"]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(values["data"]["mixture"]))
+    values["data"]["mixture"] = str(tmp_path / "mix.yaml")
+    run = run_training(TrainConfig.from_dict(values))
+    bench = _load_benchmark("inference_cache")
+    result = bench.main(["--adapter", str(run), "--mixture", str(tmp_path / "mix.yaml"), "--rounds", "1",
+                         "--warmup", "0", "--max-samples", "3", "--max-new-tokens", "3", "--quiet",
+                         "--out-dir", str(tmp_path / "out")])
+    row = result["eval"]
+    assert row["same_answers"] is True and row["items"] == 6 and row["kept_s"] > 0 and row["restacked_s"] > 0
+    assert (row["method"], row["routing"], row["E"]) == ("asymlora_moe", "dense", 2)
+    assert "| yes |" in (tmp_path / "out" / "inference_cache_eval.md").read_text()
+
+
 def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache, monkeypatch):
     """benchmarks/quality.py on the tiny model and tiny mixture: matched budgets, mixed and single-domain
     runs, a resumable results file and the RESULTS tables."""
