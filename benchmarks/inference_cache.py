@@ -24,30 +24,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from asymlora import AsymLoraLinear
 from asymlora.io import write_json_atomic, write_text_atomic
 
-
-def _load_speed():
-    name = "asymlora_bench_speed"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "speed.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-speed = _load_speed()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402  (the full-model benchmark: model, batch, decoding and timing helpers)
 
 
 @contextlib.contextmanager
@@ -91,15 +81,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _abba(rounds: int, run: dict) -> dict[str, list]:
-    """Call ``run[arm]()`` for both arms in ABBA order; per round and arm, the list of the two results."""
+def _abba(rounds: int, fn: Callable[[], Any]) -> dict[str, list]:
+    """Call ``fn()`` in both arms in ABBA order; per round and arm, the list of its two results."""
     out: dict[str, list] = {"kept": [], "restacked": []}
     for i in range(rounds):
         order = ("kept", "restacked", "restacked", "kept") if i % 2 == 0 else ("restacked", "kept", "kept", "restacked")
         got: dict[str, list] = {"kept": [], "restacked": []}
         for arm in order:
             with restacking() if arm == "restacked" else contextlib.nullcontext():
-                got[arm].append(run[arm]())
+                got[arm].append(fn())
         for arm, values in got.items():
             out[arm].append(values)
     return out
@@ -127,7 +117,7 @@ def eval_main(args: argparse.Namespace) -> dict:
 
     for _ in range(args.warmup):
         evaluate()
-    arms = _abba(args.rounds, {"kept": evaluate, "restacked": evaluate})
+    arms = _abba(args.rounds, evaluate)
     answers = {arm: [a for values in rounds for _, a in values] for arm, rounds in arms.items()}
     same = all(a == answers["kept"][0] for arm in answers for a in answers[arm])
     seconds = {arm: [statistics.mean(s for s, _ in values) for values in rounds] for arm, rounds in arms.items()}
@@ -182,19 +172,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
             @torch.inference_mode()
             def timed(model=model, kwargs=kwargs, batch=batch) -> tuple[float, float]:
-                speed._sync(s.device)
-                start = time.perf_counter()
-                model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1, **kwargs)
-                speed._sync(s.device)
-                prefill = time.perf_counter() - start
-                return prefill, speed._decode_seconds(model, batch["input_ids"], s.decode_tokens, kwargs, s.device)
+                prompt = batch["input_ids"]
+                prefill = speed.time_calls(lambda: speed._prefill(model, prompt, kwargs), s.device, 0, 1)[0]
+                return prefill, speed._decode_seconds(model, prompt, s.decode_tokens, kwargs, s.device)
 
             try:
                 for _ in range(args.warmup):
                     timed()
                     with restacking():
                         timed()
-                pairs = _abba(args.rounds, {"kept": timed, "restacked": timed})
+                pairs = _abba(args.rounds, timed)
             finally:
                 variant.detach()
             arms = {arm: [tuple(statistics.mean(v[k] for v in values) for k in (0, 1)) for values in rounds]

@@ -675,6 +675,11 @@ def _cache_argument() -> str:
     return "cache" if "cache" in inspect.signature(tf.LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
+def _prefill(model: nn.Module, prompt: torch.Tensor, kwargs: dict) -> None:
+    """One forward of the whole prompt without a KV cache, logits of the last position only."""
+    model(input_ids=prompt, use_cache=False, logits_to_keep=1, **kwargs)
+
+
 def _decode_seconds(model: nn.Module, prompt: torch.Tensor, steps: int, kwargs: dict, device: str) -> float:
     """Seconds per greedy decoding step (one new token per sample, KV cache) over ``steps`` steps after an
     untimed prefill of ``prompt``."""
@@ -715,7 +720,7 @@ def bench_inference(s: Settings, base: nn.Module, log: Callable[[str], None]) ->
 
         @torch.inference_mode()
         def forward(model: nn.Module, adapter: bool, batch: dict = batch) -> None:
-            model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1, **kwargs(adapter))
+            _prefill(model, batch["input_ids"], kwargs(adapter))
 
         @torch.inference_mode()
         def decode(model: nn.Module, adapter: bool, batch: dict = batch) -> float:

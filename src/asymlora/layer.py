@@ -95,6 +95,15 @@ def _add_product(result: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, sca
     return result + product(lhs * scaling, rhs).to(result.dtype)
 
 
+def _gated_bank_product(result: torch.Tensor, codes: torch.Tensor, gates: torch.Tensor, stacked: torch.Tensor,
+                        scaling: float, bank_dtype: torch.dtype) -> torch.Tensor:
+    """result + s * gated(codes, gates) @ B_stacked^T: the forward of :class:`GatedBankUpdate`, and the whole
+    product in inference, where ``stacked`` may be a kept copy already in autocast's dtype (``bank_dtype``, the
+    bank's own, then still decides fused or not, so both paths do the same arithmetic)."""
+    r = stacked.shape[1] // gates.shape[1]
+    return _add_product(result, _gate_codes(codes, gates, r), stacked.t(), scaling, bank_dtype)
+
+
 def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast gives matmuls on ``tensor``'s device now, or None when autocast is off there."""
     device = tensor.device.type
@@ -132,7 +141,7 @@ class GatedBankUpdate(torch.autograd.Function):
     def forward(ctx, result: torch.Tensor, codes: torch.Tensor, gates: torch.Tensor, B_bank: torch.Tensor,
                 scaling: float) -> torch.Tensor:
         _save_operands(ctx, scaling, result, B_bank.dtype, codes, gates, B_bank)
-        return _add_product(result, _gate_codes(codes, gates, B_bank.shape[2]), _stacked(B_bank).t(), scaling)
+        return _gated_bank_product(result, codes, gates, _stacked(B_bank), scaling, B_bank.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -352,8 +361,7 @@ class AsymLoraLinear(nn.Module):
         gates = gates.to(codes.dtype)
         stacked = self._inference_stacked(codes)
         if stacked is not None:
-            return _add_product(result, _gate_codes(codes, gates, self.spec.r), stacked.t(), self.scaling,
-                                self.B_bank.dtype)  # the same arithmetic as the training path's
+            return _gated_bank_product(result, codes, gates, stacked, self.scaling, self.B_bank.dtype)
         return GatedBankUpdate.apply(result, codes, gates, self.B_bank, self.scaling)
 
     def _inference_stacked(self, like: torch.Tensor) -> torch.Tensor | None:
