@@ -35,8 +35,13 @@ the Python/torch runtime and the model weights) is reported; without isolation, 
     python benchmarks/speed.py                                # default preset on the available device
     python benchmarks/speed.py --preset 7b --device cuda      # LLaMA-7B-shaped layers, bf16
     python benchmarks/speed.py --compile [--pair-with-eager]  # steps of the torch.compile'd model
+    python benchmarks/speed.py --matched-budget               # each method at LoRA's parameter count
 
-Writes ``benchmarks/results/speed_<preset>_<device>.{json,md}``.
+Every method runs at the same rank r (the issue's targets are stated at the same r), or, with
+``--matched-budget``, at the rank whose trainable adapter parameters come closest to LoRA's at r, as the
+quality benchmark compares them.
+
+Writes ``benchmarks/results/speed_<preset>_<device>[_budget].{json,md}``.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +137,9 @@ class Settings:
     pair_with_eager: bool = False  # with compile: pair each configuration with itself run eagerly
     decode_tokens: int = 0  # inference: greedy decoding steps timed per round (0: prefill only)
     train: bool = True  # time the training configurations (False: inference only)
+    # --matched-budget: the rank of each "method:E" whose trainable adapter parameters come closest to LoRA's
+    # at r (empty: every method at r, the matched-rank comparison)
+    ranks: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -147,15 +155,52 @@ def build_base(s: Settings) -> nn.Module:
     return model
 
 
-def adapter_config(method: str, experts: int, s: Settings) -> AsymLoraConfig:
-    """The asymlora config of one benchmarked method (all linear layers of the decoder)."""
-    common = dict(r=s.r, alpha=s.alpha, adapter_dtype=s.adapter_dtype, balance_loss_weight=s.balance_weight,
-                  target_modules="all-linear")
+def rank_of(method: str, experts: int, s: Settings) -> int:
+    """The rank ``method`` runs at: ``s.r``, or its matched-budget rank (``--matched-budget``)."""
+    return s.ranks.get(f"{method}:{experts}", s.r)
+
+
+def adapter_config(method: str, experts: int, s: Settings, r: int | None = None) -> AsymLoraConfig:
+    """The asymlora config of one benchmarked method (all linear layers of the decoder), at ``r`` (default:
+    :func:`rank_of`); alpha keeps the ratio alpha / r of ``s``, so every rank has the same scaling."""
+    r = rank_of(method, experts, s) if r is None else r
+    common = dict(r=r, alpha=s.alpha * r / s.r, adapter_dtype=s.adapter_dtype,
+                  balance_loss_weight=s.balance_weight, target_modules="all-linear")
     if method == "lora":
         return AsymLoraConfig(method="lora", **common)
     if method == "asymlora":
         return AsymLoraConfig(method="asymlora", routing="task", tasks=[f"task{i}" for i in range(experts)], **common)
     return AsymLoraConfig(method=method, routing="dense", num_experts=experts, **common)
+
+
+def adapter_parameters(method: str, experts: int, r: int, s: Settings) -> int:
+    """Trainable adapter parameters (A, B banks, routers) of ``method`` at rank ``r`` on the benchmarked
+    decoder, counted on a meta-device copy (no weights are allocated)."""
+    with torch.device("meta"):
+        base = build_base(replace(s, device="meta"))
+    wrapped = get_model(base, adapter_config(method, experts, s, r))
+    return sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+
+
+def budget_ranks(s: Settings) -> dict[str, int]:
+    """Each (method, E)'s rank whose trainable adapter parameters come closest to LoRA's at ``s.r`` (ties to
+    the lower rank), as ``benchmarks/quality.py`` matches its budgets: the comparison at equal parameters
+    instead of equal rank. Keys "method:E"."""
+    budget = adapter_parameters("lora", 1, s.r, s)
+    ranks = {}
+    for method, experts in sorted({(m, e) for m, e, _ in train_jobs(s)} | set(inference_groups(s))):
+        if method == "lora":
+            continue
+        best: tuple[int, int] | None = None
+        for r in range(1, s.r + 1):
+            params = adapter_parameters(method, experts, r, s)
+            if best is None or abs(params - budget) < abs(best[1] - budget):
+                best = (r, params)
+            if params > budget:
+                break
+        assert best is not None
+        ranks[f"{method}:{experts}"] = best[0]
+    return ranks
 
 
 class LoopContext:
@@ -578,7 +623,8 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
         _free(s.device, s.preset != "tiny")
     median = statistics.median(times)
     measured = {name: values[-len(times):] for name, values in phases.items()}  # the timed calls, not warmup
-    return dict(method=method, E=experts, impl=impl, routing=ROUTING[method], ms=median * 1e3,
+    return dict(method=method, E=experts, impl=impl, routing=ROUTING[method], r=rank_of(method, experts, s),
+                ms=median * 1e3,
                 ms_min=min(times) * 1e3, tokens_per_s=s.batch * s.seq / median,
                 fwd_bwd_ms=statistics.median(measured["fwd_bwd"]) * 1e3,
                 optimizer_ms=statistics.median(measured["optimizer"]) * 1e3,
@@ -695,19 +741,26 @@ def _decode_seconds(model: nn.Module, prompt: torch.Tensor, steps: int, kwargs: 
     return (time.perf_counter() - start) / steps
 
 
-def bench_inference(s: Settings, base: nn.Module, log: Callable[[str], None]) -> list[dict]:
-    """Latency of the plain base vs the adapter unmerged vs merged (task 0), timed round-robin: prefill
-    (one forward of the batch, logits of the last position) and, with ``s.decode_tokens``, the per-token
-    step of greedy decoding with a KV cache (one token per sample)."""
-    plain = copy.deepcopy(base).eval()
+def inference_groups(s: Settings) -> list[tuple[str, int]]:
+    """(method, E) of the inference rows: LoRA, task-routed AsymLoRA at every E, dense at the largest E."""
+    if not s.inference:
+        return []
     groups = [("lora", 1)] if "lora" in s.methods else []
     if "asymlora" in s.methods:
         groups += [("asymlora", e) for e in s.experts]
     if "asymlora_moe" in s.methods and s.experts:
         groups.append(("asymlora_moe", max(s.experts)))
+    return groups
+
+
+def bench_inference(s: Settings, base: nn.Module, log: Callable[[str], None]) -> list[dict]:
+    """Latency of the plain base vs the adapter unmerged vs merged (task 0), timed round-robin: prefill
+    (one forward of the batch, logits of the last position) and, with ``s.decode_tokens``, the per-token
+    step of greedy decoding with a KV cache (one token per sample)."""
+    plain = copy.deepcopy(base).eval()
     kinds = ("base", "unmerged", "merged")
     rows = []
-    for method, experts in groups:
+    for method, experts in inference_groups(s):
         batch = make_batch(s, experts)
         variant = attach(base, method, experts, "fused", s)
         randomize_b(variant, seed=s.seed)
@@ -759,7 +812,8 @@ def bench_inference(s: Settings, base: nn.Module, log: Callable[[str], None]) ->
         def over_base(values: dict, key: str) -> float | None:
             return None if values[key] is None or not values["base"] else values[key] / values["base"]
 
-        row = dict(method=method, E=experts, base_ms=med["base"], unmerged_ms=med["unmerged"],
+        row = dict(method=method, E=experts, r=rank_of(method, experts, s), base_ms=med["base"],
+                   unmerged_ms=med["unmerged"],
                    merged_ms=med["merged"], unmerged_vs_base=over_base(med, "unmerged"),
                    merged_vs_base=over_base(med, "merged"))
         if s.decode_tokens:
@@ -874,8 +928,10 @@ def to_markdown(result: dict) -> str:
     lines += [
         f"- model: {env['model_desc']} (random weights), {env['layers']} decoder layers, {env['dtype']}, "
         f"adapters {env['adapter_dtype']}, all-linear targets ({env['adapted_linears']} adapted nn.Linear)",
-        f"- batch {env['batch']} x seq {env['seq']} = {env['batch'] * env['seq']} tokens/step, r={env['r']}, "
-        f"alpha={env['alpha']:g}, balance weight {env['balance_weight']:g}, gradient checkpointing "
+        f"- batch {env['batch']} x seq {env['seq']} = {env['batch'] * env['seq']} tokens/step, "
+        + (f"ranks matched to LoRA's trainable adapter parameters at r={env['r']} (column r; alpha / r = "
+           f"{env['alpha'] / env['r']:g})" if env.get("ranks") else f"r={env['r']}, alpha={env['alpha']:g}")
+        + f", balance weight {env['balance_weight']:g}, gradient checkpointing "
         f"{'on' if env['grad_ckpt'] else 'off'}, "
         + (f"{optimizer} (the Trainer's default, as `asymlora train` builds it)" if optimizer else "AdamW"),
         "- routing statistics (expert load, entropy, per-task load) accumulated every step by the fused "
@@ -900,10 +956,10 @@ def to_markdown(result: dict) -> str:
         "",
         "### Training step (forward + loss + backward + AdamW step)",
         "",
-        "| method | routing | E | impl | ms/step | fwd+bwd ms | AdamW ms | tokens/s | x LoRA | fwd+bwd x LoRA "
+        "| method | routing | E | r | impl | ms/step | fwd+bwd ms | AdamW ms | tokens/s | x LoRA | fwd+bwd x LoRA "
         "| loop / fused | paired: step x reference (IQR) | peak MiB | peak - start MiB | mem x LoRA | saved act MiB | train state MiB "
         "| act + state x LoRA | trainable | ATen ops fwd+bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lora = _find(train, "lora", 1)
     for r in train:
@@ -913,7 +969,8 @@ def to_markdown(result: dict) -> str:
         fb_lora = _fmt(r["fwd_bwd_ms"] / lora["fwd_bwd_ms"]) if lora and lora.get("fwd_bwd_ms") and r.get("fwd_bwd_ms") else "n/a"
         mem_x = _fmt(r["peak_mib"] / lora["peak_mib"], ".3f") if lora and lora["peak_mib"] and r["peak_mib"] else "n/a"
         exact_x = _fmt(_exact_mib(r) / _exact_mib(lora), ".3f") if lora and _exact_mib(lora) and _exact_mib(r) else "n/a"
-        lines.append(f"| {r['method']} | {r['routing']} | {r['E']} | {r['impl']} | {r['ms']:.2f} | "
+        lines.append(f"| {r['method']} | {r['routing']} | {r['E']} | {r.get('r', env['r'])} | {r['impl']} | "
+                     f"{r['ms']:.2f} | "
                      f"{_fmt(r.get('fwd_bwd_ms'))} | {_fmt(r.get('optimizer_ms'))} | "
                      f"{r['tokens_per_s']:.0f} | {x_lora} | {fb_lora} | {vs_fused} | {_paired_cell(r)} | "
                      f"{_fmt(r['peak_mib'], '.0f')} | "
@@ -922,24 +979,27 @@ def to_markdown(result: dict) -> str:
                      f"{r['trainable']:,} | {_fmt_int(r.get('ops'))} |")
     if infer:
         lines += ["", "### Inference latency (prefill forward, logits of the last position)", "",
-                  "| adapter | E | base ms | unmerged ms | merged ms | unmerged / base | merged / base |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| adapter | E | r | base ms | unmerged ms | merged ms | unmerged / base | merged / base |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in infer:
-            lines.append(f"| {r['method']} | {r['E']} | {r['base_ms']:.2f} | {r['unmerged_ms']:.2f} | "
+            lines.append(f"| {r['method']} | {r['E']} | {r.get('r', env['r'])} | {r['base_ms']:.2f} | {r['unmerged_ms']:.2f} | "
                          f"{_fmt(r['merged_ms'])} | {r['unmerged_vs_base']:.3f} | {_fmt(r['merged_vs_base'], '.3f')} |")
         decoded = [r for r in infer if r.get("decode_tokens")]
         if decoded:
             lines += ["", f"### Decode latency (greedy, KV cache: ms per step of one new token per sample, "
                       f"median over rounds of {decoded[0]['decode_tokens']} steps)", "",
-                      "| adapter | E | base ms | unmerged ms | merged ms | unmerged / base | merged / base |",
-                      "|---|---|---|---|---|---|---|"]
+                      "| adapter | E | r | base ms | unmerged ms | merged ms | unmerged / base | merged / base |",
+                      "|---|---|---|---|---|---|---|---|"]
             for r in decoded:
-                lines.append(f"| {r['method']} | {r['E']} | {r['decode_base_ms']:.2f} | {r['decode_unmerged_ms']:.2f} | "
+                lines.append(f"| {r['method']} | {r['E']} | {r.get('r', env['r'])} | {r['decode_base_ms']:.2f} | {r['decode_unmerged_ms']:.2f} | "
                              f"{_fmt(r['decode_merged_ms'])} | {r['decode_unmerged_vs_base']:.3f} | "
                              f"{_fmt(r['decode_merged_vs_base'], '.3f')} |")
     if result["targets"]:
-        lines += ["", "### Targets (measured ratios; reported, not asserted)", "",
-                  "| target | measured | bound | within |", "|---|---|---|---|"]
+        lines += ["", "### Targets (measured ratios; reported, not asserted)", ""]
+        if env.get("ranks"):
+            lines += ["At a matched parameter budget, not at the same r: the issue's step-time targets are stated "
+                      "at the same r, so these rows answer a neighbouring question.", ""]
+        lines += ["| target | measured | bound | within |", "|---|---|---|---|"]
         for c in result["targets"]:
             within = "n/a" if c["met"] is None else ("yes" if c["met"] else "no")
             lines.append(f"| {c['target']} | {_fmt(c['value'], '.3f')} | {c['op']} {c['bound']:g} | {within} |")
@@ -1006,6 +1066,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pair-with-eager", action="store_true",
                         help="with --compile: pair each configuration with itself run eagerly (the paired column "
                              "is then compiled / eager) instead of with LoRA, every row LoRA's included")
+    parser.add_argument("--matched-budget", action="store_true",
+                        help="run every method at the rank whose trainable adapter parameters come closest to "
+                             "LoRA's at --r (as benchmarks/quality.py does) instead of at --r itself; writes "
+                             "speed_<preset>_<device>_budget.{json,md}")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
@@ -1032,7 +1096,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     if args.pair_with_eager and not (args.compile and args.paired):
         raise SystemExit("--pair-with-eager: needs --compile, and --paired (the default)")
     isolate = args.isolate if args.isolate is not None else (device == "cpu" and args.preset != "tiny")
-    return Settings(
+    s = Settings(
         preset=args.preset, device=device, model=dict(preset["model"]), layers=pick(args.layers, run["layers"]),
         batch=pick(args.batch, run["batch"]), seq=pick(args.seq, run["seq"]), r=r,
         alpha=pick(args.alpha, 2.0 * r), dtype=pick(args.dtype, run["dtype"]), adapter_dtype=args.adapter_dtype,
@@ -1044,6 +1108,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         inference=args.inference, seed=args.seed, compile=args.compile, pair_with_eager=args.pair_with_eager,
         decode_tokens=max(0, pick(args.decode_tokens, run["decode"])), train=args.train,
     )
+    return replace(s, ranks=budget_ranks(s)) if args.matched_budget else s
 
 
 def _child(job_json: str) -> None:
@@ -1099,7 +1164,8 @@ def _run(args: argparse.Namespace) -> dict:
         del base
         _free(s.device, s.preset != "tiny")
         base = None
-    stem = Path(args.out_dir) / f"speed_{s.preset}_{'cuda' if s.device.startswith('cuda') else 'cpu'}"
+    stem = Path(args.out_dir) / (f"speed_{s.preset}_{'cuda' if s.device.startswith('cuda') else 'cpu'}"
+                                 + ("_budget" if s.ranks else ""))
     planned = len(train_jobs(s))
 
     def write(train: list[dict], infer: list[dict], complete: bool) -> dict:

@@ -1,5 +1,8 @@
 """The fused layer against a plain per-expert loop that implements the "Semantics" block literally."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from tiny_models import case_id
@@ -236,10 +239,10 @@ def test_inference_reuses_one_stacked_bank_until_the_bank_changes(case):
         return
     assert kept is not None and torch.equal(first, reference)
     with torch.no_grad():  # outside inference mode the copy made inside it is still usable
-        assert torch.equal(layer(x), reference) and layer._stacked_cache[1] is kept[1]
+        assert torch.equal(layer(x), reference) and layer._stacked_cache[2] is kept[2]
         layer.B_bank.mul_(2.0)
         changed = layer(x)
-    assert layer._stacked_cache[1] is not kept[1]
+    assert layer._stacked_cache[2] is not kept[2]
     expected = layer(x).detach()
     assert torch.equal(changed, expected) and not torch.equal(changed, reference)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -250,6 +253,36 @@ def test_inference_reuses_one_stacked_bank_until_the_bank_changes(case):
     assert "_stacked_cache" not in str(list(layer.state_dict()))
     layer.train()
     assert layer._stacked_cache is None
+
+
+def test_inference_copy_is_dropped_by_to_and_remade_for_a_replaced_bank():
+    """.to() / .half() free the kept copy at once (it is the old bank's, on the old device or dtype), and a
+    bank parameter replaced by another object gets a copy of its own, whatever its storage address."""
+    layer, ctx = make_layer(dtype=torch.float32, method="asymlora_moe", num_experts=4, routing="dense", tasks=TASKS)
+    ctx.task_ids = torch.tensor([2, 0])
+    with torch.no_grad():
+        layer.B_bank.normal_()
+    x = torch.randn(2, 1, 12)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+        assert layer._stacked_cache is not None
+        layer.to(torch.float64)
+        assert layer._stacked_cache is None
+        got = layer(x.double())
+        assert layer._stacked_cache[2].dtype == torch.float64
+        layer.float()
+        assert layer._stacked_cache is None
+        layer(x)
+        old, old_bank = layer._stacked_cache, layer.B_bank
+        # the same storage and version under a new parameter object: only its identity tells them apart
+        layer.B_bank = nn.Parameter(old_bank.detach())
+        assert layer.B_bank.data_ptr() == old_bank.data_ptr() and layer.B_bank._version == old_bank._version
+        layer(x)
+        assert layer._stacked_cache[2] is not old[2] and layer._stacked_cache[1]() is layer.B_bank
+    copied = pickle.loads(pickle.dumps(layer))  # a weak reference cannot be pickled: the copy stays behind
+    assert copied._stacked_cache is None and copy.deepcopy(layer)._stacked_cache is None
+    assert torch.equal(got, layer.double()(x.double().requires_grad_()).detach())
 
 
 @pytest.mark.parametrize("seq", SEQ_LENGTHS)
@@ -263,10 +296,10 @@ def test_inference_cache_follows_autocast(seq):
         reference = layer(x).detach()
         with torch.no_grad():
             got = layer(x)
-    assert layer._stacked_cache[1].dtype == torch.bfloat16 and torch.equal(got, reference)
+    assert layer._stacked_cache[2].dtype == torch.bfloat16 and torch.equal(got, reference)
     with torch.no_grad():
         layer(x)
-    assert layer._stacked_cache[1].dtype == torch.float32
+    assert layer._stacked_cache[2].dtype == torch.float32
 
 
 @EACH_CASE

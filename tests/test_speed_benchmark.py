@@ -63,7 +63,7 @@ def test_tiny_preset_writes_every_configuration(tmp_path):
     assert infer[("asymlora", 8)]["decode_merged_vs_base"] > 0 and infer[("lora", 1)]["decode_tokens"] == 4
     assert any(t["target"].startswith("asymlora_moe E=8 loop") for t in data["targets"])
     md = (tmp_path / "speed_tiny_cpu.md").read_text()
-    assert "| asymlora_moe | dense | 8 | loop |" in md and "merged / base" in md and "saved act MiB" in md
+    assert "| asymlora_moe | dense | 8 | 4 | loop |" in md and "merged / base" in md and "saved act MiB" in md
     assert "### Decode latency" in md
     assert any(t["target"] == "asymlora_moe E=3 saved activations + trainable state / lora" for t in data["targets"])
     # Every row but LoRA's is also timed round by round against its reference, in one process.
@@ -86,6 +86,33 @@ def test_no_train_times_inference_only(tmp_path):
     assert (row["method"], row["E"], row["decode_tokens"]) == ("asymlora_moe", 3, 2) and row["decode_unmerged_ms"] > 0
     with pytest.raises(SystemExit, match="nothing to time"):
         speed.main([*TINY, "--no-train", "--no-inference"])
+
+
+def test_matched_budget_runs_each_method_at_the_rank_nearest_loras_parameter_count(tmp_path):
+    s = speed.resolve_settings(speed.parse_args([*TINY, "--matched-budget", "--methods", "lora", "asymlora",
+                                                 "asymlora_moe", "lora_moe", "--experts", "3", "8"]))
+    budget = speed.adapter_parameters("lora", 1, s.r, s)
+    assert set(s.ranks) == {f"{m}:{e}" for m in ("asymlora", "asymlora_moe", "lora_moe") for e in (3, 8)}
+    for key, r in s.ranks.items():
+        method, experts = key.split(":")
+        count = {rank: speed.adapter_parameters(method, int(experts), rank, s) for rank in range(1, s.r + 1)}
+        assert abs(count[r] - budget) == min(abs(c - budget) for c in count.values())
+        assert speed.adapter_config(method, int(experts), s).r == r < s.r  # E heads: a smaller rank
+        config = speed.adapter_config(method, int(experts), s)
+        assert config.alpha / config.r == s.alpha / s.r  # the same scaling at every rank
+    assert s.ranks["asymlora:3"] >= s.ranks["asymlora:8"]
+    result = speed.main([*TINY, "--matched-budget", "--iters", "1", "--warmup", "0", "--methods", "lora",
+                         "asymlora", "--experts", "3", "--impls", "fused", "--no-paired", "--no-count-ops",
+                         "--decode-tokens", "0", "--out-dir", str(tmp_path)])
+    rows = {(r["method"], r["E"]): r for r in result["train"]}
+    assert rows[("lora", 1)]["r"] == s.r and rows[("asymlora", 3)]["r"] == s.ranks["asymlora:3"]
+    assert rows[("lora", 1)]["trainable"] == budget
+    assert rows[("asymlora", 3)]["trainable"] == speed.adapter_parameters("asymlora", 3, s.ranks["asymlora:3"], s)
+    assert [r["r"] for r in result["inference"]] == [s.r, s.ranks["asymlora:3"]]
+    md = (tmp_path / "speed_tiny_cpu_budget.md").read_text()
+    assert "ranks matched to LoRA's trainable adapter parameters at r=4" in md
+    assert f"| asymlora | task | 3 | {s.ranks['asymlora:3']} | fused |" in md and "not at the same r" in md
+    assert not (tmp_path / "speed_tiny_cpu.json").exists()
 
 
 def test_optimizer_is_the_one_asymlora_train_builds():

@@ -51,6 +51,7 @@ activations of dense AsymLoRA-MoE from 448.0 to 345.8 MiB and of task routing fr
 from __future__ import annotations
 
 import math
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -240,8 +241,9 @@ class AsymLoraLinear(nn.Module):
         self.routing_context: RoutingContext | None = None
         self.merged_task: int | None = None
         self._base_backup: torch.Tensor | None = None
-        # Inference only: B_stacked kept between forwards, with the (storage, version, dtype) it was made from.
-        self._stacked_cache: tuple[tuple, torch.Tensor] | None = None
+        # Inference only: B_stacked kept between forwards, with the (storage, version, dtype) it was made from
+        # and a weak reference to the bank parameter itself.
+        self._stacked_cache: tuple[tuple, weakref.ref, torch.Tensor] | None = None
 
     def reset_adapter_parameters(self) -> None:
         """A: kaiming-uniform (as nn.Linear / PEFT); B: zeros (or centred noise); router: N(0, std); task bias: prior.
@@ -372,23 +374,35 @@ class AsymLoraLinear(nn.Module):
         traffic as the base weight itself. The copy is keyed by the bank's storage, version counter (every
         in-place update bumps it) and the dtype the product runs in (autocast's, when it is on), and is dropped
         by ``train()``. Not kept under ``torch.compile`` (inductor plans its own copies) or inside an
-        initialised process group (FSDP gathers a full bank for each forward and frees it after)."""
+        initialised process group (FSDP gathers a full bank for each forward and frees it after). A replaced
+        parameter (``load_state_dict(assign=True)``) always gets a new copy, even where the allocator gave it the
+        old one's address, and ``.to()`` / ``.half()`` / ``.cuda()`` drop the copy (:meth:`_apply`)."""
         bank = self.B_bank
         if self.training or torch.is_grad_enabled() or bank.is_inference() or torch.compiler.is_compiling() \
                 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return None
         dtype = _autocast_dtype(like) or bank.dtype
         key = (bank.data_ptr(), bank._version, dtype, bank.device, tuple(bank.shape))
-        if self._stacked_cache is None or self._stacked_cache[0] != key:
+        kept = self._stacked_cache
+        if kept is None or kept[0] != key or kept[1]() is not bank:
             self._stacked_cache = None  # free the stale copy before making the new one
             with torch.inference_mode(False):  # a normal tensor: usable outside inference mode too
-                self._stacked_cache = (key, _stacked(bank.detach()).to(dtype))
-        return self._stacked_cache[1]
+                self._stacked_cache = (key, weakref.ref(bank), _stacked(bank.detach()).to(dtype))
+        return self._stacked_cache[2]
 
     def train(self, mode: bool = True) -> AsymLoraLinear:
         if mode:
             self._stacked_cache = None
         return super().train(mode)
+
+    def __getstate__(self) -> dict:  # pickling (torch.save of a whole module, deepcopy) leaves the copy out
+        state = super().__getstate__()
+        state["_stacked_cache"] = None
+        return state
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(), ...: the kept copy is the old bank's
+        self._stacked_cache = None
+        return super()._apply(fn, recurse)
 
     def _task_update(self, result: torch.Tensor, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """Task routing without multiplying the zero gates, for result (N, L, d_out), x (N, L, d_in) and one
