@@ -7,6 +7,9 @@
 #   layer_speed_7b      benchmarks/layer_speed.py --preset 7b
 #   speed_default_cuda  benchmarks/speed.py --preset default
 #   speed_7b_cuda       benchmarks/speed.py --preset 7b
+#   speed_budget_default_cuda  benchmarks/speed.py --preset default --matched-budget: every method at LoRA's
+#                       parameter count (E = 4, 5), peak memory from the CUDA allocator (on CPU, RSS follows
+#                       glibc's heap instead)
 #   inference_cache_default_cuda  benchmarks/inference_cache.py: decoding with the kept stacked bank against
 #                       re-stacking it per step (one copy kernel per adapted layer and token)
 #   compile_default_cuda   the default preset's LoRA, task-routed and dense E=8 steps under torch.compile
@@ -69,6 +72,8 @@ for part in "${parts[@]}"; do
       --decode-tokens 16 --out-dir "$out" ;;
     inference_cache_default_cuda) run 150 "$part" python benchmarks/inference_cache.py --preset default --device cuda \
       --experts 3 8 --rounds 6 --out-dir "$out" ;;
+    speed_budget_default_cuda) run 150 "$part" python benchmarks/speed.py --preset default --device cuda --matched-budget \
+      --experts 4 5 --impls fused --no-inference --no-paired --no-count-ops --out-dir "$out" ;;
     speed_7b_cuda) run 300 "$part" python benchmarks/speed.py --preset 7b --device cuda --no-paired --no-count-ops --out-dir "$out" ;;
     compile_default_cuda|compile_cg_default_cuda)
       mode=default; [ "$part" = compile_cg_default_cuda ] && mode=reduce-overhead
