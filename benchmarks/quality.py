@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 import asymlora.train
+from asymlora.config import rank_for_budget
 from asymlora.evaluate.report import oriented
 from asymlora.io import write_json_and_markdown
 
@@ -116,15 +117,8 @@ def count_adapter_params(model_dir: Path, values: dict[str, Any]) -> int:
 
 def matched_rank(model_dir: Path, method: str, tasks: list[str], budget: int, max_rank: int = 64) -> tuple[int, int]:
     """(rank, params) of ``method`` closest to ``budget`` trainable adapter parameters."""
-    best: tuple[int, int] | None = None
-    for r in range(1, max_rank + 1):
-        params = count_adapter_params(model_dir, adapter_values(method, r, tasks))
-        if best is None or abs(params - budget) < abs(best[1] - budget):
-            best = (r, params)
-        if params > budget:
-            break
-    assert best is not None
-    return best
+    return rank_for_budget(lambda r: count_adapter_params(model_dir, adapter_values(method, r, tasks)), budget,
+                           max_rank)
 
 
 def run_config(args: argparse.Namespace, method: str, r: int, seed: int, tasks: list[str], mixture: Any,

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asymlora import AsymLoraConfig, AsymLoraModel, find_target_modules, get_model
-from asymlora.config import LayerSpec
+from asymlora.config import LayerSpec, rank_for_budget
 from asymlora.io import write_json_atomic, write_text_atomic
 from asymlora.layer import TORCH_DTYPES
 from asymlora.routing import balance_loss
@@ -187,20 +187,10 @@ def budget_ranks(s: Settings) -> dict[str, int]:
     the lower rank), as ``benchmarks/quality.py`` matches its budgets: the comparison at equal parameters
     instead of equal rank. Keys "method:E"."""
     budget = adapter_parameters("lora", 1, s.r, s)
-    ranks = {}
-    for method, experts in sorted({(m, e) for m, e, _ in train_jobs(s)} | set(inference_groups(s))):
-        if method == "lora":
-            continue
-        best: tuple[int, int] | None = None
-        for r in range(1, s.r + 1):
-            params = adapter_parameters(method, experts, r, s)
-            if best is None or abs(params - budget) < abs(best[1] - budget):
-                best = (r, params)
-            if params > budget:
-                break
-        assert best is not None
-        ranks[f"{method}:{experts}"] = best[0]
-    return ranks
+    jobs = sorted({(m, e) for m, e, _ in train_jobs(s)} | set(inference_groups(s)))
+    return {f"{method}:{experts}": rank_for_budget(lambda r, m=method, e=experts: adapter_parameters(m, e, r, s),
+                                                   budget, s.r)[0]
+            for method, experts in jobs if method != "lora"}
 
 
 class LoopContext:

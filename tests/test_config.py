@@ -80,3 +80,21 @@ def test_from_yaml_and_unknown_key(tmp_path):
     path.write_text("method: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         AsymLoraConfig.from_file(path)
+
+
+def test_rank_for_budget_takes_the_closest_count_ties_low_and_stops_past_the_budget():
+    from asymlora.config import rank_for_budget
+
+    asked = []
+
+    def count(r: int) -> int:
+        asked.append(r)
+        return 10 * r
+
+    assert rank_for_budget(count, 34, 16) == (3, 30)  # 30 is closer than 40
+    assert asked == [1, 2, 3, 4]  # 40 is over the budget: no larger rank is counted
+    assert rank_for_budget(count, 35, 16) == (3, 30)  # a tie goes to the lower rank
+    assert rank_for_budget(count, 500, 16) == (16, 160)  # the budget out of reach: the largest rank
+    assert rank_for_budget(count, 1, 16) == (1, 10)  # even rank 1 is over: rank 1
+    with pytest.raises(ConfigError, match="max_rank"):
+        rank_for_budget(count, 10, 0)

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,3 +330,18 @@ class AsymLoraConfig:
                     break
         return cls.from_dict(values or {}, source=str(path))
 
+
+def rank_for_budget(count: Callable[[int], int], budget: int, max_rank: int) -> tuple[int, int]:
+    """(r, count(r)) for the rank r in 1..max_rank whose parameter count comes closest to ``budget`` (ties go to
+    the lower rank): how a method is matched to another's trainable-parameter budget. ``count(r)`` gives the
+    trainable parameters at rank r; it grows with r, so the search stops at the first rank over the budget."""
+    best: tuple[int, int] | None = None
+    for r in range(1, max_rank + 1):
+        params = count(r)
+        if best is None or abs(params - budget) < abs(best[1] - budget):
+            best = (r, params)
+        if params > budget:
+            break
+    if best is None:
+        raise ConfigError(f"rank_for_budget: max_rank must be >= 1, got {max_rank}")
+    return best
