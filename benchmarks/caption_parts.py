@@ -4,7 +4,8 @@ The built-in emoji task's captions follow one template, ``"<name>, a <subgroup> 
 category."``, and ROUGE-L scores them as a whole. This script splits a run's emoji predictions
 (``predictions.jsonl`` of ``asymlora eval``) into what ROUGE-L mixes: the share of predictions in the
 template's format, the share that name the reference's category (one of 9 Unicode groups) and its subgroup,
-and the share that loop (12 or more words, fewer than half of them distinct). It also gives the
+the ROUGE-L of the emoji's own name (the text before ``", a <subgroup> emoji"``; 0 for a caption out of the
+format), and the share that loop (12 or more words, fewer than half of them distinct). It also gives the
 majority-category baseline of the items, so "names the category" can be read against always answering the
 most frequent one.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.errors import DataError
+from asymlora.evaluate.metrics.builtin import rouge_l
 from asymlora.evaluate.paired import read_predictions
 from asymlora.io import write_json_and_markdown
 
@@ -34,10 +36,10 @@ TEMPLATE = re.compile(r", an? (?P<subgroup>.+?) emoji from the (?P<category>.+?)
 TASK = "emoji"
 
 
-def parts(text: str) -> tuple[str, str] | None:
-    """(subgroup, category) of a caption in the template's format, else None."""
+def parts(text: str) -> tuple[str, str, str] | None:
+    """(name, subgroup, category) of a caption in the template's format, else None."""
     match = TEMPLATE.search(text)
-    return (match["subgroup"], match["category"]) if match else None
+    return (text[:match.start()].strip(), match["subgroup"], match["category"]) if match else None
 
 
 def loops(text: str) -> bool:
@@ -67,7 +69,8 @@ def read_emoji(run: str | Path, max_items: int | None = None) -> tuple[Path, lis
 
 
 def summarize(rows: list[dict[str, Any]], path: Path) -> dict[str, Any]:
-    """Shares of the run's emoji predictions in format, naming the category / subgroup, looping."""
+    """Shares of the run's emoji predictions in format, naming the category / subgroup, looping; the names'
+    ROUGE-L."""
     gold = []
     for row in rows:
         found = parts(row["reference"])
@@ -77,16 +80,17 @@ def summarize(rows: list[dict[str, Any]], path: Path) -> dict[str, Any]:
         gold.append(found)
     predicted = [parts(row["prediction"]) for row in rows]
     n = len(rows)
-    categories = Counter(category for _, category in gold)
+    categories = Counter(category for _, _, category in gold)
     return {
         "items": n,
         "rouge_l": statistics.mean(row["score"] for row in rows),
         "format": sum(p is not None for p in predicted) / n,
-        "category": sum(p is not None and p[1] == g[1] for p, g in zip(predicted, gold)) / n,
-        "subgroup": sum(p is not None and p[0] == g[0] for p, g in zip(predicted, gold)) / n,
+        "category": sum(p is not None and p[2] == g[2] for p, g in zip(predicted, gold)) / n,
+        "subgroup": sum(p is not None and p[1] == g[1] for p, g in zip(predicted, gold)) / n,
+        "name_rouge_l": statistics.mean(0.0 if p is None else rouge_l(p[0], g[0]) for p, g in zip(predicted, gold)),
         "loops": sum(loops(row["prediction"]) for row in rows) / n,
         "majority_category": categories.most_common(1)[0][1] / n,
-        "predicted_categories": dict(Counter(p[1] for p in predicted if p is not None).most_common()),
+        "predicted_categories": dict(Counter(p[2] for p in predicted if p is not None).most_common()),
     }
 
 
@@ -94,12 +98,14 @@ def markdown(table: dict[str, dict[str, Any]]) -> str:
     first = next(iter(table.values()))
     lines = [f"Emoji captions split into the template's parts ({first['items']} items; always answering the most "
              f"frequent category would name it for {first['majority_category']:.3f}).", "",
-             "| run | ROUGE-L | in format | names the category | names the subgroup | loops | most predicted category |",
-             "|---|---|---|---|---|---|---|"]
+             "| run | ROUGE-L | in format | names the category | names the subgroup | name's ROUGE-L | loops "
+             "| most predicted category |",
+             "|---|---|---|---|---|---|---|---|"]
     for run, row in table.items():
         top = next(iter(row["predicted_categories"].items()), ("", 0))
         lines.append(f"| {run} | {row['rouge_l']:.3f} | {row['format']:.3f} | {row['category']:.3f} | "
-                     f"{row['subgroup']:.3f} | {row['loops']:.3f} | {top[0]} ({top[1] / row['items']:.2f}) |")
+                     f"{row['subgroup']:.3f} | {row['name_rouge_l']:.3f} | {row['loops']:.3f} | "
+                     f"{top[0]} ({top[1] / row['items']:.2f}) |")
     return "\n".join(lines) + "\n"
 
 
