@@ -155,6 +155,16 @@ train.run_training(config)
 """
 
 
+def assert_identical_adapters(a: Path, b: Path) -> list[str]:
+    """Assert that two runs saved the same tensors, bit for bit; returns their keys."""
+    first = load_file(a / "adapter_model.safetensors")
+    second = load_file(b / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    return list(first)
+
+
 def test_resume_after_sigkill_is_exact(tmp_path):
     steps = 12
     full = train_setup(tmp_path, max_steps=steps, save_steps=6)
@@ -171,11 +181,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert (tmp_path / "killed" / "checkpoint-6").is_dir() and not (tmp_path / "killed" / "checkpoint-12").exists()
     killed["resume"] = True
     run_training(TrainConfig.from_dict(killed))
-    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "killed" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_identical_adapters(tmp_path / "full", tmp_path / "killed")
 
 
 def test_same_seed_repeats_a_task_routed_run_bit_for_bit(tmp_path):
@@ -185,10 +191,8 @@ def test_same_seed_repeats_a_task_routed_run_bit_for_bit(tmp_path):
     for name in ("first", "second"):
         values = train_setup(tmp_path, method="asymlora", max_steps=6, save_steps=100)
         values["training"]["output_dir"] = str(tmp_path / name)
-        outs.append(load_file(run_training(TrainConfig.from_dict(values)) / "adapter_model.safetensors"))
-    assert outs[0].keys() == outs[1].keys() and any("B_bank" in key for key in outs[0])
-    for key in outs[0]:
-        assert torch.equal(outs[0][key], outs[1][key]), key
+        outs.append(run_training(TrainConfig.from_dict(values)))
+    assert any("B_bank" in key for key in assert_identical_adapters(*outs))
 
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
