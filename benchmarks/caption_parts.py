@@ -25,7 +25,7 @@ import statistics
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from asymlora.errors import DataError
 from asymlora.evaluate.metrics.builtin import rouge_l
@@ -36,10 +36,16 @@ TEMPLATE = re.compile(r", an? (?P<subgroup>.+?) emoji from the (?P<category>.+?)
 TASK = "emoji"
 
 
-def parts(text: str) -> tuple[str, str, str] | None:
-    """(name, subgroup, category) of a caption in the template's format, else None."""
+class Caption(NamedTuple):
+    name: str
+    subgroup: str
+    category: str
+
+
+def parts(text: str) -> Caption | None:
+    """The name, subgroup and category of a caption in the template's format, else None."""
     match = TEMPLATE.search(text)
-    return (text[:match.start()].strip(), match["subgroup"], match["category"]) if match else None
+    return Caption(text[:match.start()].strip(), match["subgroup"], match["category"]) if match else None
 
 
 def loops(text: str) -> bool:
@@ -80,17 +86,17 @@ def summarize(rows: list[dict[str, Any]], path: Path) -> dict[str, Any]:
         gold.append(found)
     predicted = [parts(row["prediction"]) for row in rows]
     n = len(rows)
-    categories = Counter(category for _, _, category in gold)
+    categories = Counter(g.category for g in gold)
     return {
         "items": n,
         "rouge_l": statistics.mean(row["score"] for row in rows),
         "format": sum(p is not None for p in predicted) / n,
-        "category": sum(p is not None and p[2] == g[2] for p, g in zip(predicted, gold)) / n,
-        "subgroup": sum(p is not None and p[1] == g[1] for p, g in zip(predicted, gold)) / n,
-        "name_rouge_l": statistics.mean(0.0 if p is None else rouge_l(p[0], g[0]) for p, g in zip(predicted, gold)),
+        "category": sum(p is not None and p.category == g.category for p, g in zip(predicted, gold)) / n,
+        "subgroup": sum(p is not None and p.subgroup == g.subgroup for p, g in zip(predicted, gold)) / n,
+        "name_rouge_l": statistics.mean(0.0 if p is None else rouge_l(p.name, g.name) for p, g in zip(predicted, gold)),
         "loops": sum(loops(row["prediction"]) for row in rows) / n,
         "majority_category": categories.most_common(1)[0][1] / n,
-        "predicted_categories": dict(Counter(p[2] for p in predicted if p is not None).most_common()),
+        "predicted_categories": dict(Counter(p.category for p in predicted if p is not None).most_common()),
     }
 
 
