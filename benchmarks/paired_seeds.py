@@ -16,7 +16,6 @@ writes ``paired_seeds.json`` and ``paired_seeds.md`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 
 from asymlora.errors import DataError
 from asymlora.evaluate.paired import format_interval, format_signed
-from asymlora.io import write_json_and_markdown
+from asymlora.io import read_json, write_json_and_markdown
 
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
 
@@ -40,12 +39,7 @@ def load(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """A ``paired.json`` (or the dir holding one) and its content."""
     path = Path(path)
     path = path / "paired.json" if path.is_dir() else path
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found (expected the paired.json of `asymlora compare --reference`)") from None
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    data = read_json(path, "the paired.json of `asymlora compare --reference`")
     for key in ("reference", "tasks", "runs"):
         if key not in data:
             raise DataError(f"{path}: no {key!r} field; is it the paired.json of `asymlora compare --reference`?")

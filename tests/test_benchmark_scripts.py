@@ -303,6 +303,53 @@ def test_caption_parts_splits_emoji_captions_and_names_bad_lines(tmp_path, capsy
     assert not bad.exists()
 
 
+def test_repeat_check_counts_identical_answers_and_differing_tensors(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    check = _load_benchmark("repeat_check")
+    rows = [{"task": "vqa", "id": i, "prediction": p, "reference": "a", "score": float(p == "a")}
+            for i, p in enumerate(["a", "b", "a"])]
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    (old / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))
+    rows[1] = {**rows[1], "prediction": "a", "score": 1.0}  # one answer changed; item 2 only in the new eval
+    (new / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    assert check.main(["answers", str(old), str(new), "--out", str(out)]) == 0
+    result = json.loads((out / "repeat_check.json").read_text())
+    assert result["items"] == 2 and result["identical"] == 1
+    assert result["tasks"]["vqa"] == {"items": 2, "identical": 1, "score_old": 0.5, "score_new": 1.0}
+    assert "**1 of 2 identical**" in (out / "repeat_check.md").read_text()
+
+    (new / "predictions.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"task": "vqa", "id": 1}) + "\n")
+    assert check.main(["answers", str(old), str(new), "--out", str(tmp_path / "bad")]) == 2
+    assert f"{new / 'predictions.jsonl'}, line 2: no 'prediction' field" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+    def run(name: str, bias: float, losses: list[float]) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        save_file({"a": torch.ones(2, 2), "b": torch.full((2,), bias)}, path / "adapter_model.safetensors")
+        history = [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)] + [{"step": 3, "train_loss": 1.0}]
+        (path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+        return path
+
+    first, same, moved = run("x", 0.5, [2.0, 1.5]), run("y", 0.5, [2.0, 1.5]), run("z", 0.5 + 2**-10, [2.0, 1.25])
+    assert check.compare_adapters(first, same)["tensors_differing"] == 0
+    assert check.compare_adapters(first, same)["first_step_loss_differs"] is None
+    result = check.compare_adapters(first, moved)
+    assert result["tensors_differing"] == 1 and result["max_abs_difference"] == 2**-10
+    assert result["first_step_loss_differs"] == 2 and result["logged_steps"] == 2
+    assert "**1 of 2 saved tensors differ**" in check.to_markdown(result)
+    assert check.main(["adapters", str(first), str(tmp_path / "missing")]) == 2
+    assert "adapter_model.safetensors: not found" in capsys.readouterr().err
+    (moved / "trainer_state.json").write_text('{"log_history": [\n{"step": 1,}]}')
+    assert check.main(["adapters", str(first), str(moved)]) == 2
+    assert f"{moved / 'trainer_state.json'}, line 2: not valid JSON" in capsys.readouterr().err
+
+
 def _one_task_eval(out: Path, task: str, scores: list[float], max_samples: int = 3) -> Path:
     from asymlora.evaluate.report import write_report
 

@@ -50,6 +50,20 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, indent: int = 2) -
     write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=False, ensure_ascii=False) + "\n")
 
 
+def read_json(path: str | os.PathLike[str], expected: str) -> Any:
+    """The content of a JSON file; a missing file or invalid JSON raises ``DataError`` naming the file (and the
+    line), with ``expected`` saying what the file should have been."""
+    from asymlora.errors import DataError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (expected {expected})") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+
+
 def write_json_and_markdown(out_dir: str | os.PathLike[str], stem: str, obj: Any, markdown: str) -> None:
     """``<out_dir>/<stem>.json`` and ``<stem>.md``, each written atomically; ``out_dir`` is created."""
     out = Path(out_dir)
