@@ -137,6 +137,18 @@ def run_config(args: argparse.Namespace, method: str, r: int, seed: int, tasks: 
     return asymlora.train.apply_overrides(values, args.set, "quality.py --set")
 
 
+def machine() -> dict[str, str]:
+    """What a run's float order depends on besides its config: the device and, on a CPU, its model and the
+    instruction set torch dispatches to (a run repeats bit for bit only on the same kind; docs/training.md)."""
+    if torch.cuda.is_available():
+        return {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines() if cpuinfo.is_file() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    return {"device": "cpu", "cpu": model or platform.processor() or "unknown",
+            "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
 def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tasks: list[str],
                    mixture: Any, eval_mixture: str, output_dir: Path, steps: int) -> dict[str, Any]:
     from asymlora.evaluate.report import mean_score, write_report
@@ -176,7 +188,7 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
                            "count": v["count"]} for t, v in results.items()},
             "mean": mean, "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-            "adapter": manifest.get("method", method), "eval_dir": str(eval_dir)}
+            "adapter": manifest.get("method", method), "eval_dir": str(eval_dir), "machine": machine()}
 
 
 def write_paired(data: dict[str, Any], out: Path, name: str, resamples: int = 10_000) -> list[Path]:

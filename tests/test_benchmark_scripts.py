@@ -113,6 +113,7 @@ def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache
     """benchmarks/quality.py on the tiny model and tiny mixture: matched budgets, mixed and single-domain
     runs, a resumable results file and the RESULTS tables."""
     import pytest
+    import torch
 
     from asymlora.assets import locate
     from asymlora.cli import main
@@ -141,6 +142,8 @@ def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache
     mixed = next(r for r in data["runs"] if r["setting"] == "mixed" and r["method"] == "asymlora")
     assert mixed["adapter_params"] == ranks["asymlora"]["params"]  # the trained adapter has the counted size
     assert set(mixed["scores"]) == {"easyvqa", "ocr"} and mixed["train_seconds"] > 0
+    assert mixed["machine"]["device"] == "cpu" and mixed["machine"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert mixed["machine"]["cpu"] and mixed["machine"]["torch"] == torch.__version__
     report = (tmp_path / "res" / "quality_t.md").read_text()
     assert "Conflict cost, equal steps" in report and "Conflict cost, equal data" in report
     assert "| asymlora | lora |" in report  # asymlora's conflict cost is measured against LoRA's one-task runs
