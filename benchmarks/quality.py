@@ -188,7 +188,7 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
                            "count": v["count"]} for t, v in results.items()},
             "mean": mean, "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-            "adapter": manifest.get("method", method), "eval_dir": str(eval_dir), "machine": machine()}
+            "adapter": manifest.get("method", method), "eval_dir": str(eval_dir)}
 
 
 def write_paired(data: dict[str, Any], out: Path, name: str, resamples: int = 10_000) -> list[Path]:
@@ -381,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{path}: its runs were made with " + ", ".join(f"{k}={before[k]!r}" for k in changed)
                          + "; these settings give " + ", ".join(f"{k}={now[k]!r}" for k in changed)
                          + ": use another --name")
+    here = machine()  # recorded in the setup and with each run: a run repeats bit for bit only on the same kind
     budget = count_adapter_params(model_dir, adapter_values("lora", args.rank, tasks))
     ranks = {m: matched_rank(model_dir, m, tasks, budget) for m in args.methods}
     data.update({"tasks": tasks, "budget": budget, "ranks": {m: {"r": r, "params": p} for m, (r, p) in ranks.items()},
@@ -388,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                            "batch_size": args.batch_size, "lr": args.lr, "projector_lr": args.projector_lr,
                            "eval_samples": args.eval_samples, "max_new_tokens": args.max_new_tokens,
                            "prompt_suffix": args.prompt_suffix, "budget_rank": args.rank, "overrides": args.set,
-                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
-                           or "cpu", "torch": torch.__version__, "threads": torch.get_num_threads()}})
+                           "device": here["device"], "torch": torch.__version__, "threads": torch.get_num_threads()}})
     for method, (r, params) in ranks.items():
         print(f"{method}: r={r} -> {params:,} adapter params (budget {budget:,})")
 
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {label} ({run_steps} steps)", flush=True)
         result = train_and_eval(args, method, r, seed, run_tasks, run_mixture, args.mixture,
                                 Path(args.runs_dir) / name / label, run_steps)
-        data["runs"].append({"setting": setting, **result})
+        data["runs"].append({"setting": setting, **result, "machine": here})
         write_outputs(data, out, name)
         print(f"   mean {result['mean']:.3f}  train {result['train_seconds']:.0f}s  "
               + "  ".join(f"{t}={s['value']:.3f}" for t, s in result["scores"].items()), flush=True)
