@@ -87,7 +87,7 @@ def test_textvqa_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match='"data" list'):
         read_textvqa(bad)
     bad.write_text('{"data": [\n{"question_id": 1,}\n]}', encoding="utf-8")
-    with pytest.raises(DataError, match=r"line 2 column \d+: invalid JSON"):
+    with pytest.raises(DataError, match=r"line 2, column \d+: not valid JSON"):
         read_textvqa(bad)
     with pytest.raises(MissingFileError, match="TextVQA_0.5.1_val.json"):
         read_textvqa(tmp_path / "elsewhere")

@@ -350,7 +350,7 @@ def test_repeat_check_counts_identical_answers_and_differing_tensors(tmp_path, c
     assert "adapter_model.safetensors: not found" in capsys.readouterr().err
     (moved / "trainer_state.json").write_text('{"log_history": [\n{"step": 1,}]}')
     assert check.main(["adapters", str(first), str(moved)]) == 2
-    assert f"{moved / 'trainer_state.json'}, line 2: not valid JSON" in capsys.readouterr().err
+    assert f"{moved / 'trainer_state.json'}, line 2, column 12: not valid JSON" in capsys.readouterr().err
 
 
 def _one_task_eval(out: Path, task: str, scores: list[float], max_samples: int = 3) -> Path:

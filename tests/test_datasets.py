@@ -329,6 +329,17 @@ def test_load_split_of_unbuilt_dataset_says_how_to_build(tmp_path: Path) -> None
         build("nope", out_dir=tmp_path)
 
 
+def test_load_split_names_the_file_and_line_of_a_damaged_split(tmp_path: Path) -> None:
+    split = dataset_dir("fashion", tmp_path) / "train.json"
+    split.parent.mkdir(parents=True)
+    split.write_text('[\n{"id": "a",}\n]', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{split.name}, line 2, column 12: not valid JSON"):
+        load_split("fashion", "train", tmp_path)
+    split.write_bytes(b'[{"id": "\xff"}]')
+    with pytest.raises(DataError, match=rf"{split.name}: not UTF-8 text .* at byte 9"):
+        load_split("fashion", "train", tmp_path)
+
+
 def test_cli_build_and_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     require_sources("ocr")
     require_sources("digits")

@@ -236,6 +236,10 @@ def test_load_refuses_mismatched_dirs(tmp_path):
         asymlora.load(tiny_llava(), tmp_path / "a")
     with pytest.raises(CheckpointError, match="missing"):
         asymlora.load(tiny_llava(), tmp_path / "nowhere")
+    config = tmp_path / "a" / "adapter_config.json"
+    config.write_text(config.read_text(encoding="utf-8").replace('"layers": {', '"layers": {,', 1), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json, line \d+, column \d+: not valid JSON"):
+        asymlora.load(tiny_llava(), tmp_path / "a")
 
 
 @pytest.mark.parametrize("case", [dict(method="lora"), dict(method="asymlora", tasks=TASKS),

@@ -50,18 +50,21 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, indent: int = 2) -
     write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=False, ensure_ascii=False) + "\n")
 
 
-def read_json(path: str | os.PathLike[str], expected: str) -> Any:
-    """The content of a JSON file; a missing file or invalid JSON raises ``DataError`` naming the file (and the
-    line), with ``expected`` saying what the file should have been."""
+def read_json(path: str | os.PathLike[str], expected: str, error: type[Exception] | None = None) -> Any:
+    """The content of a JSON file. A missing file, text that is not UTF-8 or invalid JSON raises ``error``
+    (default ``DataError``) naming the file, and for invalid JSON the line and column; ``expected`` says what
+    the file should have been."""
     from asymlora.errors import DataError
 
-    path = Path(path)
+    path, error = Path(path), error or DataError
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DataError(f"{path}: not found (expected {expected})") from None
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+        raise error(f"{path}: not found (expected {expected})") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}; expected {expected})") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
 
 
 def write_json_and_markdown(out_dir: str | os.PathLike[str], stem: str, obj: Any, markdown: str) -> None:

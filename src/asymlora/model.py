@@ -14,7 +14,6 @@ happens in backward and re-runs exactly the same ops; nothing is collected then)
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,7 @@ from asymlora import __version__
 from asymlora.config import AsymLoraConfig, LayerSpec
 from asymlora.errors import AsymLoraError, CheckpointError, ConfigError
 from asymlora.families import Family, family_for, resolve_alias
-from asymlora.io import atomic_path, write_json_atomic
+from asymlora.io import atomic_path, read_json, write_json_atomic
 from asymlora.layer import TORCH_DTYPES, AsymLoraLinear
 from asymlora.routing import argmax_dispatch, balance_loss
 
@@ -540,7 +539,7 @@ def load(model: nn.Module, adapter_dir: str | Path, is_trainable: bool = True) -
     for path in (config_path, weights_path):
         if not path.is_file():
             raise CheckpointError(f"{path}: missing; an asymlora adapter dir holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    manifest = json.loads(config_path.read_text(encoding="utf-8"))
+    manifest = read_json(config_path, f"an asymlora {CONFIG_NAME}", CheckpointError)
     config = AsymLoraConfig.from_file(config_path)
     if isinstance(model, AsymLoraModel):
         wrapped = model

@@ -37,7 +37,7 @@ from PIL import Image
 
 from asymlora.assets import cache_dir, require
 from asymlora.errors import DataError, MissingAssetError
-from asymlora.io import write_json_atomic
+from asymlora.io import read_json, write_json_atomic
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # Bump when the output of any builder changes for the same seed and sizes: old builds are then rebuilt.
@@ -379,10 +379,7 @@ def load_records(name: str, split: str, root: str | os.PathLike[str] | None = No
         raise MissingAssetError(
             f"dataset {name!r} is not built ({path} is missing). Run: asymlora data build --only {name}"
         )
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from err
+    records = read_json(path, f"the {split} records of dataset {name!r}")
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records")
     return records

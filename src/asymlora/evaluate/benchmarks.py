@@ -46,6 +46,7 @@ from asymlora.evaluate.metrics.mme import PERCEPTION_SUBTASKS, SUBTASKS, mme_sco
 from asymlora.evaluate.metrics.pope import pope_scores, pope_scores_by_category
 from asymlora.evaluate.metrics.scienceqa import OPTIONS, scienceqa_scores
 from asymlora.evaluate.metrics.vqa import vqa_accuracy_batch
+from asymlora.io import read_json
 
 __all__ = [
     "BENCHMARKS",
@@ -109,18 +110,6 @@ def _data_file(data_path: PathLike, default_name: str) -> Path:
     if not path.is_file():
         raise MissingFileError(f"{path}: no such file (expected the official {default_name}, or its folder)")
     return path
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as error:
-        raise DataError(
-            f"{path}: line {error.lineno} column {error.colno}: invalid JSON ({error.msg})"
-        ) from None
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
 def _image_root(image_root: PathLike | None, candidates: Sequence[Path], benchmark: str) -> Path:
@@ -187,7 +176,7 @@ def read_textvqa(
     """
     _check_limit(limit)
     path = _data_file(data_path, "TextVQA_0.5.1_val.json")
-    document = _load_json(path)
+    document = read_json(path, "TextVQA_0.5.1_val.json")
     if not isinstance(document, dict) or not isinstance(document.get("data"), list):
         raise DataError(f'{path}: expected an object with a "data" list (TextVQA_0.5.1 format)')
     root = _image_root(
@@ -226,7 +215,7 @@ def read_gqa(
     """
     _check_limit(limit)
     path = _data_file(data_path, "testdev_balanced_questions.json")
-    document = _load_json(path)
+    document = read_json(path, "GQA's testdev_balanced_questions.json")
     if not isinstance(document, dict):
         raise DataError(f"{path}: expected an object mapping question ids to questions")
     root = _image_root(image_root, [path.parent / "images"], "GQA")
@@ -273,7 +262,7 @@ def read_vizwiz(
     """
     _check_limit(limit)
     path = _data_file(data_path, "val.json")
-    document = _load_json(path)
+    document = read_json(path, "VizWiz's val.json")
     if not isinstance(document, list):
         raise DataError(f"{path}: expected a list of questions (VizWiz format)")
     root = _image_root(image_root, [path.parent / "val"], "VizWiz")
@@ -324,7 +313,7 @@ def read_scienceqa(
     """
     _check_limit(limit)
     path = _data_file(data_path, "problems.json")
-    document = _load_json(path)
+    document = read_json(path, "ScienceQA's problems.json")
     if not isinstance(document, dict):
         raise DataError(f"{path}: expected an object mapping problem ids to problems")
     root = _image_root(image_root, [path.parent / "images"], "ScienceQA")

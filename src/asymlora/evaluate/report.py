@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from asymlora.errors import DataError
-from asymlora.io import atomic_path, write_json_and_markdown, write_json_atomic, write_text_atomic
+from asymlora.io import atomic_path, read_json, write_json_and_markdown, write_json_atomic, write_text_atomic
 
 _Score = TypeVar("_Score", float, np.ndarray)
 
@@ -150,7 +150,7 @@ def load_results(run: str | Path) -> dict[str, Any]:
     path = path / "results.json" if path.is_dir() else path
     if not path.is_file():
         raise DataError(f"{path}: no results.json (run `asymlora eval ... --out DIR` first)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path, "the results.json of `asymlora eval --out DIR`")
 
 
 def compare(runs: Sequence[str | Path], out: Path, reference: str | None = None, resamples: int = 10_000,
