@@ -323,12 +323,18 @@ class AsymLoraConfig:
             values = json.loads(text) if path.suffix == ".json" else load_yaml(text)
         except (json.JSONDecodeError, yaml.YAMLError) as err:
             raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
+        return cls.from_document(values, source=str(path))
+
+    @classmethod
+    def from_document(cls, values: Any, source: str = "config") -> AsymLoraConfig:
+        """Build from a parsed config file: the whole mapping, its ``adapter:`` section (training configs) or its
+        ``config:`` section (a saved ``adapter_config.json``)."""
         if isinstance(values, dict):
             for section in ("adapter", "config"):
                 if isinstance(values.get(section), dict):
                     values = values[section]
                     break
-        return cls.from_dict(values or {}, source=str(path))
+        return cls.from_dict(values or {}, source=source)
 
 
 def rank_for_budget(count: Callable[[int], int], budget: int, max_rank: int) -> tuple[int, int]:

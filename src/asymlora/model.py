@@ -540,7 +540,7 @@ def load(model: nn.Module, adapter_dir: str | Path, is_trainable: bool = True) -
         if not path.is_file():
             raise CheckpointError(f"{path}: missing; an asymlora adapter dir holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     manifest = read_json(config_path, f"an asymlora {CONFIG_NAME}", CheckpointError)
-    config = AsymLoraConfig.from_file(config_path)
+    config = AsymLoraConfig.from_document(manifest, source=str(config_path))  # the file is read once
     if isinstance(model, AsymLoraModel):
         wrapped = model
     else:
