@@ -359,7 +359,9 @@ class AsymLoraLinear(nn.Module):
         gates (T, E) or None for a single expert): one A matmul, one matmul over the stacked bank."""
         codes = self._codes(x)  # (T, n_A * r)
         if gates is None:  # a single expert: plain LoRA
-            return _add_product(result, codes, self.B_bank[0].t(), self.scaling)
+            # squeeze, not B_bank[0]: a view whose backward is a view too (select's backward would fill a
+            # zero bank and copy the gradient into it, two passes per layer and step)
+            return _add_product(result, codes, self.B_bank.squeeze(0).t(), self.scaling)
         gates = gates.to(codes.dtype)
         stacked = self._inference_stacked(codes)
         if stacked is not None:
