@@ -98,3 +98,15 @@ def test_rank_for_budget_takes_the_closest_count_ties_low_and_stops_past_the_bud
     assert rank_for_budget(count, 1, 16) == (1, 10)  # even rank 1 is over: rank 1
     with pytest.raises(ConfigError, match="max_rank"):
         rank_for_budget(count, 10, 0)
+
+
+def test_from_json_reads_the_config_section_and_names_the_line_of_a_damaged_file(tmp_path):
+    path = tmp_path / "adapter_config.json"
+    path.write_text('{"config": {"method": "asymlora", "tasks": ["a", "b"], "r": 4}}\n')
+    assert AsymLoraConfig.from_file(path).layer_spec().num_experts == 2
+    path.write_text('{"method": "asymlora",\n "r": 4,,\n}\n')
+    with pytest.raises(ConfigError, match=rf"{path}, line 2, column \d+: not valid JSON"):
+        AsymLoraConfig.from_file(path)
+    path.write_bytes(b'{"method": "lora\xff"}\n')
+    with pytest.raises(ConfigError, match=rf"{path}: not UTF-8 text"):
+        AsymLoraConfig.from_file(path)

@@ -15,7 +15,6 @@ asymlora_moe   one shared A                  E heads B_e      router (dense/topk
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from typing import Any
 import yaml
 
 from asymlora.errors import ConfigError, did_you_mean
-from asymlora.io import load_yaml
+from asymlora.io import load_yaml, read_json
 
 METHODS = ("lora", "lora_moe", "asymlora", "asymlora_moe")
 ROUTINGS = ("task", "dense", "topk", "hybrid")
@@ -323,11 +322,13 @@ class AsymLoraConfig:
         """Load from a YAML or JSON file: the whole file, its ``adapter:`` section (training configs) or
         its ``config:`` section (a saved ``adapter_config.json``)."""
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        try:
-            values = json.loads(text) if path.suffix == ".json" else load_yaml(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
+        if path.suffix == ".json":  # the project's JSON reader: file, line and column, or text that is not UTF-8
+            values = read_json(path, "an AsymLoraConfig document", ConfigError)
+        else:
+            try:
+                values = load_yaml(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML: {err}") from None
         return cls.from_document(values, source=str(path))
 
     @classmethod
