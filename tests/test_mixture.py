@@ -158,7 +158,7 @@ def test_errors_name_the_yaml_file(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{path}: a mixture is a mapping with 'name' and 'datasets'"):
         load_mixture(path)
     path.write_text("datasets: [\n")
-    with pytest.raises(ConfigError, match=rf"^{path}: not valid YAML"):
+    with pytest.raises(ConfigError, match=rf"^{path}, line 2, column 1: not valid YAML \(expected"):
         load_mixture(path)
     with pytest.raises(ConfigError, match="not found"):
         load_mixture(tmp_path / "missing.yaml")

@@ -95,25 +95,17 @@ def load_for_analysis(adapter: str | None = None, config: str | None = None, mod
     :func:`asymlora.evaluate.run.load_for_eval`). ``config``: a training config; the adapter is freshly
     initialised with the config's seed (its B banks are zero, so its A gradients are zero).
     """
-    from asymlora.io import load_yaml
-
     if bool(adapter) == bool(config):
         raise ConfigError("give exactly one of --adapter (a trained adapter dir) or --config (a training config)")
     trained: dict[str, Any] = {}
     if adapter:
-        from asymlora.evaluate.run import load_for_eval
+        from asymlora.evaluate.run import load_for_eval, trained_config
         from asymlora.model import CONFIG_NAME
 
         if not (Path(adapter) / CONFIG_NAME).is_file():
             raise ConfigError(f"--adapter: {adapter} is not an asymlora adapter dir (no {CONFIG_NAME})")
-        config_file = Path(adapter) / "train_config.yaml"
-        if not config_file.is_file() and Path(adapter).name.startswith("checkpoint-"):
-            config_file = Path(adapter).parent / "train_config.yaml"  # a checkpoint inside a training run
-        if config_file.is_file():
-            trained = load_yaml(config_file.read_text(encoding="utf-8")) or {}
-        section = trained.get("model") or {}
-        wrapped, processor, _ = load_for_eval(model=model if model != "default" else section.get("path", model),
-                                              projector=section.get("projector"), adapter=adapter, dtype=dtype)
+        trained = trained_config(adapter)  # the base model and projector come from it in load_for_eval too
+        wrapped, processor, _ = load_for_eval(model=model, adapter=adapter, dtype=dtype)
     else:
         import asymlora
         from asymlora.data.mixture import load_mixture

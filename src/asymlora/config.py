@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from asymlora.errors import ConfigError, did_you_mean
-from asymlora.io import load_yaml, read_json
+from asymlora.io import read_json, read_yaml
 
 METHODS = ("lora", "lora_moe", "asymlora", "asymlora_moe")
 ROUTINGS = ("task", "dense", "topk", "hybrid")
@@ -324,11 +322,8 @@ class AsymLoraConfig:
         path = Path(path)
         if path.suffix == ".json":  # the project's JSON reader: file, line and column, or text that is not UTF-8
             values = read_json(path, "an AsymLoraConfig document", ConfigError)
-        else:
-            try:
-                values = load_yaml(path.read_text(encoding="utf-8"))
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        else:  # the project's YAML reader: the same file, line and column messages
+            values = read_yaml(path, "an AsymLoraConfig document", ConfigError)
         return cls.from_document(values, source=str(path))
 
     @classmethod

@@ -89,3 +89,34 @@ _YamlLoader.add_implicit_resolver(
 def load_yaml(text: str) -> Any:
     """Parse YAML safely (no Python objects), with scientific-notation floats."""
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml(path: str | os.PathLike[str], expected: str, error: type[Exception] | None = None) -> Any:
+    """The content of a YAML file, parsed by :func:`load_yaml`. A missing file, text that is not UTF-8 or
+    invalid YAML raises ``error`` (default ``ConfigError``) naming the file, and for invalid YAML the line,
+    column and PyYAML's problem; ``expected`` says what the file should have been."""
+    from asymlora.errors import ConfigError
+
+    path, error = Path(path), error or ConfigError
+    try:
+        return load_yaml(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: not found (expected {expected})") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}; expected {expected})") from None
+    except yaml.YAMLError as err:
+        raise error(f"{path}{_yaml_where(getattr(err, 'problem_mark', None))}: not valid YAML "
+                    f"({_yaml_problem(err)})") from None
+
+
+def _yaml_where(mark: Any) -> str:
+    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's problem, after what it was reading and where that began (an unclosed quote's line)."""
+    problem = getattr(err, "problem", None) or str(err)
+    context, mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and mark is not None and mark != getattr(err, "problem_mark", None):
+        return f"{context}{_yaml_where(mark).replace(', line', ' at line', 1)}: {problem}"
+    return problem

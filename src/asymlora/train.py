@@ -40,7 +40,7 @@ from torch.utils.data import Dataset, Sampler
 
 from asymlora.config import AsymLoraConfig
 from asymlora.errors import AsymLoraError, ConfigError, MissingAssetError, did_you_mean
-from asymlora.io import load_yaml, write_json_atomic, write_text_atomic
+from asymlora.io import load_yaml, read_yaml, write_json_atomic, write_text_atomic
 
 SECTIONS = ("model", "data", "adapter", "training", "projector_lr", "router_lr", "loraplus_lr_ratio", "loss_average",
             "resume")
@@ -181,10 +181,7 @@ class TrainConfig:
         if not path.is_file():
             presets = sorted(p.stem for p in preset.parent.glob("*.yaml"))
             raise ConfigError(f"{path}: config file not found (presets: {', '.join(presets)})")
-        try:
-            values = load_yaml(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        values = read_yaml(path, "a training config: a mapping with model, data, adapter and training") or {}
         values = apply_overrides(values, overrides, str(path))
         return cls.from_dict(values, source=str(path))
 

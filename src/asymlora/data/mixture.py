@@ -27,11 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from asymlora.data.reader import ON_ERROR, Sample, read_samples_with_report
 from asymlora.errors import ConfigError, MissingAssetError, did_you_mean
-from asymlora.io import load_yaml
+from asymlora.io import read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -229,13 +227,6 @@ def _check_shared_tasks(entries: list[MixtureEntry], source: str) -> None:
                 f"one task write 'task: {entry.task}' on both; otherwise give them different tasks")
 
 
-def _read_yaml(path: Path) -> Any:
-    try:
-        return load_yaml(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-
-
 def builtin_mixtures() -> list[str]:
     """Names of the mixtures shipped in ``asymlora/mixtures``."""
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
@@ -261,7 +252,7 @@ def load_mixture(spec: str | Path | dict[str, Any]) -> Mixture:
                                   f"{did_you_mean(spec, known)}")
         if not path.is_file():
             raise ConfigError(f"mixture: {path} not found")
-        values, source, base = _read_yaml(path), str(path), path.parent
+        values, source, base = read_yaml(path, "a mixture: a mapping with 'name' and 'datasets'"), str(path), path.parent
     else:
         raise ConfigError(f"mixture: expected a name, a YAML path or a mapping, got {type(spec).__name__}")
     if not isinstance(values, dict):

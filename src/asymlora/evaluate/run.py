@@ -32,19 +32,34 @@ class _Prompt:
     source: str = ""
 
 
+def trained_config(adapter: str | Path) -> dict[str, Any]:
+    """The training config an adapter was trained with: the ``train_config.yaml`` that ``asymlora train`` writes
+    to its output dir, read from the run's dir for a ``checkpoint-N`` dir inside it; ``{}`` when there is none
+    (an adapter saved by ``save_pretrained``)."""
+    from asymlora.io import read_yaml
+
+    config_file = Path(adapter) / "train_config.yaml"
+    if not config_file.is_file() and Path(adapter).name.startswith("checkpoint-"):
+        config_file = Path(adapter).parent / "train_config.yaml"  # a checkpoint inside a training run
+    if not config_file.is_file():
+        return {}
+    values = read_yaml(config_file, "the training config of the adapter's run") or {}
+    if not isinstance(values, dict) or not isinstance(values.get("model") or {}, dict):
+        raise ConfigError(f"{config_file}: expected the training config of the adapter's run, a mapping with a "
+                          f"'model' section; got {values!r:.80}")
+    return values
+
+
 def load_for_eval(model: str = "default", projector: str | None = None, adapter: str | None = None,
                   merge_task: str | None = None, dtype: str = "float32") -> tuple[Any, Any, list[str]]:
-    """(model ready to generate, processor, adapter task names). Settings missing here are read from the
-    adapter's train_config.yaml when there is one."""
-    from asymlora.io import load_yaml
+    """(model ready to generate, processor, adapter task names). The base model and projector not given here
+    are read from the adapter's training config (:func:`trained_config`) when it has one."""
     from asymlora.train import ModelSection, load_model_and_processor
 
     if adapter:
-        config_file = Path(adapter) / "train_config.yaml"
-        if config_file.is_file():
-            trained = load_yaml(config_file.read_text(encoding="utf-8")).get("model", {})
-            model = model if model != "default" else trained.get("path", model)
-            projector = projector if projector is not None else trained.get("projector")
+        trained = trained_config(adapter).get("model") or {}
+        model = model if model != "default" else trained.get("path", model)
+        projector = projector if projector is not None else trained.get("projector")
     base, processor = load_model_and_processor(ModelSection(path=model, dtype=dtype, projector=projector))
     tasks: list[str] = []
     if adapter:
@@ -285,7 +300,9 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--model", default="default", help="'default' or a local Hugging Face model dir "
                         "(default: the adapter's training model)")
     parser.add_argument("--projector", default=None, help="'aligned' or a projector safetensors to load first")
-    parser.add_argument("--adapter", help="a trained asymlora adapter dir (omit to evaluate the base model)")
+    parser.add_argument("--adapter", help="a trained asymlora adapter dir, or a checkpoint-N dir of a run; the "
+                        "base model and projector not given come from the run's train_config.yaml (omit "
+                        "--adapter to evaluate the base model)")
     parser.add_argument("--merge-task", help="merge the adapter for this task and evaluate the merged model")
     parser.add_argument("--tasks", nargs="+", help="built-in tasks to evaluate (default: every task of --mixture)")
     parser.add_argument("--mixture", default="mix5", help="mixture whose test split is evaluated")
