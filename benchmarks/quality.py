@@ -53,7 +53,7 @@ import torch
 import asymlora.train
 from asymlora.config import rank_for_budget
 from asymlora.evaluate.report import oriented
-from asymlora.io import write_json_and_markdown
+from asymlora.io import read_yaml, write_json_and_markdown
 
 METHODS: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora"},
@@ -123,7 +123,8 @@ def matched_rank(model_dir: Path, method: str, tasks: list[str], budget: int, ma
 
 def run_config(args: argparse.Namespace, method: str, r: int, seed: int, tasks: list[str], mixture: Any,
                output_dir: Path, steps: int) -> dict[str, Any]:
-    values = _read_yaml(Path(asymlora.train.__file__).resolve().parent / "configs" / f"{PRESET}.yaml")
+    values = read_yaml(Path(asymlora.train.__file__).resolve().parent / "configs" / f"{PRESET}.yaml",
+                       "the training preset")
     values["model"] = {**values.get("model", {}), "path": args.model}
     if args.projector is not None:
         values["model"]["projector"] = args.projector or None
@@ -438,17 +439,11 @@ def _mixture_entries(mixture: str) -> list[dict[str, Any]]:
     from asymlora.data.mixture import BUILTIN_DIR
 
     path = Path(mixture) if Path(mixture).suffix in (".yaml", ".yml") else BUILTIN_DIR / f"{mixture}.yaml"
-    entries = list(_read_yaml(path)["datasets"])
+    entries = list(read_yaml(path, "a mixture")["datasets"])  # load_mixture checked it
     for entry in entries:  # paths in a user mixture are relative to its file
         if "path" in entry and not Path(entry["path"]).is_absolute():
             entry["path"] = str((path.parent / entry["path"]).resolve())
     return entries
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    from asymlora.io import load_yaml
-
-    return load_yaml(path.read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":
