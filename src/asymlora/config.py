@@ -324,7 +324,7 @@ class AsymLoraConfig:
         if path.suffix == ".json":  # the project's JSON reader: file, line and column, or text that is not UTF-8
             values = read_json(path, "an AsymLoraConfig document", ConfigError)
         else:  # the project's YAML reader: the same file, line and column messages
-            values = read_yaml(path, "an AsymLoraConfig document", ConfigError)
+            values = read_yaml(path, "an AsymLoraConfig document")
         return cls.from_document(values, source=str(path))
 
     @classmethod

@@ -57,14 +57,21 @@ def read_json(path: str | os.PathLike[str], expected: str, error: type[Exception
     from asymlora.errors import DataError
 
     path, error = Path(path), error or DataError
+    text = _read_text(path, expected, error)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
+
+
+def _read_text(path: Path, expected: str, error: type[Exception]) -> str:
+    """A UTF-8 file's text; a missing file or other bytes raise ``error`` naming the file and ``expected``."""
+    try:
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{path}: not found (expected {expected})") from None
     except UnicodeDecodeError as err:
         raise error(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}; expected {expected})") from None
-    except json.JSONDecodeError as err:
-        raise error(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
 
 
 def write_json_and_markdown(out_dir: str | os.PathLike[str], stem: str, obj: Any, markdown: str) -> None:
@@ -98,19 +105,17 @@ def read_yaml(path: str | os.PathLike[str], expected: str, error: type[Exception
     from asymlora.errors import ConfigError
 
     path, error = Path(path), error or ConfigError
+    text = _read_text(path, expected, error)
     try:
-        return load_yaml(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{path}: not found (expected {expected})") from None
-    except UnicodeDecodeError as err:
-        raise error(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}; expected {expected})") from None
+        return load_yaml(text)
     except yaml.YAMLError as err:
-        raise error(f"{path}{_yaml_where(getattr(err, 'problem_mark', None))}: not valid YAML "
-                    f"({_yaml_problem(err)})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f", {_yaml_position(mark)}" if mark is not None else ""
+        raise error(f"{path}{where}: not valid YAML ({_yaml_problem(err)})") from None
 
 
-def _yaml_where(mark: Any) -> str:
-    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+def _yaml_position(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -118,5 +123,5 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     problem = getattr(err, "problem", None) or str(err)
     context, mark = getattr(err, "context", None), getattr(err, "context_mark", None)
     if context and mark is not None and mark != getattr(err, "problem_mark", None):
-        return f"{context}{_yaml_where(mark).replace(', line', ' at line', 1)}: {problem}"
+        return f"{context} at {_yaml_position(mark)}: {problem}"
     return problem
