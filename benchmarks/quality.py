@@ -28,7 +28,9 @@ Single-domain runs come in two designs (``--single-domain steps data`` runs both
   what is left of the gap is the cost (or gain) of sharing the adapter.
 
 Every finished run is appended to ``<out>/quality_<name>.json`` at once, and a rerun skips the runs that
-are already there, so a long benchmark can be stopped and continued. The report (``RESULTS.md``-ready
+are already there, so a long benchmark can be stopped and continued. Within a run, nothing trained is lost
+either: a run stopped during its evaluation keeps its finished training (the rerun evaluates it), and one
+stopped during training continues from its last checkpoint (one every 100 steps). The report (``RESULTS.md``-ready
 markdown and a plot) is rewritten from that file after each run. Each run's test predictions with their
 per-item scores go to ``<run>/eval/`` (what ``asymlora eval --out`` writes), and for every seed with a LoRA
 run, ``<out>/quality_<name>_paired/s<seed>/`` holds each method's paired difference to it on the same items
@@ -67,6 +69,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "hybrid": {"method": "asymlora_moe", "routing": "hybrid", "balance_loss_weight": 0.01},  # E = tasks
 }
 PRESET = "default_asymlora_moe"  # model, data and training sections shared by every method
+CHECKPOINT_STEPS = 100  # a run stopped during training continues from its last checkpoint
+# how often a run saves: not part of what it computes, so a run saved at another cadence is the same run
+CADENCE_KEYS = ("save_steps", "save_total_limit")
 
 
 def adapter_values(method: str, r: int, tasks: list[str]) -> dict[str, Any]:
@@ -133,7 +138,7 @@ def run_config(args: argparse.Namespace, method: str, r: int, seed: int, tasks: 
     values["projector_lr"] = args.projector_lr
     values["training"] = {**values.get("training", {}), "output_dir": str(output_dir), "max_steps": steps,
                           "per_device_train_batch_size": args.batch_size, "learning_rate": args.lr,
-                          "seed": seed, "save_steps": max(steps, 1), "save_total_limit": 1,
+                          "seed": seed, "save_steps": max(min(steps, CHECKPOINT_STEPS), 1), "save_total_limit": 1,
                           "logging_steps": max(1, min(10, steps // 4)), "report_to": []}
     return asymlora.train.apply_overrides(values, args.set, "quality.py --set")
 
@@ -150,6 +155,37 @@ def machine() -> dict[str, str]:
             "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
+def _what_it_computes(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's training config without its checkpoint cadence and resume flag."""
+    training = {k: v for k, v in config.get("training", {}).items() if k not in CADENCE_KEYS}
+    return {**{k: v for k, v in config.items() if k != "resume"}, "training": training}
+
+
+def prior_training(run_dir: Path, config: dict[str, Any]) -> tuple[str, float | None]:
+    """What ``run_dir`` already holds of the run ``config`` describes: ``("done", train seconds)`` when that
+    training finished there (the benchmark stopped before the run's result was written, e.g. during its
+    evaluation), ``("resume", None)`` when it stopped after a checkpoint, else ``("new", None)``. A dir that
+    another config trained in is ``"new"``: it is trained again, from scratch."""
+    import yaml
+
+    from asymlora.errors import ConfigError
+
+    try:
+        written = read_yaml(run_dir / "train_config.yaml", "a run's training config")
+    except ConfigError:  # no run there (or an unreadable one): train it
+        return "new", None
+    wanted = yaml.safe_load(yaml.safe_dump(config, sort_keys=False))  # what the file holds for this config
+    if _what_it_computes(written) != _what_it_computes(wanted):
+        return "new", None
+    state_path = run_dir / "trainer_state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    steps = config["training"]["max_steps"]
+    if state.get("global_step") == steps and (run_dir / "adapter_model.safetensors").is_file():
+        runtime = [e["train_runtime"] for e in state.get("log_history", []) if "train_runtime" in e]
+        return "done", runtime[-1] if runtime else None
+    return ("resume", None) if any(run_dir.glob("checkpoint-*/trainer_state.json")) else ("new", None)
+
+
 def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tasks: list[str],
                    mixture: Any, eval_mixture: str, output_dir: Path, steps: int) -> dict[str, Any]:
     from asymlora.evaluate.report import mean_score, write_report
@@ -159,9 +195,20 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
 
     config = TrainConfig.from_dict(run_config(args, method, r, seed, tasks, mixture, output_dir, steps),
                                    source=f"quality:{method}")
-    start = time.time()
-    run_dir = run_training(config)
-    train_seconds = time.time() - start
+    prior, train_seconds = prior_training(output_dir, config.to_dict())
+    resumed = None
+    if prior == "done":  # trained before the benchmark stopped: evaluate it, do not train it again
+        print(f"   {output_dir}: trained before ({steps} steps); evaluating it", flush=True)
+        run_dir = output_dir
+    else:
+        if prior == "resume":
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resumed = int(Path(get_last_checkpoint(str(output_dir))).name.split("-")[-1])
+            print(f"   {output_dir}: continuing from step {resumed}", flush=True)
+        start = time.time()
+        run_dir = run_training(config, resume=prior == "resume")
+        train_seconds = time.time() - start
     state = json.loads((run_dir / "trainer_state.json").read_text()) if (run_dir / "trainer_state.json").is_file() \
         else {}
     losses = [e["loss"] for e in state.get("log_history", []) if "loss" in e]
@@ -187,7 +234,11 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
     return {"method": method, "r": r, "seed": seed, "tasks": tasks, "steps": steps, "adapter_params": trainable,
             "scores": {t: {"metric": v["metric"], "value": v[v["metric"]], "higher_is_better": v["higher_is_better"],
                            "count": v["count"]} for t, v in results.items()},
-            "mean": mean, "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+            "mean": mean, "train_seconds": None if train_seconds is None else round(train_seconds, 1),
+            # a resumed run's time is that of its last part only; a reused one's, the Trainer's own train_runtime
+            **({"resumed_from_step": resumed} if resumed is not None else {}),
+            **({"training_reused": True} if prior == "done" else {}),
+            "eval_seconds": round(eval_seconds, 1),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "adapter": manifest.get("method", method), "eval_dir": str(eval_dir)}
 
@@ -221,6 +272,12 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def _train_seconds(runs: list[dict[str, Any]]) -> float | None:
+    """The mean train time of the runs whose whole training was timed (not those continued from a checkpoint)."""
+    whole = [r["train_seconds"] for r in runs if r.get("train_seconds") is not None and "resumed_from_step" not in r]
+    return statistics.mean(whole) if whole else None
+
+
 def summarize(runs: list[dict[str, Any]], setting: str, tasks: list[str]) -> list[dict[str, Any]]:
     """One row per method of ``setting``: per-task and mean scores over seeds."""
     rows = []
@@ -230,7 +287,7 @@ def summarize(runs: list[dict[str, Any]], setting: str, tasks: list[str]) -> lis
             continue
         row: dict[str, Any] = {"method": method, "seeds": sorted({r["seed"] for r in mine}),
                                "r": sorted({r["r"] for r in mine}), "adapter_params": mine[0]["adapter_params"],
-                               "train_seconds": statistics.mean(r["train_seconds"] for r in mine)}
+                               "train_seconds": _train_seconds(mine)}
         if setting in SINGLE_TITLES:  # one run per task and seed: that task's score
             for task in tasks:
                 row[task] = [r["scores"][task]["value"] for r in mine if r["tasks"] == [task]]
@@ -270,7 +327,8 @@ def to_markdown(data: dict[str, Any]) -> str:
         for row in rows:
             cells = [_fmt(row[t]) for t in tasks] + ([] if single else [_fmt(row["mean"])])
             lines.append(f"| {row['method']} | {'/'.join(map(str, row['r']))} | {row['adapter_params']:,} | "
-                         f"{len(row['seeds'])} | " + " | ".join(cells) + f" | {row['train_seconds']:.0f} |")
+                         f"{len(row['seeds'])} | " + " | ".join(cells) + " | "
+                         + ("" if row["train_seconds"] is None else f"{row['train_seconds']:.0f}") + " |")
         lines.append("")
     mixed = {row["method"]: row for row in summarize(runs, "mixed", tasks)}
     for setting, how in SINGLE_TITLES.items():
@@ -427,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                                 Path(args.runs_dir) / name / label, run_steps)
         data["runs"].append({"setting": setting, **result, "machine": here})
         write_outputs(data, out, name)
-        print(f"   mean {result['mean']:.3f}  train {result['train_seconds']:.0f}s  "
+        took = "" if result["train_seconds"] is None else f"train {result['train_seconds']:.0f}s  "
+        print(f"   mean {result['mean']:.3f}  {took}"
               + "  ".join(f"{t}={s['value']:.3f}" for t, s in result["scores"].items()), flush=True)
     write_outputs(data, out, name)
     print(to_markdown(data))

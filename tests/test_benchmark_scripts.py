@@ -157,11 +157,66 @@ def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache
     before = (tmp_path / "res" / "quality_t.json").read_text()
     assert quality.main(argv) == 0  # every run is done: nothing retrains
     assert json.loads((tmp_path / "res" / "quality_t.json").read_text())["runs"] == json.loads(before)["runs"]
+    _check_quality_keeps_what_a_stopped_run_trained(quality, argv, tmp_path / "res" / "quality_t.json")
     with pytest.raises(SystemExit, match=r"overrides=\[\]; these settings give overrides=\['loraplus_lr_ratio=2'\]"):
         quality.main([*argv, "--set", "loraplus_lr_ratio=2"])  # a variant must not join the plain runs' file
     assert data["setup"]["max_new_tokens"] == 2  # the decoding length is part of what makes runs comparable
     with pytest.raises(SystemExit, match=r"max_new_tokens=2; these settings give max_new_tokens=3"):
         quality.main([*argv, "--max-new-tokens", "3"])
+
+
+def _check_quality_keeps_what_a_stopped_run_trained(quality, argv: list[str], results: Path) -> None:
+    """A benchmark stopped during a run's evaluation, or during its training after a checkpoint: the rerun
+    evaluates the finished training as it is, and continues the other from its checkpoint."""
+    data = json.loads(results.read_text())
+    runs = {r["method"]: r for r in data["runs"] if r["setting"] == "mixed"}
+    data["runs"] = [r for r in data["runs"] if r["setting"] != "mixed"]  # neither result was written
+    results.write_text(json.dumps(data))
+    done_dir, stopped_dir = (Path(runs[m]["eval_dir"]).parent for m in ("asymlora", "lora"))
+    weights = (done_dir / "adapter_model.safetensors").read_bytes()
+    mtime = (done_dir / "adapter_model.safetensors").stat().st_mtime_ns
+    (stopped_dir / "adapter_model.safetensors").unlink()  # stopped before its final save
+    assert [p.name for p in stopped_dir.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert quality.main(argv) == 0
+    again = {r["method"]: r for r in json.loads(results.read_text())["runs"] if r["setting"] == "mixed"}
+    reused = again["asymlora"]
+    assert reused["training_reused"] is True and "resumed_from_step" not in reused
+    assert (done_dir / "adapter_model.safetensors").stat().st_mtime_ns == mtime  # not trained again
+    assert (done_dir / "adapter_model.safetensors").read_bytes() == weights
+    runtime = json.loads((done_dir / "trainer_state.json").read_text())["log_history"][-1]["train_runtime"]
+    assert reused["train_seconds"] == round(runtime, 1) and reused["scores"] == runs["asymlora"]["scores"]
+    resumed = again["lora"]
+    assert resumed["resumed_from_step"] == 2 and "training_reused" not in resumed
+    assert (stopped_dir / "adapter_model.safetensors").is_file()
+    assert resumed["scores"] == runs["lora"]["scores"]  # the checkpoint holds the finished adapter
+    row = next(line for line in results.with_suffix(".md").read_text().splitlines() if line.startswith("| lora |"))
+    assert row.endswith("|  |")  # only its last part was timed: no train time for that row
+
+
+def test_quality_prior_training_reads_what_a_run_dir_holds(tmp_path):
+    import argparse
+
+    import yaml
+
+    quality = _load_benchmark("quality")
+    args = argparse.Namespace(model="tiny", projector=None, projector_lr=1e-4, batch_size=2, lr=5e-4, set=[])
+    config = quality.run_config(args, "lora", 4, 0, ["a"], "tiny", tmp_path, steps=300)
+    assert config["training"]["save_steps"] == quality.CHECKPOINT_STEPS  # a long run saves along the way
+    assert quality.prior_training(tmp_path, config) == ("new", None)  # nothing there
+    (tmp_path / "train_config.yaml").write_text(yaml.safe_dump({**config, "training": {
+        **config["training"], "save_steps": 300}, "resume": True}))  # the same run, saved at another cadence
+    assert quality.prior_training(tmp_path, config) == ("new", None)  # no checkpoint yet
+    (tmp_path / "checkpoint-200").mkdir()
+    (tmp_path / "checkpoint-200" / "trainer_state.json").write_text("{}")
+    assert quality.prior_training(tmp_path, config) == ("resume", None)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 300, "log_history": [
+        {"loss": 1.0, "step": 300}, {"step": 300, "train_runtime": 12.5}]}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    assert quality.prior_training(tmp_path, config) == ("done", 12.5)
+    other = quality.run_config(args, "lora", 4, 1, ["a"], "tiny", tmp_path, steps=300)  # another seed
+    assert quality.prior_training(tmp_path, other) == ("new", None)
+    (tmp_path / "train_config.yaml").write_text("model: [")
+    assert quality.prior_training(tmp_path, config) == ("new", None)
 
 
 def test_quality_set_overrides_reach_every_run_config(tmp_path):
