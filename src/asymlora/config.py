@@ -146,9 +146,9 @@ class AsymLoraConfig:
     router_init_std: float = field(
         default=0.02,
         metadata=_meta("std of the router's normal initialisation; at 0.02 dense routers start and stay near "
-                       "uniform. On mix5 (500 steps) 0.5 made the routers route by token and moved no method's mean "
-                       "beyond its seed spread: lora_moe +0.005, dense asymlora_moe +0.004, top-2 and hybrid about "
-                       "0 (docs/RESULTS.md)"),
+                       "uniform. On mix5 (500 steps, three seeds) 0.5 made the routers route by token and moved no "
+                       "method's mean beyond its seed spread: lora_moe +0.005, dense asymlora_moe and top-2 +0.004, "
+                       "hybrid +0.002 (docs/RESULTS.md)"),
     )
     task_bias_init: float = field(
         default=4.0,
