@@ -45,6 +45,7 @@ import argparse
 import copy
 import json
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -161,10 +162,19 @@ def _what_it_computes(config: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in config.items() if k != "resume"}, "training": training}
 
 
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The run's last complete checkpoint: the ``checkpoint-N`` dir of the highest N that holds the Trainer's
+    state (a dir without it was cut off while being written)."""
+    names = (re.fullmatch(r"checkpoint-(\d+)", p.name) for p in run_dir.glob("checkpoint-*"))
+    steps = {int(m[1]): run_dir / m[0] for m in names if m and (run_dir / m[0] / "trainer_state.json").is_file()}
+    return steps[max(steps)] if steps else None
+
+
 def prior_training(run_dir: Path, config: dict[str, Any]) -> tuple[str, float | None]:
     """What ``run_dir`` already holds of the run ``config`` describes: ``("done", train seconds)`` when that
     training finished there (the benchmark stopped before the run's result was written, e.g. during its
-    evaluation), ``("resume", None)`` when it stopped after a checkpoint, else ``("new", None)``. A dir that
+    evaluation), ``("resume", None)`` when it stopped after a checkpoint (:func:`last_checkpoint`), else
+    ``("new", None)``. A dir that
     another config trained in is ``"new"``: it is trained again, from scratch."""
     import yaml
 
@@ -183,7 +193,7 @@ def prior_training(run_dir: Path, config: dict[str, Any]) -> tuple[str, float | 
     if state.get("global_step") == steps and (run_dir / "adapter_model.safetensors").is_file():
         runtime = [e["train_runtime"] for e in state.get("log_history", []) if "train_runtime" in e]
         return "done", runtime[-1] if runtime else None
-    return ("resume", None) if any(run_dir.glob("checkpoint-*/trainer_state.json")) else ("new", None)
+    return ("resume", None) if last_checkpoint(run_dir) is not None else ("new", None)
 
 
 def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tasks: list[str],
@@ -196,18 +206,16 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
     config = TrainConfig.from_dict(run_config(args, method, r, seed, tasks, mixture, output_dir, steps),
                                    source=f"quality:{method}")
     prior, train_seconds = prior_training(output_dir, config.to_dict())
-    resumed = None
+    checkpoint = last_checkpoint(output_dir) if prior == "resume" else None
+    resumed = None if checkpoint is None else int(checkpoint.name.split("-")[1])
     if prior == "done":  # trained before the benchmark stopped: evaluate it, do not train it again
         print(f"   {output_dir}: trained before ({steps} steps); evaluating it", flush=True)
         run_dir = output_dir
     else:
-        if prior == "resume":
-            from transformers.trainer_utils import get_last_checkpoint
-
-            resumed = int(Path(get_last_checkpoint(str(output_dir))).name.split("-")[-1])
+        if checkpoint is not None:
             print(f"   {output_dir}: continuing from step {resumed}", flush=True)
         start = time.time()
-        run_dir = run_training(config, resume=prior == "resume")
+        run_dir = run_training(config, resume=str(checkpoint) if checkpoint is not None else False)
         train_seconds = time.time() - start
     state = json.loads((run_dir / "trainer_state.json").read_text()) if (run_dir / "trainer_state.json").is_file() \
         else {}

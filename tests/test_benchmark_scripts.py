@@ -209,6 +209,11 @@ def test_quality_prior_training_reads_what_a_run_dir_holds(tmp_path):
     (tmp_path / "checkpoint-200").mkdir()
     (tmp_path / "checkpoint-200" / "trainer_state.json").write_text("{}")
     assert quality.prior_training(tmp_path, config) == ("resume", None)
+    (tmp_path / "checkpoint-300").mkdir()  # cut off while being written: no Trainer state
+    (tmp_path / "checkpoint-1000").mkdir()
+    (tmp_path / "checkpoint-1000" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-1000").rename(tmp_path / "checkpoint-1000-old")  # not a checkpoint name
+    assert quality.last_checkpoint(tmp_path) == tmp_path / "checkpoint-200"
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 300, "log_history": [
         {"loss": 1.0, "step": 300}, {"step": 300, "train_runtime": 12.5}]}))
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
