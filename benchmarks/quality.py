@@ -45,11 +45,10 @@ import argparse
 import copy
 import json
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -162,38 +161,41 @@ def _what_it_computes(config: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in config.items() if k != "resume"}, "training": training}
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The run's last complete checkpoint: the ``checkpoint-N`` dir of the highest N that holds the Trainer's
-    state (a dir without it was cut off while being written)."""
-    names = (re.fullmatch(r"checkpoint-(\d+)", p.name) for p in run_dir.glob("checkpoint-*"))
-    steps = {int(m[1]): run_dir / m[0] for m in names if m and (run_dir / m[0] / "trainer_state.json").is_file()}
-    return steps[max(steps)] if steps else None
+class Prior(NamedTuple):
+    """What a run dir already holds of a run (:func:`prior_training`)."""
+
+    kind: str  # "done", "resume" or "new"
+    train_seconds: float | None = None  # "done": the Trainer's train_runtime
+    checkpoint: Path | None = None  # "resume": the last complete checkpoint
 
 
-def prior_training(run_dir: Path, config: dict[str, Any]) -> tuple[str, float | None]:
-    """What ``run_dir`` already holds of the run ``config`` describes: ``("done", train seconds)`` when that
-    training finished there (the benchmark stopped before the run's result was written, e.g. during its
-    evaluation), ``("resume", None)`` when it stopped after a checkpoint (:func:`last_checkpoint`), else
-    ``("new", None)``. A dir that
-    another config trained in is ``"new"``: it is trained again, from scratch."""
+def prior_training(run_dir: Path, config: dict[str, Any]) -> Prior:
+    """What ``run_dir`` already holds of the run ``config`` describes: ``"done"`` (with its train seconds) when
+    that training finished there (the benchmark stopped before the run's result was written, e.g. during its
+    evaluation), ``"resume"`` (with the checkpoint) when it stopped after a checkpoint
+    (:func:`asymlora.train.last_checkpoint`), else ``"new"``. A dir that another config trained in is
+    ``"new"``: it is trained again, from scratch."""
     import yaml
 
     from asymlora.errors import ConfigError
+    from asymlora.io import load_yaml
+    from asymlora.train import last_checkpoint
 
     try:
         written = read_yaml(run_dir / "train_config.yaml", "a run's training config")
     except ConfigError:  # no run there (or an unreadable one): train it
-        return "new", None
-    wanted = yaml.safe_load(yaml.safe_dump(config, sort_keys=False))  # what the file holds for this config
+        return Prior("new")
+    wanted = load_yaml(yaml.safe_dump(config, sort_keys=False))  # what the file holds for this config
     if _what_it_computes(written) != _what_it_computes(wanted):
-        return "new", None
+        return Prior("new")
     state_path = run_dir / "trainer_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     steps = config["training"]["max_steps"]
     if state.get("global_step") == steps and (run_dir / "adapter_model.safetensors").is_file():
         runtime = [e["train_runtime"] for e in state.get("log_history", []) if "train_runtime" in e]
-        return "done", runtime[-1] if runtime else None
-    return ("resume", None) if last_checkpoint(run_dir) is not None else ("new", None)
+        return Prior("done", train_seconds=runtime[-1] if runtime else None)
+    checkpoint = last_checkpoint(run_dir)
+    return Prior("new") if checkpoint is None else Prior("resume", checkpoint=checkpoint)
 
 
 def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tasks: list[str],
@@ -205,17 +207,17 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
 
     config = TrainConfig.from_dict(run_config(args, method, r, seed, tasks, mixture, output_dir, steps),
                                    source=f"quality:{method}")
-    prior, train_seconds = prior_training(output_dir, config.to_dict())
-    checkpoint = last_checkpoint(output_dir) if prior == "resume" else None
-    resumed = None if checkpoint is None else int(checkpoint.name.split("-")[1])
-    if prior == "done":  # trained before the benchmark stopped: evaluate it, do not train it again
+    prior = prior_training(output_dir, config.to_dict())
+    train_seconds = prior.train_seconds
+    resumed = None if prior.checkpoint is None else int(prior.checkpoint.name.split("-")[1])
+    if prior.kind == "done":  # trained before the benchmark stopped: evaluate it, do not train it again
         print(f"   {output_dir}: trained before ({steps} steps); evaluating it", flush=True)
         run_dir = output_dir
     else:
-        if checkpoint is not None:
+        if prior.checkpoint is not None:
             print(f"   {output_dir}: continuing from step {resumed}", flush=True)
         start = time.time()
-        run_dir = run_training(config, resume=str(checkpoint) if checkpoint is not None else False)
+        run_dir = run_training(config, resume=str(prior.checkpoint) if prior.checkpoint is not None else False)
         train_seconds = time.time() - start
     state = json.loads((run_dir / "trainer_state.json").read_text()) if (run_dir / "trainer_state.json").is_file() \
         else {}
@@ -245,7 +247,7 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
             "mean": mean, "train_seconds": None if train_seconds is None else round(train_seconds, 1),
             # a resumed run's time is that of its last part only; a reused one's, the Trainer's own train_runtime
             **({"resumed_from_step": resumed} if resumed is not None else {}),
-            **({"training_reused": True} if prior == "done" else {}),
+            **({"training_reused": True} if prior.kind == "done" else {}),
             "eval_seconds": round(eval_seconds, 1),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "adapter": manifest.get("method", method), "eval_dir": str(eval_dir)}

@@ -202,26 +202,26 @@ def test_quality_prior_training_reads_what_a_run_dir_holds(tmp_path):
     args = argparse.Namespace(model="tiny", projector=None, projector_lr=1e-4, batch_size=2, lr=5e-4, set=[])
     config = quality.run_config(args, "lora", 4, 0, ["a"], "tiny", tmp_path, steps=300)
     assert config["training"]["save_steps"] == quality.CHECKPOINT_STEPS  # a long run saves along the way
-    assert quality.prior_training(tmp_path, config) == ("new", None)  # nothing there
+    assert quality.prior_training(tmp_path, config) == ("new", None, None)  # nothing there
     (tmp_path / "train_config.yaml").write_text(yaml.safe_dump({**config, "training": {
         **config["training"], "save_steps": 300}, "resume": True}))  # the same run, saved at another cadence
-    assert quality.prior_training(tmp_path, config) == ("new", None)  # no checkpoint yet
+    assert quality.prior_training(tmp_path, config) == ("new", None, None)  # no checkpoint yet
     (tmp_path / "checkpoint-200").mkdir()
     (tmp_path / "checkpoint-200" / "trainer_state.json").write_text("{}")
-    assert quality.prior_training(tmp_path, config) == ("resume", None)
+    assert quality.prior_training(tmp_path, config) == ("resume", None, tmp_path / "checkpoint-200")
     (tmp_path / "checkpoint-300").mkdir()  # cut off while being written: no Trainer state
     (tmp_path / "checkpoint-1000").mkdir()
     (tmp_path / "checkpoint-1000" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-1000").rename(tmp_path / "checkpoint-1000-old")  # not a checkpoint name
-    assert quality.last_checkpoint(tmp_path) == tmp_path / "checkpoint-200"
+    assert quality.prior_training(tmp_path, config) == ("resume", None, tmp_path / "checkpoint-200")
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 300, "log_history": [
         {"loss": 1.0, "step": 300}, {"step": 300, "train_runtime": 12.5}]}))
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
-    assert quality.prior_training(tmp_path, config) == ("done", 12.5)
+    assert quality.prior_training(tmp_path, config) == ("done", 12.5, None)
     other = quality.run_config(args, "lora", 4, 1, ["a"], "tiny", tmp_path, steps=300)  # another seed
-    assert quality.prior_training(tmp_path, other) == ("new", None)
+    assert quality.prior_training(tmp_path, other) == ("new", None, None)
     (tmp_path / "train_config.yaml").write_text("model: [")
-    assert quality.prior_training(tmp_path, config) == ("new", None)
+    assert quality.prior_training(tmp_path, config) == ("new", None, None)
 
 
 def test_quality_set_overrides_reach_every_run_config(tmp_path):

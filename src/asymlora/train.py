@@ -11,7 +11,7 @@ One YAML file holds four sections and three top-level keys::
     loraplus_lr_ratio: null   # LoRA+: the B banks learn at lr * ratio (A at lr); null = same as lr
     loss_average: tokens      # LM loss: mean over supervised tokens, or 'samples' (each sample's mean, then
                               # the mean over samples: a one-word answer weighs as much as a long caption)
-    resume: false             # true = the last checkpoint in output_dir, or a checkpoint path
+    resume: false             # true = the last complete checkpoint in output_dir, or a checkpoint path
 
 Loss = LM loss (mean over supervised tokens only, across gradient accumulation and ranks; or over
 samples, with ``loss_average: samples``)
@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import inspect
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -320,10 +321,21 @@ def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
     return device in ("cpu", "nvme") and ds_config.get("zero_force_ds_cpu_optimizer", True) is not False
 
 
+def last_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The run's last complete checkpoint: the ``checkpoint-N`` dir of the highest N that holds the Trainer's
+    state (a dir without it was cut off while being written, and the Trainer cannot resume from it), or None
+    when there is none (or no ``output_dir``)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    names = (re.fullmatch(r"checkpoint-(\d+)", p.name) for p in out.iterdir())
+    steps = {int(m[1]): out / m[0] for m in names if m and (out / m[0] / "trainer_state.json").is_file()}
+    return steps[max(steps)] if steps else None
+
+
 def make_trainer_class() -> type:
     """Build the Trainer subclass (transformers is imported lazily so the CLI starts fast)."""
     from transformers import Trainer
-    from transformers.trainer_utils import get_last_checkpoint
 
     import asymlora
 
@@ -455,7 +467,7 @@ def make_trainer_class() -> type:
             with self.adapter_model.collect_routing_stats():
                 loss = super().training_step(model, inputs, num_items_in_batch)
             if not torch.isfinite(loss).all():
-                last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+                last = last_checkpoint(self.args.output_dir)
                 raise NonFiniteLossError(
                     f"the training loss is {loss.item()} at step {self.state.global_step + 1}; training stopped. "
                     f"The last good checkpoint is {last or 'none (no checkpoint was saved yet)'}; lower "
@@ -736,9 +748,8 @@ def run_training(config: TrainConfig, resume: str | bool | None = None) -> Path:
     resume = config.resume if resume is None else resume
     checkpoint = None
     if resume is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+        found = last_checkpoint(out)
+        checkpoint = None if found is None else str(found)
         if checkpoint is None:
             print(f"resume: no checkpoint in {out}; starting from scratch")
     elif resume:
