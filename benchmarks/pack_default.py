@@ -6,7 +6,7 @@
 one piece. This script splits the build into
 
 - the GGUF file itself (the language model, dequantised on arrival exactly as the build does it:
-  ``asymlora.zoo.smollm2.load_smollm2``), and
+  ``asymlora.default_model.smollm2.load_smollm2``), and
 - ``rest.safetensors``: every tensor of the built checkpoint that the GGUF does not reproduce bit for
   bit (vision tower, projector, the image-token row of the embedding), the vision tower's matrices in
   float16 (``--vision-dtype``; 44 MB instead of 88 MB; its vectors, norms, layer scales and position
@@ -39,8 +39,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from asymlora.zoo.build import default_model_dir, read_manifest
-from asymlora.zoo.smollm2 import load_smollm2
+from asymlora.default_model.build import default_model_dir, read_manifest
+from asymlora.default_model.smollm2 import load_smollm2
 
 LM_PREFIX = "language_model."  # built key "language_model.model.layers.0..." = GGUF model key "model.layers.0..."
 WEIGHTS = "model.safetensors"

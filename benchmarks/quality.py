@@ -53,6 +53,7 @@ from typing import Any, NamedTuple
 import torch
 
 import asymlora.train
+import asymlora.train.config
 from asymlora.config import rank_for_budget
 from asymlora.evaluate.report import oriented
 from asymlora.io import read_yaml, write_json_and_markdown
@@ -128,7 +129,7 @@ def matched_rank(model_dir: Path, method: str, tasks: list[str], budget: int, ma
 
 def run_config(args: argparse.Namespace, method: str, r: int, seed: int, tasks: list[str], mixture: Any,
                output_dir: Path, steps: int) -> dict[str, Any]:
-    values = read_yaml(Path(asymlora.train.__file__).resolve().parent / "configs" / f"{PRESET}.yaml",
+    values = read_yaml(asymlora.train.config.PRESETS_DIR / f"{PRESET}.yaml",
                        "the training preset")
     values["model"] = {**values.get("model", {}), "path": args.model}
     if args.projector is not None:
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from asymlora.data import load_mixture
-    from asymlora.train import resolve_model_dir
+    from asymlora.loading import resolve_model_dir
 
     mixture = load_mixture(args.mixture)
     tasks = list(mixture.tasks)

@@ -46,7 +46,7 @@ def easyvqa_labels(records: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
 
 def probe_tasks(per_split: int) -> dict[str, dict[str, list[tuple[Path, str]]]]:
     """task -> split -> [(image file, label)], at most ``per_split`` images per split, in file order."""
-    from asymlora.datasets import dataset_dir, load_split
+    from asymlora.builtin_data import dataset_dir, load_split
 
     tasks: dict[str, dict[str, list[tuple[Path, str]]]] = {"easyvqa_color": {}, "easyvqa_shape": {}, "fashion": {}}
     root, fashion_root = dataset_dir("easyvqa"), dataset_dir("fashion")
@@ -73,7 +73,7 @@ def pixel_features(paths: Sequence[Path]) -> torch.Tensor:
 
 
 def dinov2_encoder(layer: int) -> Callable[[Sequence[Path]], torch.Tensor]:
-    from asymlora.zoo import load_default
+    from asymlora.default_model import load_default
 
     model, processor = load_default()
     tower = model.model.vision_tower

@@ -24,8 +24,8 @@ def test_align_writes_projector_and_record(tmp_path, isolated_cache):
                  "--per-dataset", "6", "--out", str(out), "--output-dir", str(tmp_path / "run")]) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["steps"] == 2 and len(record["sha256"]) == 64
+    from asymlora.default_model import load_projector
     from asymlora.tiny import tiny_llava
-    from asymlora.zoo import load_projector
 
     load_projector(tiny_llava(), out)
 

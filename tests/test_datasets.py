@@ -1,4 +1,4 @@
-"""The built-in real datasets (asymlora.datasets): schema, determinism, splits, baselines, CLI.
+"""The built-in real datasets (asymlora.builtin_data): schema, determinism, splits, baselines, CLI.
 
 Every builder runs for real on a small sample (``max_per_split``) into a temporary directory. A test
 that needs an asset which is not installed is skipped with the command that installs it.
@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from asymlora.assets import ASSETS, locate
-from asymlora.datasets import (
+from asymlora.builtin_data import (
     BUILDERS,
     SPLITS,
     build,
@@ -32,16 +32,16 @@ from asymlora.datasets import (
     load_stats,
     majority_baseline,
     ocr,
-    register_cli,
     validate_records,
 )
-from asymlora.datasets.common import (
+from asymlora.builtin_data.common import (
     BuildContext,
     DatasetBuilder,
     Sample,
     question_majority_baseline,
     run_build,
 )
+from asymlora.commands.data import register_cli
 from asymlora.errors import DataError, MissingAssetError
 
 SMALL = 12
@@ -394,7 +394,7 @@ def test_cli_reports_a_missing_asset_and_builds_the_rest(
     def missing(name: str) -> Path:
         raise MissingAssetError(f"asset {name} is not installed. Run: asymlora setup --only {name}")
 
-    monkeypatch.setattr("asymlora.datasets.common.require", missing)
+    monkeypatch.setattr("asymlora.builtin_data.common.require", missing)
     parser = argparse.ArgumentParser(prog="asymlora")
     register_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(

@@ -18,10 +18,10 @@ from train_fixtures import launch_two_processes, losses, train_setup
 
 pytest.importorskip("deepspeed")
 
+from asymlora.default_model import find_projector, save_projector  # noqa: E402
 from asymlora.errors import ConfigError  # noqa: E402
 from asymlora.tiny import tiny_llava  # noqa: E402
 from asymlora.train import TrainConfig  # noqa: E402
-from asymlora.zoo import find_projector, save_projector  # noqa: E402
 
 ZERO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto", "gradient_clipping": "auto"}

@@ -410,7 +410,7 @@ def test_rouge_l() -> None:
 
 
 def test_task_registry_covers_builtin_datasets() -> None:
-    from asymlora.datasets import BUILDERS
+    from asymlora.builtin_data import BUILDERS
 
     assert set(TASK_METRICS) == set(BUILDERS) == {"easyvqa", "fashion", "digits", "emoji", "ocr"}
     assert TASK_METRICS["ocr"] is character_error_rate

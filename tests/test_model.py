@@ -423,7 +423,7 @@ def _half_batch(dtype):
 def test_projector_trains_in_float32_inside_a_bf16_model():
     """A bf16 projector loses most AdamW steps of a small learning rate to rounding (the LLaVA recipe's
     projector lr is 2e-5); modules_to_save train in the adapter's dtype and the model around them keeps its."""
-    from asymlora.zoo import find_projector
+    from asymlora.default_model import find_projector
 
     config = {"method": "lora", "r": 4, "alpha": 8, "modules_to_save": ["projector"]}
     changed = {}

@@ -80,7 +80,7 @@ def test_loraplus_lr_ratio_gives_the_B_banks_their_own_rate(tmp_path):
 def test_bf16_model_trains_a_float32_projector_and_fp16_on_cpu_warns(tmp_path):
     """model.dtype bfloat16 with training.bf16 (the LLaVA-7B recipe's setting, at its projector lr 2e-5):
     every projector weight moves and is saved in float32; training.fp16 on CPU says that it does nothing."""
-    from asymlora.zoo import find_projector
+    from asymlora.default_model import find_projector
 
     values = train_setup(tmp_path, max_steps=2, save_steps=100, bf16=True, logging_steps=1)
     values["model"]["dtype"] = "bfloat16"
@@ -134,24 +134,15 @@ import os, signal, sys
 sys.path.insert(0, {tests!r})
 import yaml
 from transformers import TrainerCallback
-import asymlora.train as train
+from asymlora.train import TrainConfig, run_training
 
 class Kill(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         if state.global_step == {kill_step}:
             os.kill(os.getpid(), signal.SIGKILL)
 
-original = train.make_trainer_class
-def patched():
-    cls = original()
-    class Killing(cls):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.add_callback(Kill())
-    return Killing
-train.make_trainer_class = patched
-config = train.TrainConfig.from_dict(yaml.safe_load(open({config!r})))
-train.run_training(config)
+config = TrainConfig.from_dict(yaml.safe_load(open({config!r})))
+run_training(config, callbacks=[Kill()])
 """
 
 
@@ -268,7 +259,7 @@ def test_cli_ends_the_process_group_it_ran_under(finished, tmp_path):
     than leaving the gloo threads to interpreter teardown; with no group it does nothing."""
     import torch.distributed as dist
 
-    from asymlora.train import _end_processes
+    from asymlora.train.distributed import end_processes as _end_processes
 
     assert _end_processes(finished) is False  # no group: nothing to do
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -295,6 +286,9 @@ def test_cli_rank_exits_before_interpreter_teardown(outcome, tmp_path, monkeypat
     import torch.distributed as dist
 
     import asymlora.train as train_module
+    import asymlora.train.distributed as distributed_module
+    from asymlora.commands.train import _cli_train
+    from asymlora.errors import NonFiniteLossError
 
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(train_setup(tmp_path)))
@@ -303,7 +297,7 @@ def test_cli_rank_exits_before_interpreter_teardown(outcome, tmp_path, monkeypat
     def training(config, resume=None):  # what the CLI runs, reduced to its outcome
         trained.append(config.training["output_dir"])
         if outcome == "non-finite loss":
-            raise train_module.NonFiniteLossError("loss is nan at step 3")
+            raise NonFiniteLossError("loss is nan at step 3")
 
     exits = []
 
@@ -312,15 +306,15 @@ def test_cli_rank_exits_before_interpreter_teardown(outcome, tmp_path, monkeypat
         raise _Exited
 
     monkeypatch.setattr(train_module, "run_training", training)
-    monkeypatch.setattr(train_module.os, "_exit", exit_now)
+    monkeypatch.setattr(distributed_module.os, "_exit", exit_now)
     args = argparse.Namespace(config=str(config), overrides=[], resume=None)
     if outcome == "no group":
-        assert train_module._cli_train(args) == 0 and exits == [] and trained
+        assert _cli_train(args) == 0 and exits == [] and trained
         return
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with pytest.raises(_Exited):
-            train_module._cli_train(args)
+            _cli_train(args)
         assert exits == [0 if outcome == "finished" else 1] and trained
         assert not dist.is_initialized()
         if outcome == "non-finite loss":

@@ -1,7 +1,9 @@
 import pytest
 
 from asymlora import ConfigError
-from asymlora.train import MixtureSampler, TrainConfig, _has_accelerator, apply_overrides
+from asymlora.train import TrainConfig, apply_overrides
+from asymlora.train.dataset import MixtureSampler
+from asymlora.train.distributed import has_accelerator as _has_accelerator
 
 
 def write(tmp_path, text):

@@ -9,7 +9,7 @@ from asymlora import tiny as asymlora_tiny
 from asymlora.tiny import tiny_llava_processor, tiny_tokenizer  # noqa: F401 - re-exported for tests
 
 VOCAB = asymlora_tiny.VOCAB
-IMAGE_TOKEN = asymlora_tiny.IMAGE_TOKEN
+IMAGE_TOKEN = asymlora_tiny.IMAGE_TOKEN_ID
 TEXT = dict(asymlora_tiny.TEXT_CONFIG)
 
 

@@ -5,14 +5,13 @@ that uses the image (LLaVA's pre-training stage, on the built-in data).
 built-in datasets' train splits ("A red circle.", "A photo of a sneaker.", "The number 472.", the emoji
 sentence, 'The text reads "eagle".'), each with a brief-description prompt; (2) trains only the
 projector of the default model (language model and vision tower frozen) with the same Trainer as
-``asymlora train``; (3) writes the projector weights to ``src/asymlora/assets/projector_default.safetensors``
+``asymlora train``; (3) writes the projector weights to ``src/asymlora/default_model/projector_default.safetensors``
 with a JSON record of the command, seed, data, steps, loss and checksum. Training configs load it with
 ``model.projector: aligned``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
@@ -25,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.assets import cache_dir
+from asymlora.config import IMAGE_TOKEN
+from asymlora.default_model import SHIPPED_PROJECTOR
 from asymlora.errors import MissingAssetError
 from asymlora.io import atomic_path, write_json_atomic
+from asymlora.train import TrainConfig, run_training
 
-SHIPPED_PROJECTOR = Path(__file__).parent / "assets" / "projector_default.safetensors"
 PROMPTS = (
     "Describe the image briefly.",
     "Give a short caption for this image.",
@@ -44,7 +45,7 @@ def _answer(record: dict[str, Any]) -> str:
 
 
 def _question(record: dict[str, Any]) -> str:
-    return record["conversations"][0]["value"].replace("<image>", "").strip().lower()
+    return record["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip().lower()
 
 
 EASYVQA_SHAPES = ("circle", "rectangle", "triangle")
@@ -122,7 +123,7 @@ def captions_for(name: str, records: list[dict[str, Any]]) -> list[tuple[str, st
 
 def build_caption_data(out_dir: Path | None = None, seed: int = 0, per_dataset: int = 2000) -> Path:
     """Write ``align.json`` (LLaVA format, absolute image paths) from the built-in train splits."""
-    from asymlora.datasets import dataset_dir, load_split
+    from asymlora.builtin_data import dataset_dir, load_split
 
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
@@ -169,8 +170,6 @@ def run_align(steps: int = 300, batch_size: int = 8, lr: float = 1e-3, seed: int
     """Align the default model's projector and write it (plus its provenance record) to ``out``."""
     from safetensors.torch import load_file, save_file
 
-    from asymlora.train import TrainConfig, run_training
-
     data_path = build_caption_data(seed=seed, per_dataset=per_dataset)
     output_dir = output_dir or Path("runs") / "align"
     config = TrainConfig.from_dict(alignment_config(data_path, output_dir, steps, batch_size, lr, seed, model_path),
@@ -200,30 +199,3 @@ def run_align(steps: int = 300, batch_size: int = 8, lr: float = 1e-3, seed: int
     write_json_atomic(out.with_suffix(".json"), record)
     print(f"aligned projector written to {out} (loss {record['loss_first']} -> {record['loss_last']})")
     return out
-
-
-def aligned_projector_path() -> Path:
-    if not SHIPPED_PROJECTOR.is_file():
-        raise MissingAssetError(f"{SHIPPED_PROJECTOR} is missing; regenerate it with: asymlora align")
-    return SHIPPED_PROJECTOR
-
-
-def _cli(args: argparse.Namespace) -> int:
-    run_align(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-              per_dataset=args.per_dataset, out=Path(args.out), output_dir=Path(args.output_dir),
-              model_path=args.model)
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    parser = subparsers.add_parser("align", help="stage-1 alignment: train the default model's projector on captions",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="projector learning rate")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data selection, prompts and training")
-    parser.add_argument("--per-dataset", type=int, default=2000, help="caption pairs per built-in dataset")
-    parser.add_argument("--model", default="default", help="'default' or a local LLaVA-style model dir")
-    parser.add_argument("--out", default=str(SHIPPED_PROJECTOR), help="projector safetensors to write")
-    parser.add_argument("--output-dir", default="runs/align", help="training run directory (checkpoints, logs)")
-    parser.set_defaults(func=_cli)

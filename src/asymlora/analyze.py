@@ -109,13 +109,13 @@ def load_for_analysis(adapter: str | None = None, config: str | None = None, mod
     else:
         import asymlora
         from asymlora.data.mixture import load_mixture
-        from asymlora.train import ModelSection, TrainConfig, load_model_and_processor
+        from asymlora.loading import load_model_and_processor
+        from asymlora.train import TrainConfig
 
         train_config = TrainConfig.load(config)  # type: ignore[arg-type]
         trained = train_config.to_dict()
-        section = ModelSection(path=model if model != "default" else train_config.model.path, dtype=dtype,
-                               projector=train_config.model.projector)
-        base, processor = load_model_and_processor(section)
+        base, processor = load_model_and_processor(model if model != "default" else train_config.model.path,
+                                                   dtype, train_config.model.projector)
         adapter_config = train_config.adapter_config(load_mixture(train_config.data.mixture).tasks)
         torch.manual_seed(int(train_config.training.get("seed", 42)))
         device = "cuda" if torch.cuda.is_available() else "cpu"

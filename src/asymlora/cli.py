@@ -1,9 +1,9 @@
 """`asymlora <command>`: the command-line entry point.
 
-Each feature module that offers commands defines ``register_cli(subparsers)``, which adds its
-sub-parsers and sets ``func`` (a callable taking the parsed ``argparse.Namespace`` and returning an
-exit code) on each. This module only lists those modules, so a command's code lives next to the
-feature it drives.
+Each module of :mod:`asymlora.commands` defines ``register_cli(subparsers)`` (or several
+``register_*_cli``), which adds its sub-parsers and sets ``func`` (a callable taking the parsed
+``argparse.Namespace`` and returning an exit code) on each. Command modules import the library; the
+library never imports them.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ import sys
 from asymlora import __version__
 from asymlora.errors import AsymLoraError
 
-# Modules whose ``register_cli`` adds sub-commands, in the order they appear in ``--help``.
-COMMAND_MODULES: tuple[str, ...] = (
-    "asymlora.assets",
-    "asymlora.datasets",
-    "asymlora.zoo",
-    "asymlora.train",
-    "asymlora.align",
-    "asymlora.analyze",
-    "asymlora.evaluate.run",
-    "asymlora.model_cli",
-    "asymlora.tiny",
-    "asymlora.demo",
+# (module, function) pairs that add sub-commands, in the order they appear in ``--help``.
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("asymlora.commands.setup", "register_cli"),
+    ("asymlora.commands.data", "register_cli"),
+    ("asymlora.commands.models", "register_default_cli"),
+    ("asymlora.commands.train", "register_cli"),
+    ("asymlora.commands.align", "register_cli"),
+    ("asymlora.analyze", "register_cli"),
+    ("asymlora.evaluate.run", "register_cli"),
+    ("asymlora.commands.adapter", "register_cli"),
+    ("asymlora.commands.models", "register_tiny_cli"),
+    ("asymlora.demo", "register_cli"),
 )
 
 
@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"asymlora {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register_cli(subparsers)
+    for module, function in COMMANDS:
+        getattr(importlib.import_module(module), function)(subparsers)
     return parser
 
 

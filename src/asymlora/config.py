@@ -25,6 +25,8 @@ from typing import Any
 from asymlora.errors import ConfigError, did_you_mean
 from asymlora.io import read_json, read_yaml
 
+# The image placeholder in prompts, records and chat templates (one per image).
+IMAGE_TOKEN = "<image>"
 METHODS = ("lora", "lora_moe", "asymlora", "asymlora_moe")
 ROUTINGS = ("task", "dense", "topk", "hybrid")
 # Routing modes each method accepts; the first is the default.

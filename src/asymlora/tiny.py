@@ -8,14 +8,15 @@ seconds; it does not learn anything useful.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from asymlora.config import IMAGE_TOKEN
+
 VOCAB = 128
-IMAGE_TOKEN = 120
+IMAGE_TOKEN_ID = 120  # the tokenizer id of IMAGE_TOKEN
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -23,7 +24,7 @@ CHATML = (
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-SPECIALS = {"<pad>": 0, "<unk>": 1, "<|im_start|>": 2, "<|im_end|>": 3, "<image>": IMAGE_TOKEN}
+SPECIALS = {"<pad>": 0, "<unk>": 1, "<|im_start|>": 2, "<|im_end|>": 3, IMAGE_TOKEN: IMAGE_TOKEN_ID}
 TEXT_CONFIG = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=0,
                    bos_token_id=2, eos_token_id=3)
@@ -45,9 +46,9 @@ def tiny_tokenizer() -> Any:
     tok.decoder = decoders.Fuse()
     fast = tf.PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<|im_start|>",
-        eos_token="<|im_end|>", extra_special_tokens={"image_token": "<image>"},
+        eos_token="<|im_end|>", extra_special_tokens={"image_token": IMAGE_TOKEN},
     )
-    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", IMAGE_TOKEN]})
     fast.chat_template = CHATML
     return fast
 
@@ -71,7 +72,7 @@ def tiny_llava(seed: int = 0) -> Any:
     vision = tf.CLIPVisionConfig(hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                                  image_size=IMAGE_SIZE, patch_size=14, projection_dim=16)
     config = tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**TEXT_CONFIG),
-                            image_token_index=IMAGE_TOKEN, vision_feature_layer=-1,
+                            image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-1,
                             vision_feature_select_strategy="default")
     return tf.LlavaForConditionalGeneration(config).eval()
 
@@ -87,16 +88,3 @@ def build_tiny(out: str | Path, seed: int = 0) -> Path:
             shutil.rmtree(out)
         Path(tmp).rename(out)
     return out
-
-
-def _cli(args: argparse.Namespace) -> int:
-    print(f"tiny random LLaVA written to {build_tiny(args.out, args.seed)}")
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    parser = subparsers.add_parser("build-tiny", help="write a tiny random LLaVA + processor (smoke tests)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.set_defaults(func=_cli)

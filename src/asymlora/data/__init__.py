@@ -5,7 +5,6 @@ See docs/data-format.md for the accepted formats, the validation and the mixture
 
 from asymlora.data.mixture import Mixture, MixtureEntry, builtin_mixtures, load_mixture
 from asymlora.data.reader import (
-    IMAGE_TOKEN,
     Problem,
     ReadReport,
     Sample,
@@ -15,7 +14,6 @@ from asymlora.data.reader import (
 )
 
 __all__ = [
-    "IMAGE_TOKEN",
     "Mixture",
     "MixtureEntry",
     "Problem",

@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
+from asymlora.config import IMAGE_TOKEN
 from asymlora.errors import DataError
 
 IGNORE_INDEX = -100
-_IMAGE = re.compile(r"<image>")
+_IMAGE = re.compile(re.escape(IMAGE_TOKEN))
 # Keys of a processor's output that are per-token sequences (padded like input_ids, with 0).
 SEQUENCE_KEYS = ("token_type_ids", "mm_token_type_ids")
 
@@ -54,7 +55,7 @@ def image_token_ids(processor: Any) -> set[int]:
         value = getattr(processor, attr, None)
         if isinstance(value, int):
             ids.add(value)
-    for token in ("<image>", "<|image_pad|>", getattr(processor, "image_token", None)):
+    for token in (IMAGE_TOKEN, "<|image_pad|>", getattr(processor, "image_token", None)):
         if isinstance(token, str):
             tid = tokenizer.convert_tokens_to_ids(token)
             if isinstance(tid, int) and tid != tokenizer.unk_token_id:

@@ -64,7 +64,7 @@ class MixtureEntry:
         A built-in dataset that is not built raises MissingAssetError with the command that builds it.
         """
         if self.builtin:
-            from asymlora.datasets import dataset_dir  # lazy: the datasets package is optional here
+            from asymlora.builtin_data import dataset_dir  # lazy: the datasets package is optional here
 
             root = dataset_dir(self.builtin)
             if not root.is_dir():
@@ -171,7 +171,7 @@ def _entry(values: Any, index: int, source: str, base: Path | None) -> MixtureEn
             if key in values:
                 raise ConfigError(f"{where}.{key}: only for 'path' entries (a built-in dataset has its own)")
         try:
-            from asymlora.datasets import BUILDERS  # lazy: the datasets package is optional here
+            from asymlora.builtin_data import BUILDERS  # lazy: the datasets package is optional here
         except ImportError:
             BUILDERS = None  # noqa: N806 - without the package, the name is checked when loading
         if BUILDERS is not None and builtin not in BUILDERS:

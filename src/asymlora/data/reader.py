@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from asymlora.config import IMAGE_TOKEN
 from asymlora.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
 # LLaVA ``from`` values and the role each becomes; ShareGPT-style data also uses user/assistant here.
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MESSAGE_ROLES = ("user", "assistant", "system")

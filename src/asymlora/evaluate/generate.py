@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from asymlora.config import IMAGE_TOKEN
 from asymlora.data.collator import load_image, to_conversation
 
 
@@ -117,7 +118,7 @@ def rank_candidates(
             options["task_ids"] = torch.full((len(candidates),), task_id, dtype=torch.long, device=device)
         scores = _answer_logprobs(model, processor, kwargs, prompt_kwargs, options, device)
         if calibrate and images:
-            text_only = [{**m, "content": m["content"].replace("<image>", "")} for m in messages]
+            text_only = [{**m, "content": m["content"].replace(IMAGE_TOKEN, "")} for m in messages]
             bare = processor.apply_chat_template(to_conversation(text_only), tokenize=False,
                                                  add_generation_prompt=True)
             scores = scores - _answer_logprobs(

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from asymlora.config import IMAGE_TOKEN
 from asymlora.errors import ConfigError
 
 MAX_CLOSED_ANSWERS = 50  # tasks with at most this many distinct train answers get majority baselines
@@ -54,13 +55,13 @@ def load_for_eval(model: str = "default", projector: str | None = None, adapter:
                   merge_task: str | None = None, dtype: str = "float32") -> tuple[Any, Any, list[str]]:
     """(model ready to generate, processor, adapter task names). The base model and projector not given here
     are read from the adapter's training config (:func:`trained_config`) when it has one."""
-    from asymlora.train import ModelSection, load_model_and_processor
+    from asymlora.loading import load_model_and_processor
 
     if adapter:
         trained = trained_config(adapter).get("model") or {}
         model = model if model != "default" else trained.get("path", model)
         projector = projector if projector is not None else trained.get("projector")
-    base, processor = load_model_and_processor(ModelSection(path=model, dtype=dtype, projector=projector))
+    base, processor = load_model_and_processor(model, dtype, projector)
     tasks: list[str] = []
     if adapter:
         import asymlora
@@ -95,7 +96,7 @@ def question_template(question: str, answer_words: set[str]) -> str:
     with the same template ask for the same kind of answer."""
     import re
 
-    words = re.findall(r"[a-z0-9]+|[^a-z0-9\s]", question.replace("<image>", "").lower())
+    words = re.findall(r"[a-z0-9]+|[^a-z0-9\s]", question.replace(IMAGE_TOKEN, "").lower())
     return " ".join("_" if w in answer_words else w for w in words)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from asymlora.datasets.common import BuildContext, DatasetBuilder, Sample
+from asymlora.builtin_data.common import BuildContext, DatasetBuilder, Sample
 from asymlora.errors import DataError
 
 QUESTION = "Describe this icon."

@@ -1,4 +1,4 @@
-"""CLI commands on a trained adapter: `asymlora merge`, `asymlora export`, `asymlora params`."""
+"""`asymlora merge`, `asymlora export`, `asymlora params`: commands on a trained adapter."""
 
 from __future__ import annotations
 
@@ -9,22 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from asymlora.errors import CheckpointError, ConfigError
-
-
-def load_base_model(model_dir: str | Path, dtype: Any = None) -> Any:
-    """Load a local HF checkpoint with the Auto class its config implies (never from the folder name)."""
-    import torch
-    import transformers
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise CheckpointError(f"--model {model_dir}: no config.json there; pass a local Hugging Face model dir")
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    auto = transformers.AutoModelForCausalLM
-    if hasattr(config, "vision_config"):
-        auto = transformers.AutoModelForImageTextToText
-    return auto.from_pretrained(model_dir, dtype=dtype or torch.float32)
+from asymlora.errors import ConfigError
 
 
 def _copy_processor_files(model_dir: Path, out: Path) -> None:
@@ -37,8 +22,9 @@ def _copy_processor_files(model_dir: Path, out: Path) -> None:
 
 def _merge(args: argparse.Namespace) -> int:
     import asymlora
+    from asymlora.loading import load_base_model, resolve_model_dir
 
-    base = load_base_model(args.model)
+    base = load_base_model(resolve_model_dir(args.model))
     model = asymlora.load(base, args.adapter, is_trainable=False)
     model.merge(task=_task(args.task))
     out = Path(args.out)
@@ -49,7 +35,7 @@ def _merge(args: argparse.Namespace) -> int:
         # The merged weights replace the base layers: save the plain HF model without wrappers.
         merged = _unwrap_merged(model)
         merged.save_pretrained(tmp)
-        _copy_processor_files(Path(args.model), Path(tmp))
+        _copy_processor_files(resolve_model_dir(args.model), Path(tmp))
         if out.exists():
             shutil.rmtree(out)
         Path(tmp).rename(out)
@@ -69,8 +55,9 @@ def _unwrap_merged(model: Any) -> Any:
 
 def _export(args: argparse.Namespace) -> int:
     import asymlora
+    from asymlora.loading import load_base_model, resolve_model_dir
 
-    base = load_base_model(args.model)
+    base = load_base_model(resolve_model_dir(args.model))
     model = asymlora.load(base, args.adapter, is_trainable=False)
     model.export_peft(args.out, task=_task(args.task))
     print(f"wrote a PEFT LoRA adapter for task {args.task!r} to {args.out}")
@@ -79,8 +66,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _params(args: argparse.Namespace) -> int:
     import asymlora
+    from asymlora.loading import load_base_model, resolve_model_dir
 
-    base = load_base_model(args.model)
+    base = load_base_model(resolve_model_dir(args.model))
     if args.adapter:
         model = asymlora.load(base, args.adapter)
     else:
@@ -98,7 +86,7 @@ def _task(value: str | None) -> str | int | None:
 
 def register_cli(subparsers: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True, help="local Hugging Face model directory (the base model)")
+    common.add_argument("--model", required=True, help="the base model: 'default', 'tiny' or a local Hugging Face model directory")
     common.add_argument("--adapter", required=True, help="asymlora adapter directory (adapter_config.json + "
                         "adapter_model.safetensors)")
     common.add_argument("--task", help="task name (or id) whose B head to use; needed when E > 1")
@@ -120,7 +108,7 @@ def register_cli(subparsers: Any) -> None:
     export.set_defaults(func=_export)
 
     params = subparsers.add_parser("params", help="trainable parameters per role and module kind")
-    params.add_argument("--model", required=True, help="local Hugging Face model directory")
+    params.add_argument("--model", required=True, help="the base model: 'default', 'tiny' or a local Hugging Face model directory")
     group = params.add_mutually_exclusive_group(required=True)
     group.add_argument("--adapter", help="an adapter directory to report on")
     group.add_argument("--config", help="an AsymLoraConfig YAML/JSON to report on (nothing is trained)")

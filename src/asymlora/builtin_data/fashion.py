@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from asymlora.datasets.common import BuildContext, DatasetBuilder, Sample
+from asymlora.builtin_data.common import BuildContext, DatasetBuilder, Sample
 from asymlora.errors import DataError
 
 QUESTION = "What item of clothing is this?"

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from asymlora.zoo.dinov2_onnx import require_assets
+from asymlora.default_model.dinov2_onnx import require_assets
 
 # Config entries that describe the GGUF file rather than the network.
 _GGUF_ONLY_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version", "dtype")

@@ -16,8 +16,7 @@ The projector of a fresh build is random (seeded): the model answers text-only p
 SmolLM2-135M-Instruct, but images mean nothing to it until the projector is aligned.
 """
 
-from asymlora.zoo.assemble import (
-    IMAGE_TOKEN,
+from asymlora.default_model.assemble import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     add_image_token,
@@ -30,18 +29,19 @@ from asymlora.zoo.assemble import (
     num_image_tokens,
     save_projector,
 )
-from asymlora.zoo.build import (
+from asymlora.default_model.build import (
     BUILD_ASSETS,
     DEFAULT_OPTIONS,
     SETUP_COMMAND,
+    SHIPPED_PROJECTOR,
+    aligned_projector_path,
     build_default,
     default_model_dir,
     load_default,
     read_manifest,
-    register_cli,
     verify_build,
 )
-from asymlora.zoo.dinov2_onnx import (
+from asymlora.default_model.dinov2_onnx import (
     DINOV2_SMALL,
     OnnxCheck,
     convert_dinov2_onnx,
@@ -49,7 +49,7 @@ from asymlora.zoo.dinov2_onnx import (
     dinov2_small_config,
     verify_dinov2_against_onnx,
 )
-from asymlora.zoo.smollm2 import load_smollm2
+from asymlora.default_model.smollm2 import load_smollm2
 
 __all__ = [
     "BUILD_ASSETS",
@@ -57,10 +57,11 @@ __all__ = [
     "DINOV2_SMALL",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "IMAGE_TOKEN",
     "SETUP_COMMAND",
+    "SHIPPED_PROJECTOR",
     "OnnxCheck",
     "add_image_token",
+    "aligned_projector_path",
     "assemble_llava",
     "build_default",
     "convert_dinov2_onnx",
@@ -76,7 +77,6 @@ __all__ = [
     "multimodal_chat_template",
     "num_image_tokens",
     "read_manifest",
-    "register_cli",
     "save_projector",
     "verify_build",
     "verify_dinov2_against_onnx",

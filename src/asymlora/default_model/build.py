@@ -15,7 +15,6 @@ every file written.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -32,17 +31,17 @@ from typing import Any
 import torch
 
 from asymlora.assets import ASSETS, cache_dir, require
-from asymlora.errors import CheckpointError, MissingAssetError
-from asymlora.io import write_json_atomic
-from asymlora.zoo.assemble import assemble_llava, count_parameters, num_image_tokens
-from asymlora.zoo.dinov2_onnx import (
+from asymlora.default_model.assemble import assemble_llava, count_parameters, num_image_tokens
+from asymlora.default_model.dinov2_onnx import (
     DINOV2_SMALL,
     ONNX_ASSETS,
     dinov2_from_onnx,
     require_assets,
     verify_dinov2_against_onnx,
 )
-from asymlora.zoo.smollm2 import load_smollm2
+from asymlora.default_model.smollm2 import load_smollm2
+from asymlora.errors import CheckpointError, MissingAssetError
+from asymlora.io import write_json_atomic
 
 BUILD_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -63,6 +62,17 @@ TEXT_CHECK = "What is the capital of France?"
 def default_model_dir() -> Path:
     """Where ``build_default()`` puts the model unless told otherwise: ``<cache_dir>/models/default``."""
     return cache_dir() / "models" / "default"
+
+
+# The default model's stage-1 projector, shipped with the package (``asymlora align`` writes it).
+SHIPPED_PROJECTOR = Path(__file__).resolve().parent.parent / "assets" / "projector_default.safetensors"
+
+
+def aligned_projector_path() -> Path:
+    """The shipped stage-1 projector of the default model (``model.projector: aligned``)."""
+    if not SHIPPED_PROJECTOR.is_file():
+        raise MissingAssetError(f"{SHIPPED_PROJECTOR} is missing; regenerate it with: asymlora align")
+    return SHIPPED_PROJECTOR
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -301,43 +311,3 @@ def load_default(dtype: torch.dtype = torch.float32, path: str | Path | None = N
     model = tf.LlavaForConditionalGeneration.from_pretrained(where, dtype=dtype)
     processor = tf.AutoProcessor.from_pretrained(where)
     return model.eval(), processor
-
-
-def _cli_build(args: argparse.Namespace) -> int:
-    if args.verify:
-        manifest = verify_build(args.out)
-        print(f"{args.out or default_model_dir()}: {len(manifest['files'])} files match the manifest "
-              f"({manifest['parameters']['total']:,} parameters)")
-        return 0
-    path = build_default(args.out, force=args.force, image_size=args.image_size,
-                         vision_feature_layer=args.vision_feature_layer,
-                         vision_feature_select_strategy=args.vision_feature_select_strategy)
-    manifest = read_manifest(path) or {}
-    counts = manifest.get("parameters", {})
-    print(f"{path}  ({counts.get('total', 0):,} parameters: language model {counts.get('language_model', 0):,}, "
-          f"vision tower {counts.get('vision_tower', 0):,}, projector {counts.get('multi_modal_projector', 0):,})")
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``asymlora build-default``."""
-    parser = subparsers.add_parser(
-        "build-default",
-        help="assemble the offline default LLaVA (DINOv2-S + projector + SmolLM2-135M-Instruct) and cache it",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--out", default=None,
-                        help=f"output directory (default: {default_model_dir()}, i.e. $ASYMLORA_CACHE/models/default)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build is there")
-    parser.add_argument("--verify", action="store_true",
-                        help="do not build: check an existing build's files (sha256) and tensor shapes "
-                             "against its manifest")
-    parser.add_argument("--image-size", type=int, default=DEFAULT_OPTIONS["image_size"],
-                        help="image side in pixels, a multiple of 14 (default %(default)s: 64 image tokens)")
-    parser.add_argument("--vision-feature-layer", type=int, default=DEFAULT_OPTIONS["vision_feature_layer"],
-                        help="DINOv2 hidden state fed to the projector (default %(default)s; middle layers are "
-                             "more semantic than the saliency-tuned last one)")
-    parser.add_argument("--vision-feature-select-strategy", choices=("default", "full"),
-                        default=DEFAULT_OPTIONS["vision_feature_select_strategy"],
-                        help="'default' drops the CLS feature, 'full' keeps it (default %(default)s)")
-    parser.set_defaults(func=_cli_build)

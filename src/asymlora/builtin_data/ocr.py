@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from asymlora.datasets.common import BuildContext, DatasetBuilder, Sample
+from asymlora.builtin_data.common import BuildContext, DatasetBuilder, Sample
 from asymlora.errors import MissingAssetError
 
 QUESTION = "What does the text say?"

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from asymlora.datasets.common import BuildContext, DatasetBuilder, Sample
+from asymlora.builtin_data.common import BuildContext, DatasetBuilder, Sample
 
 VAL_IMAGES = 500  # train images held out for validation
 

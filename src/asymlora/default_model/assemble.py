@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from asymlora.config import IMAGE_TOKEN
 from asymlora.errors import CheckpointError, ConfigError
 from asymlora.io import atomic_path
 
-IMAGE_TOKEN = "<image>"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PROJECTOR = "multi_modal_projector"

@@ -13,11 +13,11 @@ ocr        "What does the text say?" -> the exact text                 PIL + Dej
 Each is written as LLaVA-format JSON (``{"id", "image", "conversations", "task"}``, ``image`` relative
 to the dataset directory) with fixed train/val/test splits, PNG images and a ``stats.json`` (counts,
 answer distribution, majority-answer baseline), under ``cache_dir()/data/<name>/``. Builds are
-deterministic given the seed and sizes, atomic and idempotent; see :mod:`asymlora.datasets.common`.
+deterministic given the seed and sizes, atomic and idempotent; see :mod:`asymlora.builtin_data.common`.
 
 Python::
 
-    from asymlora.datasets import build, load_split
+    from asymlora.builtin_data import build, load_split
     build("fashion", seed=0)                  # -> Path of the dataset directory
     records = load_split("fashion", "test")   # -> list of LLaVA records
 
@@ -30,9 +30,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from asymlora.datasets import digits, easyvqa, emoji, fashion, ocr
-from asymlora.datasets.cli import register_cli
-from asymlora.datasets.common import (
+from asymlora.builtin_data import digits, easyvqa, emoji, fashion, ocr
+from asymlora.builtin_data.common import (
     SPLITS,
     BuildResult,
     DatasetBuilder,
@@ -64,7 +63,6 @@ __all__ = [
     "load_split",
     "load_stats",
     "majority_baseline",
-    "register_cli",
     "validate_records",
 ]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from asymlora.datasets.common import BuildContext, DatasetBuilder, Sample, seeded_rng
+from asymlora.builtin_data.common import BuildContext, DatasetBuilder, Sample, seeded_rng
 from asymlora.errors import DataError
 
 READ_QUESTION = "What number is written?"

@@ -13,7 +13,7 @@ from asymlora.errors import AsymLoraError
 
 def register_cli(subparsers: Any) -> None:
     """Add the ``data`` command (sub-commands ``build`` and ``list``) to the ``asymlora`` parser."""
-    from asymlora.datasets import BUILDERS
+    from asymlora.builtin_data import BUILDERS
 
     names = "\n".join(f"  {b.name:8s} {b.description} [{b.source}; {b.licence}]" for b in BUILDERS.values())
     data = subparsers.add_parser(
@@ -100,8 +100,8 @@ def format_table(rows: list[list[str]]) -> str:
 
 
 def _cli_build(args: argparse.Namespace) -> int:
-    from asymlora.datasets import BUILDERS
-    from asymlora.datasets.common import run_build
+    from asymlora.builtin_data import BUILDERS
+    from asymlora.builtin_data.common import run_build
 
     names = args.only or list(BUILDERS)
     rows = [
@@ -147,8 +147,8 @@ def _cli_build(args: argparse.Namespace) -> int:
 
 
 def _cli_list(args: argparse.Namespace) -> int:
-    from asymlora.datasets import BUILDERS
-    from asymlora.datasets.common import dataset_dir, read_stats
+    from asymlora.builtin_data import BUILDERS
+    from asymlora.builtin_data.common import dataset_dir, read_stats
 
     rows = [["dataset", "source", "licence", "built"]]
     for builder in BUILDERS.values():
