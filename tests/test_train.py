@@ -167,7 +167,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     config_path.write_text(yaml.safe_dump(killed))
     script = KILL_AFTER_SAVE.format(tests=str(TESTS), kill_step=6, config=str(config_path))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(TESTS)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (tmp_path / "killed" / "checkpoint-6").is_dir() and not (tmp_path / "killed" / "checkpoint-12").exists()
     killed["resume"] = True
