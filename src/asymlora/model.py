@@ -6,7 +6,7 @@ trainable and returns an :class:`AsymLoraModel` whose ``forward`` takes ``task_i
 sample; every token of a sample inherits it) and which exposes ``aux_loss`` after each forward.
 
 The balance loss is computed after the forward from the router tensors that the layers handed to
-the shared :class:`RoutingContext` during that forward. Those tensors carry their autograd graph,
+the shared :class:`~asymlora.routing.RoutingContext` during that forward. Those tensors carry their autograd graph,
 so ``aux_loss`` keeps its gradient under non-reentrant gradient checkpointing (recomputation
 happens in backward and re-runs exactly the same ops; nothing is collected then).
 """
@@ -17,7 +17,7 @@ import contextlib
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,29 +26,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from asymlora import __version__
-from asymlora.config import AsymLoraConfig, LayerSpec
+from asymlora.config import TORCH_DTYPES, AsymLoraConfig, LayerSpec
 from asymlora.errors import AsymLoraError, CheckpointError, ConfigError
 from asymlora.families import Family, family_for, resolve_alias
 from asymlora.io import atomic_path, read_json, write_json_atomic
-from asymlora.layer import TORCH_DTYPES, AsymLoraLinear
-from asymlora.routing import argmax_dispatch, balance_loss
+from asymlora.layer import AsymLoraLinear
+from asymlora.routing import RoutingContext, accumulate_routing_stats, balance_loss, group_records
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-class RoutingContext:
-    """Per-forward state shared by all adapter layers of one model (never saved)."""
-
-    def __init__(self) -> None:
-        self.task_ids: torch.Tensor | None = None  # (B,) long; -1 = unknown task
-        self.token_mask: torch.Tensor | None = None  # (B, S) bool: tokens counted by the balance loss
-        self.collecting = False
-        self.collect_stats = False
-        self.disabled = False
-        self.records: list[tuple[str, Any]] = []  # (layer name, (probs, dispatch or None, mask, task ids))
-        # (the task_ids tensor, {(input shape, device): per-token ids}): the layers' shared per-token ids
-        self.token_task_cache: tuple[torch.Tensor | None, dict] | None = None
 
 
 class AsymLoraModel(nn.Module):
@@ -65,7 +51,7 @@ class AsymLoraModel(nn.Module):
         self.__dict__["adapter_layers"] = layers
         self.saved_modules = saved_modules
         self.aux_loss: torch.Tensor = torch.zeros(())
-        # Routing statistics, stacked per group of layers that route the same tokens (see RouterGroup).
+        # Routing statistics, stacked per group of layers that route the same tokens (see routing.RouterGroup).
         self._routing_totals: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -165,7 +151,7 @@ class AsymLoraModel(nn.Module):
         for group in groups:
             total = total + balance_loss(group.probs, group.dispatch, group.mask).to(device)
         if ctx.collect_stats:
-            _accumulate_routing_stats(self._routing_totals, groups, len(self.tasks))
+            accumulate_routing_stats(self._routing_totals, groups, len(self.tasks))
         return total
 
     @contextlib.contextmanager
@@ -344,65 +330,6 @@ def _image_token_id(model: nn.Module) -> int | None:
         if isinstance(value, int):
             return value
     return None
-
-
-@dataclass
-class RouterGroup:
-    """The router outputs of the layers (``names``) that routed the same tokens in one forward, stacked."""
-
-    names: tuple[str, ...]
-    probs: torch.Tensor  # (L, T, E), with the graph
-    dispatch: torch.Tensor  # (L, T, E), no grad
-    mask: torch.Tensor | None  # (T,): the tokens the balance loss counts (the same for every layer)
-    token_tasks: torch.Tensor | None  # (T,) task id per token (the same for every layer)
-
-
-def group_records(records: list[tuple[str, Any]]) -> list[RouterGroup]:
-    """Stack the records of layers whose tokens match: same (T, E), device and dtype, and both with or
-    both without a token mask, explicit dispatch and task ids. Their masks and task ids are then the same
-    tensors (both derive from the routing context's per-sample values), so the first layer's are used."""
-    buckets: dict[tuple, list[tuple[str, Any]]] = {}
-    for name, (probs, dispatch, mask, tasks) in records:
-        key = (tuple(probs.shape), probs.device, probs.dtype, mask is None, dispatch is None, tasks is None)
-        buckets.setdefault(key, []).append((name, (probs, dispatch, mask, tasks)))
-    groups = []
-    for members in buckets.values():
-        names = tuple(name for name, _ in members)
-        probs = torch.stack([record[0] for _, record in members])
-        explicit = [record[1] for _, record in members]
-        dispatch = argmax_dispatch(probs) if explicit[0] is None else torch.stack(explicit).detach()
-        _, (_, _, mask, tasks) = members[0]
-        groups.append(RouterGroup(names, probs, dispatch, mask, tasks))
-    return groups
-
-
-def _accumulate_routing_stats(totals: dict[tuple[str, ...], dict[str, torch.Tensor]], groups: list[RouterGroup],
-                              num_tasks: int) -> None:
-    """Add this forward's detached statistics (expert load, entropy, per-task load) to ``totals``, stacked
-    per group of layers (a few kernels per group).
-
-    Masks are applied by multiplication (no boolean indexing), so nothing synchronises with the device.
-    """
-    with torch.no_grad():
-        for group in groups:
-            # float32 whatever the routers' dtype (DeepSpeed's bf16 mode casts them to bf16)
-            probs, dispatch = group.probs.detach().float(), group.dispatch.float()
-            layers, tokens, experts = probs.shape
-            device = probs.device
-            weights = group.mask.float() if group.mask is not None else torch.ones(tokens, device=device)
-            entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)  # (L, T)
-            entry = totals.setdefault(group.names, {
-                "load": torch.zeros(layers, experts, device=device),
-                "entropy_sum": torch.zeros(layers, device=device),
-                "tokens": torch.zeros((), device=device),
-            })
-            entry["load"] += torch.matmul(weights, dispatch)
-            entry["entropy_sum"] += entropy @ weights
-            entry["tokens"] += weights.sum()
-            if group.token_tasks is not None and num_tasks:
-                known = (group.token_tasks >= 0).to(weights.dtype) * weights
-                task_load = entry.setdefault("task_load", torch.zeros(layers, num_tasks, experts, device=device))
-                task_load.index_add_(1, group.token_tasks.clamp(min=0), dispatch * known[:, None])
 
 
 # ---------------------------------------------------------------------------------------- injection

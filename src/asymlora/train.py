@@ -600,7 +600,7 @@ def load_model_and_processor(section: ModelSection) -> tuple[Any, Any]:
     """Load the frozen base model (its Auto class follows its config) and its processor."""
     import transformers
 
-    from asymlora.layer import TORCH_DTYPES
+    from asymlora.config import TORCH_DTYPES
     from asymlora.model_cli import load_base_model
 
     model_dir = resolve_model_dir(section.path)
