@@ -25,13 +25,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from asymlora import __version__
 from asymlora.config import TORCH_DTYPES, AsymLoraConfig, LayerSpec
 from asymlora.errors import AsymLoraError, CheckpointError, ConfigError
 from asymlora.families import Family, family_for, resolve_alias
 from asymlora.io import atomic_path, read_json, write_json_atomic
 from asymlora.layer import AsymLoraLinear
 from asymlora.routing import RoutingContext, accumulate_routing_stats, balance_loss, group_records
+from asymlora.version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
