@@ -100,7 +100,7 @@ def load_for_analysis(adapter: str | None = None, config: str | None = None, mod
     trained: dict[str, Any] = {}
     if adapter:
         from asymlora.evaluate.run import load_for_eval, trained_config
-        from asymlora.model import CONFIG_NAME
+        from asymlora.persistence import CONFIG_NAME
 
         if not (Path(adapter) / CONFIG_NAME).is_file():
             raise ConfigError(f"--adapter: {adapter} is not an asymlora adapter dir (no {CONFIG_NAME})")
