@@ -22,7 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "asymlora.zoo",
     "asymlora.train",
     "asymlora.align",
-    "asymlora.analyze",
+    "asymlora.analyze.run",
     "asymlora.evaluate.run",
     "asymlora.model_cli",
     "asymlora.tiny",
