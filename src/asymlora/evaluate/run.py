@@ -241,7 +241,8 @@ def evaluate_benchmark(model: Any, processor: Any, bench: str, data: str, image_
 
 
 def _cli_eval(args: argparse.Namespace) -> int:
-    from asymlora.evaluate.report import mean_score, write_report
+    from asymlora.evaluate.report import write_report
+    from asymlora.evaluate.scores import mean_score
 
     start = time.time()
     model, processor, adapter_tasks = load_for_eval(args.model, args.projector, args.adapter, args.merge_task,
