@@ -27,7 +27,7 @@ from torch import nn
 
 from asymlora import AsymLoraConfig, AsymLoraLinear
 from asymlora.io import write_json_atomic, write_text_atomic
-from asymlora.model import RoutingContext
+from asymlora.routing import RoutingContext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import (  # noqa: E402  (the full-model benchmark's loop reference and compile modes)

@@ -24,7 +24,8 @@ from typing import Any
 
 from asymlora.errors import DataError
 from asymlora.evaluate.paired import read_predictions
-from asymlora.evaluate.report import load_results, mean_score, write_report
+from asymlora.evaluate.report import load_results, write_report
+from asymlora.evaluate.scores import mean_score
 
 # the setup fields that make two evals' scores comparable: they must agree across the merged evals
 SAME_SETUP = ("split", "max_samples", "decoding", "prompt_suffix", "candidates", "images", "scoring", "model")

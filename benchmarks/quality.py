@@ -55,7 +55,7 @@ import torch
 import asymlora.train
 import asymlora.train.config
 from asymlora.config import rank_for_budget
-from asymlora.evaluate.report import oriented
+from asymlora.evaluate.scores import oriented
 from asymlora.io import read_yaml, write_json_and_markdown
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -201,8 +201,9 @@ def prior_training(run_dir: Path, config: dict[str, Any]) -> Prior:
 
 def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tasks: list[str],
                    mixture: Any, eval_mixture: str, output_dir: Path, steps: int) -> dict[str, Any]:
-    from asymlora.evaluate.report import mean_score, write_report
+    from asymlora.evaluate.report import write_report
     from asymlora.evaluate.run import evaluate_builtin, load_for_eval
+    from asymlora.evaluate.scores import mean_score
     from asymlora.model import param_report
     from asymlora.train import TrainConfig, run_training
 

@@ -68,9 +68,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from asymlora import AsymLoraConfig, AsymLoraModel, find_target_modules, get_model
-from asymlora.config import LayerSpec, rank_for_budget
+from asymlora.config import TORCH_DTYPES, LayerSpec, rank_for_budget
 from asymlora.io import write_json_atomic, write_text_atomic
-from asymlora.layer import TORCH_DTYPES
 from asymlora.routing import balance_loss
 
 METHODS = ("lora", "lora_moe", "asymlora", "asymlora_moe")

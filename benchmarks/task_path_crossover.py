@@ -33,7 +33,7 @@ from torch import nn
 import asymlora.layer
 from asymlora import AsymLoraConfig, AsymLoraLinear
 from asymlora.io import write_json_atomic, write_text_atomic
-from asymlora.model import RoutingContext
+from asymlora.routing import RoutingContext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_speed import device_label  # noqa: E402

@@ -11,14 +11,10 @@ import yaml
 from train_fixtures import train_setup, write_dataset
 
 import asymlora
-from asymlora.analyze import (
-    cosine_from_gram,
-    cosine_matrix,
-    expert_similarity,
-    gradient_conflict,
-    mean_off_diagonal,
-    task_pass,
-)
+from asymlora.analyze.cosine import cosine_from_gram, cosine_matrix, mean_off_diagonal
+from asymlora.analyze.experts import expert_similarity, task_expert_information
+from asymlora.analyze.gradients import gradient_conflict, task_pass
+from asymlora.analyze.run import load_for_analysis
 from asymlora.cli import main
 from asymlora.errors import ConfigError
 from asymlora.train import TrainConfig, run_training
@@ -162,8 +158,6 @@ def test_expert_similarity_matches_the_materialised_updates(method):
 def test_task_expert_information_bounds():
     import math
 
-    from asymlora.analyze import task_expert_information
-
     assert task_expert_information([[0.5, 0.5], [0.5, 0.5]]) == 0.0  # every task routes alike
     assert task_expert_information([[1.0, 0.0], [0.0, 1.0]]) == pytest.approx(math.log(2))  # own experts
     assert 0 < task_expert_information([[0.7, 0.3], [0.3, 0.7]]) < math.log(2)
@@ -205,6 +199,4 @@ def test_analyze_fresh_config_and_errors(adapters, capsys):
     assert main(["analyze", "--adapter", str(runs["asymlora"]), "--tasks", "colour", "--out", str(out)]) == 1
     assert "--tasks" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="exactly one"):
-        from asymlora.analyze import load_for_analysis
-
         load_for_analysis()

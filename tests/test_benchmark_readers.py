@@ -8,21 +8,22 @@ from pathlib import Path
 import pytest
 
 from asymlora.errors import DataError
-from asymlora.evaluate.benchmarks import (
-    METRICS,
-    PROMPTS,
-    READERS,
-    EvalItem,
-    MissingFileError,
-    build_prompt,
+from asymlora.evaluate.official.items import EvalItem, MissingFileError
+from asymlora.evaluate.official.readers import (
     format_scienceqa_question,
-    read_benchmark,
     read_gqa,
     read_mme,
     read_pope,
     read_scienceqa,
     read_textvqa,
     read_vizwiz,
+)
+from asymlora.evaluate.official.registry import (
+    METRICS,
+    PROMPTS,
+    READERS,
+    build_prompt,
+    read_benchmark,
     score_benchmark,
 )
 

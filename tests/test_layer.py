@@ -9,7 +9,7 @@ from tiny_models import case_id
 from torch import nn
 
 from asymlora import AsymLoraConfig, AsymLoraLinear
-from asymlora.model import RoutingContext
+from asymlora.routing import RoutingContext
 
 TASKS = ["a", "b", "c"]
 CASES = [

@@ -7,7 +7,8 @@ import pytest
 
 from asymlora.errors import DataError
 from asymlora.evaluate.paired import paired_bootstrap
-from asymlora.evaluate.report import compare, mean_score
+from asymlora.evaluate.report import compare
+from asymlora.evaluate.scores import mean_score
 
 
 def write_run(root, name, per_task):

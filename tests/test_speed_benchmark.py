@@ -190,7 +190,7 @@ def test_loop_layer_matches_fused_layer_for_every_router(routing, top_k):
     """The loop reference (also layer_speed.py's) computes the fused layer's output, gradients and
     balance-loss inputs, top-k included."""
     from asymlora import AsymLoraConfig, AsymLoraLinear
-    from asymlora.model import RoutingContext
+    from asymlora.routing import RoutingContext
 
     torch.manual_seed(0)
     base = torch.nn.Linear(8, 12, bias=False).requires_grad_(False)

@@ -10,12 +10,10 @@ Quick use::
     model = asymlora.load(fresh_hf_model, "adapter/")     # exact restore
 """
 
-__version__ = "0.1.0"
-
-from asymlora.config import AsymLoraConfig, LayerSpec  # noqa: E402
-from asymlora.errors import AsymLoraError, CheckpointError, ConfigError, DataError, MissingAssetError  # noqa: E402
-from asymlora.layer import AsymLoraLinear  # noqa: E402
-from asymlora.model import (  # noqa: E402
+from asymlora.config import AsymLoraConfig, LayerSpec
+from asymlora.errors import AsymLoraError, CheckpointError, ConfigError, DataError, MissingAssetError
+from asymlora.layer import AsymLoraLinear
+from asymlora.model import (
     AsymLoraModel,
     export_peft,
     find_target_modules,
@@ -24,8 +22,10 @@ from asymlora.model import (  # noqa: E402
     load,
     param_report,
 )
+from asymlora.version import __version__
 
 __all__ = [
+    "__version__",
     "AsymLoraConfig",
     "AsymLoraError",
     "AsymLoraLinear",

@@ -22,7 +22,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("asymlora.commands.models", "register_default_cli"),
     ("asymlora.commands.train", "register_cli"),
     ("asymlora.commands.align", "register_cli"),
-    ("asymlora.analyze", "register_cli"),
+    ("asymlora.commands.analyze", "register_cli"),
     ("asymlora.evaluate.run", "register_cli"),
     ("asymlora.commands.adapter", "register_cli"),
     ("asymlora.commands.models", "register_tiny_cli"),

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from asymlora.errors import ConfigError, did_you_mean
 from asymlora.io import read_json, read_yaml
 
@@ -38,6 +40,8 @@ METHOD_ROUTINGS: dict[str, tuple[str, ...]] = {
 }
 PARTS = ("language_model", "vision_tower", "projector")
 ADAPTER_DTYPES = ("float32", "auto", "bfloat16", "float16")
+# dtype names of configs (adapter_dtype, model.dtype, speed presets) -> torch dtypes
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields a per-module override may change (everything that shapes one layer).
 LAYER_FIELDS = ("method", "r", "alpha", "dropout", "use_rslora", "num_experts", "routing", "top_k")
 

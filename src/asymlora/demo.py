@@ -51,8 +51,9 @@ def run_demo(steps: int = 60, batch_size: int = 8, eval_samples: int = 24, out: 
              max_per_split: int | None = None) -> dict[str, Any]:
     from asymlora import assets, builtin_data, default_model
     from asymlora.data import load_mixture
-    from asymlora.evaluate.report import compare, headline, mean_score, write_report
+    from asymlora.evaluate.report import compare, write_report
     from asymlora.evaluate.run import evaluate_builtin, load_for_eval
+    from asymlora.evaluate.scores import headline, mean_score
     from asymlora.train import TrainConfig, run_training
 
     started = time.time()

@@ -52,21 +52,15 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asymlora.config import LayerSpec
+from asymlora.config import TORCH_DTYPES, LayerSpec
 from asymlora.errors import AsymLoraError, ConfigError
-from asymlora.routing import Routing, dense_routing, hybrid_routing, task_gates, topk_routing
+from asymlora.routing import Routing, RoutingContext, dense_routing, hybrid_routing, task_gates, topk_routing
 
-if TYPE_CHECKING:
-    from asymlora.model import RoutingContext
-
-# dtype names of configs (adapter_dtype, model.dtype, speed presets) -> torch dtypes
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Task routing takes the per-sample heads when (E - 1) * tokens per sample reaches this (see "Task routing").
 TASK_BMM_MIN_WORK = 64
 

@@ -8,9 +8,9 @@ from typing import Any
 
 from asymlora import default_model
 from asymlora.assets import cache_dir
+from asymlora.config import TORCH_DTYPES
 from asymlora.default_model import aligned_projector_path, find_projector, load_projector
 from asymlora.errors import CheckpointError, ConfigError, MissingAssetError
-from asymlora.layer import TORCH_DTYPES
 from asymlora.tiny import build_tiny
 
 

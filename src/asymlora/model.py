@@ -1,4 +1,5 @@
-"""Attach asymlora layers to a Hugging Face model; task ids, aux loss, save/load, merge, export.
+"""Attach asymlora layers to a Hugging Face model (:func:`get_model`, :func:`load`) and the wrapper
+that routes each forward by task ids and collects the aux loss.
 
 ``get_model(model, config)`` replaces the target ``nn.Linear`` modules in place by
 :class:`~asymlora.layer.AsymLoraLinear`, freezes everything else, makes ``modules_to_save``
@@ -6,9 +7,12 @@ trainable and returns an :class:`AsymLoraModel` whose ``forward`` takes ``task_i
 sample; every token of a sample inherits it) and which exposes ``aux_loss`` after each forward.
 
 The balance loss is computed after the forward from the router tensors that the layers handed to
-the shared :class:`RoutingContext` during that forward. Those tensors carry their autograd graph,
+the shared :class:`~asymlora.routing.RoutingContext` during that forward. Those tensors carry their autograd graph,
 so ``aux_loss`` keeps its gradient under non-reentrant gradient checkpointing (recomputation
 happens in backward and re-runs exactly the same ops; nothing is collected then).
+
+The wrapper's ``save_pretrained`` writes the adapter directory of :mod:`asymlora.persistence`, which
+:func:`load` reads back; ``merge``, ``unmerge`` and ``export_peft`` are those of :mod:`asymlora.merge`.
 """
 
 from __future__ import annotations
@@ -17,38 +21,27 @@ import contextlib
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from asymlora import __version__
-from asymlora.config import AsymLoraConfig, LayerSpec
+from asymlora.config import TORCH_DTYPES, AsymLoraConfig
 from asymlora.errors import AsymLoraError, CheckpointError, ConfigError
 from asymlora.families import Family, family_for, resolve_alias
-from asymlora.io import atomic_path, read_json, write_json_atomic
-from asymlora.layer import TORCH_DTYPES, AsymLoraLinear
-from asymlora.routing import argmax_dispatch, balance_loss
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-class RoutingContext:
-    """Per-forward state shared by all adapter layers of one model (never saved)."""
-
-    def __init__(self) -> None:
-        self.task_ids: torch.Tensor | None = None  # (B,) long; -1 = unknown task
-        self.token_mask: torch.Tensor | None = None  # (B, S) bool: tokens counted by the balance loss
-        self.collecting = False
-        self.collect_stats = False
-        self.disabled = False
-        self.records: list[tuple[str, Any]] = []  # (layer name, (probs, dispatch or None, mask, task ids))
-        # (the task_ids tensor, {(input shape, device): per-token ids}): the layers' shared per-token ids
-        self.token_task_cache: tuple[torch.Tensor | None, dict] | None = None
+from asymlora.layer import AsymLoraLinear
+from asymlora.merge import merge_layers, unmerge_layers, write_peft_adapter
+from asymlora.persistence import (
+    CONFIG_NAME,
+    adapter_manifest,
+    check_layers,
+    full_tensors,
+    read_adapter_config,
+    restore_tensors,
+    write_adapter,
+)
+from asymlora.routing import RoutingContext, accumulate_routing_stats, balance_loss, group_records
 
 
 class AsymLoraModel(nn.Module):
@@ -65,7 +58,7 @@ class AsymLoraModel(nn.Module):
         self.__dict__["adapter_layers"] = layers
         self.saved_modules = saved_modules
         self.aux_loss: torch.Tensor = torch.zeros(())
-        # Routing statistics, stacked per group of layers that route the same tokens (see RouterGroup).
+        # Routing statistics, stacked per group of layers that route the same tokens (see routing.RouterGroup).
         self._routing_totals: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -165,7 +158,7 @@ class AsymLoraModel(nn.Module):
         for group in groups:
             total = total + balance_loss(group.probs, group.dispatch, group.mask).to(device)
         if ctx.collect_stats:
-            _accumulate_routing_stats(self._routing_totals, groups, len(self.tasks))
+            accumulate_routing_stats(self._routing_totals, groups, len(self.tasks))
         return total
 
     @contextlib.contextmanager
@@ -248,93 +241,36 @@ class AsymLoraModel(nn.Module):
         FULL_STATE_DICT or DeepSpeed ZeRO-3), keyed by this wrapper's or the base model's parameter
         names; every trainable tensor must be in it (a CheckpointError names the first missing one).
         """
-        if state_dict is None:
-            tensors = {k: _full_tensor(v.detach()) for k, v in self.trainable_state_dict().items()}
-        else:
-            tensors = {k: _state_dict_entry(state_dict, k) for k in self.trainable_state_dict()}
-        if not is_main_process:
-            return
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        with atomic_path(out / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt", "asymlora_version": __version__})
-        write_json_atomic(out / CONFIG_NAME, self.adapter_manifest())
+        tensors = full_tensors(self.trainable_state_dict(), state_dict)
+        if is_main_process:
+            write_adapter(save_directory, tensors, self.adapter_manifest())
 
     def adapter_manifest(self) -> dict[str, Any]:
-        base_config = getattr(self.base_model, "config", None)
-        return {
-            "asymlora_version": __version__,
-            "config": self.asymlora_config.to_dict(),
-            "base_model": {
-                "class": type(self.base_model).__name__,
-                "model_type": getattr(base_config, "model_type", None),
-                "name_or_path": getattr(base_config, "_name_or_path", None) or None,
-                "family": self.family.name,
-            },
-            "saved_modules": self.saved_modules,
-            "layers": {
-                name: {"in_features": layer.in_features, "out_features": layer.out_features, **asdict(layer.spec)}
-                for name, layer in self.adapter_layers.items()
-            },
-        }
+        """What ``adapter_config.json`` holds: the config, the base model and every adapted layer."""
+        return adapter_manifest(self.asymlora_config, self.base_model, self.family, self.saved_modules,
+                                self.adapter_layers)
 
     # ------------------------------------------------------------------------------------ merging
     def merge(self, task: str | int | None = None) -> None:
         """Fold W + s B_t A into every base weight. Raises NotImplementedError for router-gated layers."""
-        task_id = None if task is None else self.asymlora_config.task_id(task)
-        layers = list(self.adapter_layers.values())
-        for layer in layers:  # check all first: never leave the model half merged
-            layer.delta_weight(task_id)
-        merged: list[AsymLoraLinear] = []
-        try:
-            for layer in layers:
-                layer.merge(task_id)
-                merged.append(layer)
-        except Exception:
-            for layer in merged:
-                layer.unmerge()
-            raise
+        merge_layers(self.adapter_layers.values(), self._task_id(task))
 
     def unmerge(self) -> None:
         """Restore the exact base weights."""
-        for layer in self.adapter_layers.values():
-            layer.unmerge()
+        unmerge_layers(self.adapter_layers.values())
 
     def export_peft(self, save_directory: str | Path, task: str | int | None = None) -> None:
         """Write a standard PEFT LoRA adapter reproducing this adapter for one task (A copied, B_t)."""
-        export_peft(self, save_directory, task)
+        base_config = getattr(self.base_model, "config", None)
+        write_peft_adapter(save_directory, self.adapter_layers,
+                           {name: self.base_model.get_submodule(name) for name in self.saved_modules},
+                           self._task_id(task), getattr(base_config, "_name_or_path", None) or None)
+
+    def _task_id(self, task: str | int | None) -> int | None:
+        return None if task is None else self.asymlora_config.task_id(task)
 
     def param_report(self) -> dict[str, Any]:
         return param_report(self)
-
-
-def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a sharded DTensor (a collective over its mesh); any other tensor as it is."""
-    full_tensor = getattr(tensor, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else tensor
-
-
-def _state_dict_entry(state_dict: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """``name`` (a base-model parameter name) in a full state dict of the base model or of the wrapper."""
-    for key in (name, "base_model." + name):
-        if key in state_dict:
-            return _full_tensor(state_dict[key])
-    hint = (" (DeepSpeed ZeRO-3 hands an empty one unless stage3_gather_16bit_weights_on_model_save is true)"
-            if not state_dict else "")
-    raise CheckpointError(f"state_dict: the trainable tensor {name!r} is missing from the state dict given to "
-                          f"save_pretrained ({len(state_dict)} keys){hint}; nothing was written")
-
-
-def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy a full tensor into a parameter, sharding it first where the parameter is a DTensor (FSDP2)."""
-    value = value.to(param.dtype)
-    mesh = getattr(param, "device_mesh", None)
-    if mesh is not None:  # each rank read the whole file, so each takes its own shard locally
-        from torch.distributed.tensor import distribute_tensor
-
-        value = distribute_tensor(value.to(param.device), mesh, param.placements, src_data_rank=None)
-    param.copy_(value)
 
 
 def _image_token_id(model: nn.Module) -> int | None:
@@ -344,65 +280,6 @@ def _image_token_id(model: nn.Module) -> int | None:
         if isinstance(value, int):
             return value
     return None
-
-
-@dataclass
-class RouterGroup:
-    """The router outputs of the layers (``names``) that routed the same tokens in one forward, stacked."""
-
-    names: tuple[str, ...]
-    probs: torch.Tensor  # (L, T, E), with the graph
-    dispatch: torch.Tensor  # (L, T, E), no grad
-    mask: torch.Tensor | None  # (T,): the tokens the balance loss counts (the same for every layer)
-    token_tasks: torch.Tensor | None  # (T,) task id per token (the same for every layer)
-
-
-def group_records(records: list[tuple[str, Any]]) -> list[RouterGroup]:
-    """Stack the records of layers whose tokens match: same (T, E), device and dtype, and both with or
-    both without a token mask, explicit dispatch and task ids. Their masks and task ids are then the same
-    tensors (both derive from the routing context's per-sample values), so the first layer's are used."""
-    buckets: dict[tuple, list[tuple[str, Any]]] = {}
-    for name, (probs, dispatch, mask, tasks) in records:
-        key = (tuple(probs.shape), probs.device, probs.dtype, mask is None, dispatch is None, tasks is None)
-        buckets.setdefault(key, []).append((name, (probs, dispatch, mask, tasks)))
-    groups = []
-    for members in buckets.values():
-        names = tuple(name for name, _ in members)
-        probs = torch.stack([record[0] for _, record in members])
-        explicit = [record[1] for _, record in members]
-        dispatch = argmax_dispatch(probs) if explicit[0] is None else torch.stack(explicit).detach()
-        _, (_, _, mask, tasks) = members[0]
-        groups.append(RouterGroup(names, probs, dispatch, mask, tasks))
-    return groups
-
-
-def _accumulate_routing_stats(totals: dict[tuple[str, ...], dict[str, torch.Tensor]], groups: list[RouterGroup],
-                              num_tasks: int) -> None:
-    """Add this forward's detached statistics (expert load, entropy, per-task load) to ``totals``, stacked
-    per group of layers (a few kernels per group).
-
-    Masks are applied by multiplication (no boolean indexing), so nothing synchronises with the device.
-    """
-    with torch.no_grad():
-        for group in groups:
-            # float32 whatever the routers' dtype (DeepSpeed's bf16 mode casts them to bf16)
-            probs, dispatch = group.probs.detach().float(), group.dispatch.float()
-            layers, tokens, experts = probs.shape
-            device = probs.device
-            weights = group.mask.float() if group.mask is not None else torch.ones(tokens, device=device)
-            entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)  # (L, T)
-            entry = totals.setdefault(group.names, {
-                "load": torch.zeros(layers, experts, device=device),
-                "entropy_sum": torch.zeros(layers, device=device),
-                "tokens": torch.zeros((), device=device),
-            })
-            entry["load"] += torch.matmul(weights, dispatch)
-            entry["entropy_sum"] += entropy @ weights
-            entry["tokens"] += weights.sum()
-            if group.token_tasks is not None and num_tasks:
-                known = (group.token_tasks >= 0).to(weights.dtype) * weights
-                task_load = entry.setdefault("task_load", torch.zeros(layers, num_tasks, experts, device=device))
-                task_load.index_add_(1, group.token_tasks.clamp(min=0), dispatch * known[:, None])
 
 
 # ---------------------------------------------------------------------------------------- injection
@@ -525,55 +402,22 @@ def _train_in_dtype(module: nn.Module, dtype: torch.dtype) -> None:
     module.register_forward_hook(cast_outputs)
 
 
-def _layer_manifest(wrapped: AsymLoraModel) -> dict[str, dict[str, Any]]:
-    return wrapped.adapter_manifest()["layers"]
-
-
 def load(model: nn.Module, adapter_dir: str | Path, is_trainable: bool = True) -> AsymLoraModel:
     """Attach the adapter saved in ``adapter_dir`` to ``model`` and restore every tensor exactly.
 
     Refuses (CheckpointError) a directory whose target modules or tensor shapes differ from the model's.
     """
-    adapter_dir = Path(adapter_dir)
-    config_path, weights_path = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing; an asymlora adapter dir holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    manifest = read_json(config_path, f"an asymlora {CONFIG_NAME}", CheckpointError)
-    config = AsymLoraConfig.from_document(manifest, source=str(config_path))  # the file is read once
+    config, manifest = read_adapter_config(adapter_dir)
     if isinstance(model, AsymLoraModel):
         wrapped = model
     else:
         try:
             wrapped = get_model(model, config)
         except ConfigError as err:
-            raise CheckpointError(f"{config_path}: this adapter does not fit the model: {err}") from None
-    saved_layers = manifest.get("layers", {})
-    current = _layer_manifest(wrapped)
-    missing, extra = sorted(set(saved_layers) - set(current)), sorted(set(current) - set(saved_layers))
-    if missing or extra:
-        raise CheckpointError(
-            f"{config_path}: target modules differ from the model's: in the adapter only: {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}; in the model only: {extra[:5]}{' ...' if len(extra) > 5 else ''}"
-        )
-    for name, saved in saved_layers.items():
-        if saved != current[name]:
-            diff = {k: (saved.get(k), current[name].get(k)) for k in set(saved) | set(current[name])
-                    if saved.get(k) != current[name].get(k)}
-            raise CheckpointError(f"{config_path}: layer {name} differs (adapter, model): {diff}")
-    tensors = load_file(str(weights_path))
-    params = wrapped.trainable_state_dict()
-    missing_t, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing_t or unexpected:
-        raise CheckpointError(f"{weights_path}: tensors missing from the file: {missing_t[:5]}; "
-                              f"not in the model: {unexpected[:5]}")
-    for key, value in tensors.items():
-        if tuple(value.shape) != tuple(params[key].shape):
-            raise CheckpointError(f"{weights_path}: {key} has shape {tuple(value.shape)}, "
-                                  f"the model expects {tuple(params[key].shape)}")
-    with torch.no_grad():
-        for key, value in tensors.items():
-            _copy_into(params[key], value)
+            raise CheckpointError(f"{Path(adapter_dir) / CONFIG_NAME}: this adapter does not fit the model: "
+                                  f"{err}") from None
+    check_layers(adapter_dir, manifest.get("layers", {}), wrapped.adapter_manifest()["layers"])
+    restore_tensors(adapter_dir, wrapped.trainable_state_dict())
     if not is_trainable:
         for param in wrapped.parameters():
             param.requires_grad_(False)
@@ -583,47 +427,7 @@ def load(model: nn.Module, adapter_dir: str | Path, is_trainable: bool = True) -
 # ---------------------------------------------------------------------------------------- export
 def export_peft(model: AsymLoraModel, save_directory: str | Path, task: str | int | None = None) -> None:
     """Write a PEFT LoRA adapter (A copied, B_t) for one task; loadable by ``PeftModel.from_pretrained``."""
-    from peft import LoraConfig
-
-    task_id = None if task is None else model.asymlora_config.task_id(task)
-    tensors: dict[str, torch.Tensor] = {}
-    ranks, alphas = {}, {}
-    specs: list[LayerSpec] = []
-    for name, layer in model.adapter_layers.items():
-        layer.delta_weight(task_id)  # raises NotImplementedError / ConfigError where no export exists
-        spec = layer.spec
-        expert = task_id if spec.num_experts > 1 else 0
-        A = layer.A_bank[expert * spec.r:(expert + 1) * spec.r] if spec.num_A > 1 else layer.A_bank
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.B_bank[expert].detach().cpu().contiguous()
-        ranks[name], alphas[name] = spec.r, spec.alpha
-        specs.append(spec)
-    for name in model.saved_modules:
-        for pname, param in model.base_model.get_submodule(name).named_parameters():
-            tensors[f"base_model.model.{name}.{pname}"] = param.detach().cpu().contiguous()
-    if not specs:
-        raise AsymLoraError("export_peft: this adapter has no adapted layers (only modules_to_save); save it with "
-                            "save_pretrained instead")
-    first = specs[0]
-    if len({s.use_rslora for s in specs}) > 1:
-        raise NotImplementedError("export_peft: PEFT has one use_rslora flag per adapter; layers differ")
-    base_config = getattr(model.base_model, "config", None)
-    peft_config = LoraConfig(
-        r=first.r, lora_alpha=first.alpha, use_rslora=first.use_rslora, lora_dropout=first.dropout,
-        target_modules=list(model.adapter_layers),
-        rank_pattern={f"^{re.escape(n)}$": r for n, r in ranks.items() if r != first.r},
-        alpha_pattern={f"^{re.escape(n)}$": a for n, a in alphas.items() if a != first.alpha},
-        modules_to_save=list(model.saved_modules) or None,
-        base_model_name_or_path=getattr(base_config, "_name_or_path", None) or None,
-    )
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "adapter_model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    peft_json = peft_config.to_dict()
-    peft_json = {k: (sorted(v) if isinstance(v, set) else v) for k, v in peft_json.items()}
-    peft_json["peft_type"] = "LORA"
-    write_json_atomic(out / "adapter_config.json", peft_json)
+    model.export_peft(save_directory, task)
 
 
 # ---------------------------------------------------------------------------------------- report

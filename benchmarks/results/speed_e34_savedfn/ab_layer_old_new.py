@@ -13,7 +13,7 @@ from torch import nn
 
 from asymlora import AsymLoraConfig
 from asymlora.layer import AsymLoraLinear as New
-from asymlora.model import RoutingContext
+from asymlora.routing import RoutingContext
 
 with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as handle:
     handle.write(subprocess.run(["git", "show", "7491d32:src/asymlora/layer.py"], capture_output=True, text=True,

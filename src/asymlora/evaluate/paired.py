@@ -5,7 +5,7 @@ the items' difficulty is shared. The paired bootstrap resamples the test items o
 the same resample for every run, recomputes each run's task scores and mean over tasks from the per-item
 scores in ``predictions.jsonl``, and reports each run's difference to the reference with a 95% percentile
 interval. Differences are oriented so that positive is better: a lower-is-better metric (CER) enters as
-1 - value, clipped at 0 in the mean over tasks as in :func:`asymlora.evaluate.report.mean_score`, and not
+1 - value, clipped at 0 in the mean over tasks as in :func:`asymlora.evaluate.scores.mean_score`, and not
 clipped in the task's own difference (a CER that falls from 1.3 to 1.1 counts there).
 
 What it measures is the uncertainty from the finite test set, for these trained adapters. It says nothing
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from asymlora.errors import DataError
-from asymlora.evaluate.report import headline, mean_score, oriented
+from asymlora.evaluate.scores import headline, mean_score, oriented
 
 CONFIDENCE = 0.95
 

@@ -5,20 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
-
-import numpy as np
+from typing import Any
 
 from asymlora.errors import DataError
+from asymlora.evaluate.paired import markdown as paired_markdown
+from asymlora.evaluate.paired import paired_bootstrap, resolve_reference, results_on_first_items
+from asymlora.evaluate.scores import headline, oriented
 from asymlora.io import atomic_path, read_json, write_json_and_markdown, write_json_atomic, write_text_atomic
-
-_Score = TypeVar("_Score", float, np.ndarray)
-
-
-def headline(result: dict[str, Any]) -> tuple[str, float, bool]:
-    """(metric name, value, higher_is_better) of one task's result."""
-    name = result["metric"]
-    return name, float(result[name]), bool(result.get("higher_is_better", True))
 
 
 def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
@@ -42,27 +35,6 @@ def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
     lines.append("| **mean** | higher-is-better scores (CER as 1-CER) | "
                  + " | ".join(f"{runs[n]['mean']:.3f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
-
-
-def oriented(value: _Score, higher: bool) -> _Score:
-    """A task score as it enters the mean over tasks: unchanged if higher is better, else max(0, 1 - value).
-
-    Works on a float and element-wise on a numpy array (the paired bootstrap's resampled scores).
-    """
-    if higher:
-        return value
-    if isinstance(value, np.ndarray):
-        return np.maximum(0.0, 1.0 - value)
-    return max(0.0, 1.0 - value)
-
-
-def mean_score(task_results: dict[str, dict[str, Any]]) -> float:
-    """Mean over tasks of the headline metric, with lower-is-better metrics (CER) turned into 1 - value."""
-    values = []
-    for result in task_results.values():
-        _, value, higher = headline(result)
-        values.append(oriented(value, higher))
-    return sum(values) / len(values) if values else 0.0
 
 
 def bar_chart(runs: dict[str, dict[str, Any]], path: Path, title: str = "asymlora eval") -> Path:
@@ -165,8 +137,6 @@ def compare(runs: Sequence[str | Path], out: Path, reference: str | None = None,
     for run in runs:
         results = load_results(run)
         if max_items_per_task is not None:
-            from asymlora.evaluate.paired import results_on_first_items
-
             results = results_on_first_items(results, run, max_items_per_task)
         name = results.get("name") or Path(run).name
         while name in loaded:
@@ -175,9 +145,6 @@ def compare(runs: Sequence[str | Path], out: Path, reference: str | None = None,
         dirs.append(run)
     summary = None
     if reference is not None:  # computed before anything is written: a mismatch leaves no partial output
-        from asymlora.evaluate.paired import markdown as paired_markdown
-        from asymlora.evaluate.paired import paired_bootstrap, resolve_reference
-
         ref_name = resolve_reference(reference, list(loaded), dirs)
         summary = paired_bootstrap({n: (loaded[n], d) for n, d in zip(loaded, dirs)}, ref_name,
                                    resamples=resamples, seed=seed, max_items_per_task=max_items_per_task)

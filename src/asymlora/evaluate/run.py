@@ -2,7 +2,7 @@
 
 Built-in tasks are scored on their test split with the metrics of
 :mod:`asymlora.evaluate.metrics.builtin`; official benchmarks (``--bench textvqa --data PATH``) with
-their official metric (:mod:`asymlora.evaluate.benchmarks`). A trained adapter is used with its task
+their official metric (:mod:`asymlora.evaluate.official`). A trained adapter is used with its task
 routing, or merged for one task (``--merge-task``), which must give the same answers.
 """
 
@@ -227,8 +227,8 @@ def _shuffle_images(prompts: list[_Prompt]) -> None:
 def evaluate_benchmark(model: Any, processor: Any, bench: str, data: str, image_root: str | None = None,
                        limit: int | None = None, batch_size: int = 16, max_new_tokens: int = 32,
                        task: str | None = None, adapter_tasks: Sequence[str] = ()) -> tuple[dict[str, Any], list]:
-    from asymlora.evaluate.benchmarks import build_prompt, read_benchmark, score_benchmark
     from asymlora.evaluate.generate import generate_answers
+    from asymlora.evaluate.official.registry import build_prompt, read_benchmark, score_benchmark
 
     items = read_benchmark(bench, data, image_root=image_root, limit=limit)
     prompts = [_Prompt(messages=[{"role": "user", "content": ("<image>\n" if item.image else "")
@@ -242,7 +242,8 @@ def evaluate_benchmark(model: Any, processor: Any, bench: str, data: str, image_
 
 
 def _cli_eval(args: argparse.Namespace) -> int:
-    from asymlora.evaluate.report import mean_score, write_report
+    from asymlora.evaluate.report import write_report
+    from asymlora.evaluate.scores import mean_score
 
     start = time.time()
     model, processor, adapter_tasks = load_for_eval(args.model, args.projector, args.adapter, args.merge_task,

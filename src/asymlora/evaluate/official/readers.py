@@ -1,4 +1,4 @@
-"""Readers for the official local layouts of six VLM benchmarks, their LLaVA-1.5 prompts and their metrics.
+"""Readers for the official local file layouts of six VLM benchmarks.
 
 Each reader returns a list of :class:`EvalItem` (``id``, ``image`` path, ``question``, reference ``answers``,
 benchmark-specific ``extra``). A malformed file raises :class:`~asymlora.errors.DataError` naming the file,
@@ -27,141 +27,33 @@ pope       ``coco_pope_<category>.json`` (JSON lines ``{"question_   COCO ``val2
            id", "image", "text", "label"}``) or a folder of them  folder's parent
 =========  ====================================================  =========================================
 
-:data:`PROMPTS` holds the response-format suffix LLaVA-1.5 appends to each question (one line after it;
-:func:`build_prompt`), :data:`METRICS` names the metric that scores each benchmark and
-:func:`score_benchmark` computes it from the items and the model outputs.
+:mod:`asymlora.evaluate.official.registry` reads, prompts and scores a benchmark by name.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from asymlora.errors import DataError
-from asymlora.evaluate.metrics.gqa import gqa_scores
-from asymlora.evaluate.metrics.mme import PERCEPTION_SUBTASKS, SUBTASKS, mme_scores
-from asymlora.evaluate.metrics.pope import pope_scores, pope_scores_by_category
-from asymlora.evaluate.metrics.scienceqa import OPTIONS, scienceqa_scores
-from asymlora.evaluate.metrics.vqa import vqa_accuracy_batch
+from asymlora.evaluate.metrics.mme import PERCEPTION_SUBTASKS, SUBTASKS
+from asymlora.evaluate.metrics.scienceqa import OPTIONS
+from asymlora.evaluate.official.items import (
+    EvalItem,
+    MissingFileError,
+    PathLike,
+    check_limit,
+    checked_image,
+    data_file,
+    find_image_root,
+    require_field,
+    string_list,
+)
 from asymlora.io import read_json
 
-__all__ = [
-    "BENCHMARKS",
-    "METRICS",
-    "PROMPTS",
-    "READERS",
-    "Benchmark",
-    "EvalItem",
-    "MissingFileError",
-    "build_prompt",
-    "format_scienceqa_question",
-    "read_benchmark",
-    "read_gqa",
-    "read_mme",
-    "read_pope",
-    "read_scienceqa",
-    "read_textvqa",
-    "read_vizwiz",
-    "score_benchmark",
-]
-
-PathLike = str | Path
-
-SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
-VIZWIZ_PROMPT = (
-    "When the provided information is insufficient, respond with 'Unanswerable'.\n" + SHORT_ANSWER_PROMPT
-)
-MULTIPLE_CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")  # MME image lookup order
-
-
-class MissingFileError(DataError, FileNotFoundError):
-    """A benchmark file or image that is not where the layout says it is. The message names both."""
-
-
-@dataclass(frozen=True)
-class EvalItem:
-    """One benchmark question, normalised across benchmarks.
-
-    ``image`` is the image path (``None`` for a question without image); ``question`` is the question as the
-    model should see it before the response-format suffix of :data:`PROMPTS` (for ScienceQA: context,
-    question and lettered choices); ``answers`` are the references (10 human answers for TextVQA/VizWiz, one
-    for the others: GQA's answer, ScienceQA's letter, MME's ``Yes``/``No``, POPE's ``yes``/``no``); ``extra``
-    holds what the benchmark's metric needs (see each reader).
-    """
-
-    id: str
-    image: Path | None
-    question: str
-    answers: list[str]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def _data_file(data_path: PathLike, default_name: str) -> Path:
-    path = Path(data_path).expanduser()
-    if path.is_dir():
-        path = path / default_name
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such file (expected the official {default_name}, or its folder)")
-    return path
-
-
-def _image_root(image_root: PathLike | None, candidates: Sequence[Path], benchmark: str) -> Path:
-    if image_root is not None:
-        root = Path(image_root).expanduser()
-        if not root.is_dir():
-            raise MissingFileError(f"{root}: image folder of {benchmark} not found (image_root)")
-        return root
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    tried = ", ".join(str(c) for c in candidates)
-    raise MissingFileError(f"no image folder for {benchmark}: tried {tried}; pass image_root=")
-
-
-def _require(record: Any, key: str, kinds: type | tuple[type, ...], path: Path, where: str) -> Any:
-    """``record[key]``, checked to be of ``kinds`` (bool is never accepted as int)."""
-    if not isinstance(record, dict):
-        raise DataError(f"{path}: {where}: expected a JSON object, got {type(record).__name__}")
-    if key not in record:
-        raise DataError(f"{path}: {where}: missing field {key!r}")
-    value = record[key]
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _as_tuple(kinds)):
-        expected = " or ".join(k.__name__ for k in _as_tuple(kinds))
-        raise DataError(f"{path}: {where}: field {key!r} must be {expected}, got {type(value).__name__}")
-    return value
-
-
-def _as_tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kinds if isinstance(kinds, tuple) else (kinds,)
-
-
-def _string_list(value: Any, key: str, path: Path, where: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise DataError(f"{path}: {where}: field {key!r} must be a list of strings")
-    if not value:
-        raise DataError(f"{path}: {where}: field {key!r} is empty")
-    return list(value)
-
-
-def _checked_image(image: Path, check: bool, what: str) -> Path:
-    if check and not image.is_file():
-        raise MissingFileError(f"{image}: image of {what} not found")
-    return image
-
-
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
-
-
-# --------------------------------------------------------------------------------------------- readers
 
 
 def read_textvqa(
@@ -174,12 +66,12 @@ def read_textvqa(
 
     ``extra``: ``question_id``, ``image_id`` (and ``ocr_tokens`` when the record has them).
     """
-    _check_limit(limit)
-    path = _data_file(data_path, "TextVQA_0.5.1_val.json")
+    check_limit(limit)
+    path = data_file(data_path, "TextVQA_0.5.1_val.json")
     document = read_json(path, "TextVQA_0.5.1_val.json")
     if not isinstance(document, dict) or not isinstance(document.get("data"), list):
         raise DataError(f'{path}: expected an object with a "data" list (TextVQA_0.5.1 format)')
-    root = _image_root(
+    root = find_image_root(
         image_root,
         [path.parent / "train_images", path.parent / "train_val_images" / "train_images"],
         "TextVQA",
@@ -189,15 +81,15 @@ def read_textvqa(
         if limit is not None and len(items) >= limit:
             break
         where = f"record {index} of data"
-        question_id = _require(record, "question_id", (int, str), path, where)
+        question_id = require_field(record, "question_id", (int, str), path, where)
         where = f"record {index} of data (question_id {question_id})"
-        image_id = _require(record, "image_id", str, path, where)
-        question = _require(record, "question", str, path, where)
-        answers = _string_list(_require(record, "answers", list, path, where), "answers", path, where)
+        image_id = require_field(record, "image_id", str, path, where)
+        question = require_field(record, "question", str, path, where)
+        answers = string_list(require_field(record, "answers", list, path, where), "answers", path, where)
         extra: dict[str, Any] = {"question_id": question_id, "image_id": image_id}
         if isinstance(record.get("ocr_tokens"), list):
             extra["ocr_tokens"] = list(record["ocr_tokens"])
-        image = _checked_image(root / f"{image_id}.jpg", check_images, f"{where} in {path}")
+        image = checked_image(root / f"{image_id}.jpg", check_images, f"{where} in {path}")
         items.append(EvalItem(str(question_id), image, question, answers, extra))
     return items
 
@@ -213,20 +105,20 @@ def read_gqa(
     ``extra``: ``structural`` (``types.structural``, or ``None``), ``global_group`` (``groups.global``, or
     ``None``), ``is_balanced`` (``isBalanced``, default true), ``full_answer`` (``fullAnswer``, or ``None``).
     """
-    _check_limit(limit)
-    path = _data_file(data_path, "testdev_balanced_questions.json")
+    check_limit(limit)
+    path = data_file(data_path, "testdev_balanced_questions.json")
     document = read_json(path, "GQA's testdev_balanced_questions.json")
     if not isinstance(document, dict):
         raise DataError(f"{path}: expected an object mapping question ids to questions")
-    root = _image_root(image_root, [path.parent / "images"], "GQA")
+    root = find_image_root(image_root, [path.parent / "images"], "GQA")
     items: list[EvalItem] = []
     for question_id, record in document.items():
         if limit is not None and len(items) >= limit:
             break
         where = f"question {question_id!r}"
-        image_id = _require(record, "imageId", str, path, where)
-        question = _require(record, "question", str, path, where)
-        answer = _require(record, "answer", str, path, where)
+        image_id = require_field(record, "imageId", str, path, where)
+        question = require_field(record, "question", str, path, where)
+        answer = require_field(record, "answer", str, path, where)
         types = record.get("types") or {}
         groups = record.get("groups") or {}
         if not isinstance(types, dict) or not isinstance(groups, dict):
@@ -243,7 +135,7 @@ def read_gqa(
             "is_balanced": is_balanced,
             "full_answer": record.get("fullAnswer"),
         }
-        image = _checked_image(root / f"{image_id}.jpg", check_images, f"{where} in {path}")
+        image = checked_image(root / f"{image_id}.jpg", check_images, f"{where} in {path}")
         items.append(EvalItem(str(question_id), image, question, [answer], extra))
     return items
 
@@ -260,33 +152,33 @@ def read_vizwiz(
     A record without ``answers`` (the test split) gets ``answers == []``; such items can be generated for a
     server submission but not scored locally.
     """
-    _check_limit(limit)
-    path = _data_file(data_path, "val.json")
+    check_limit(limit)
+    path = data_file(data_path, "val.json")
     document = read_json(path, "VizWiz's val.json")
     if not isinstance(document, list):
         raise DataError(f"{path}: expected a list of questions (VizWiz format)")
-    root = _image_root(image_root, [path.parent / "val"], "VizWiz")
+    root = find_image_root(image_root, [path.parent / "val"], "VizWiz")
     items: list[EvalItem] = []
     for index, record in enumerate(document):
         if limit is not None and len(items) >= limit:
             break
         where = f"record {index}"
-        image_name = _require(record, "image", str, path, where)
+        image_name = require_field(record, "image", str, path, where)
         where = f"record {index} (image {image_name})"
-        question = _require(record, "question", str, path, where)
+        question = require_field(record, "question", str, path, where)
         raw_answers = record.get("answers", [])
         if not isinstance(raw_answers, list):
             raise DataError(f"{path}: {where}: field 'answers' must be a list")
         answers, confidences = [], []
         for k, entry in enumerate(raw_answers):
-            answers.append(_require(entry, "answer", str, path, f"{where}, answers[{k}]"))
+            answers.append(require_field(entry, "answer", str, path, f"{where}, answers[{k}]"))
             confidences.append(entry.get("answer_confidence"))
         extra = {
             "answerable": record.get("answerable"),
             "answer_type": record.get("answer_type"),
             "answer_confidence": confidences,
         }
-        image = _checked_image(root / image_name, check_images, f"{where} in {path}")
+        image = checked_image(root / image_name, check_images, f"{where} in {path}")
         items.append(EvalItem(image_name, image, question, answers, extra))
     return items
 
@@ -311,30 +203,30 @@ def read_scienceqa(
     ``question`` is :func:`format_scienceqa_question`; ``answers`` = ``[letter of the answer]``. ``extra``:
     ``answer_index``, ``num_choices``, ``choices``, ``hint``, ``raw_question``, ``subject``, ``grade``.
     """
-    _check_limit(limit)
-    path = _data_file(data_path, "problems.json")
+    check_limit(limit)
+    path = data_file(data_path, "problems.json")
     document = read_json(path, "ScienceQA's problems.json")
     if not isinstance(document, dict):
         raise DataError(f"{path}: expected an object mapping problem ids to problems")
-    root = _image_root(image_root, [path.parent / "images"], "ScienceQA")
+    root = find_image_root(image_root, [path.parent / "images"], "ScienceQA")
     items: list[EvalItem] = []
     for problem_id, record in document.items():
         if limit is not None and len(items) >= limit:
             break
         where = f"problem {problem_id!r}"
-        problem_split = _require(record, "split", str, path, where)
+        problem_split = require_field(record, "split", str, path, where)
         image_name = record.get("image")
         if image_name is not None and not isinstance(image_name, str):
             raise DataError(f"{path}: {where}: field 'image' must be a file name or null")
         if problem_split != split or not image_name:
             continue
-        question = _require(record, "question", str, path, where)
-        choices = _string_list(_require(record, "choices", list, path, where), "choices", path, where)
+        question = require_field(record, "question", str, path, where)
+        choices = string_list(require_field(record, "choices", list, path, where), "choices", path, where)
         if len(choices) > len(OPTIONS):
             raise DataError(
                 f"{path}: {where}: field 'choices' has {len(choices)} options, at most {len(OPTIONS)}"
             )
-        answer = _require(record, "answer", int, path, where)
+        answer = require_field(record, "answer", int, path, where)
         if not 0 <= answer < len(choices):
             raise DataError(
                 f"{path}: {where}: field 'answer' is {answer}, not a choice index 0..{len(choices) - 1}"
@@ -351,7 +243,7 @@ def read_scienceqa(
             "subject": record.get("subject"),
             "grade": record.get("grade"),
         }
-        image = _checked_image(
+        image = checked_image(
             root / split / str(problem_id) / image_name, check_images, f"{where} in {path}"
         )
         text = format_scienceqa_question(question, choices, hint)
@@ -383,7 +275,7 @@ def read_mme(
     image for acc+), ``category`` (``perception`` or ``cognition``). Images are always looked up (their
     extension is not known beforehand), so ``check_images`` has no effect.
     """
-    _check_limit(limit)
+    check_limit(limit)
     if image_root is not None:
         raise ValueError("MME images live in the subtask folders of data_path; image_root is not used")
     root = Path(data_path).expanduser()
@@ -464,11 +356,11 @@ def read_pope(
     ``answers`` = ``[label]``. ``extra``: ``question_id``, ``category`` (the record's ``category`` field,
     else the file name without ``coco_pope_``).
     """
-    _check_limit(limit)
+    check_limit(limit)
     path = Path(data_path).expanduser()
     files, from_folder = _pope_files(path)
     base = path if from_folder else path.parent
-    root = _image_root(image_root, [base / "val2014", base.parent / "val2014"], "POPE (COCO val2014)")
+    root = find_image_root(image_root, [base / "val2014", base.parent / "val2014"], "POPE (COCO val2014)")
     items: list[EvalItem] = []
     for file in files:
         default_category = file.stem.removeprefix("coco_pope_")
@@ -486,141 +378,17 @@ def read_pope(
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{file}: {where}: invalid JSON ({error.msg})") from None
-            question_id = _require(record, "question_id", (int, str), file, where)
-            image_name = _require(record, "image", str, file, where)
-            question = _require(record, "text", str, file, where)
-            label = _require(record, "label", str, file, where)
+            question_id = require_field(record, "question_id", (int, str), file, where)
+            image_name = require_field(record, "image", str, file, where)
+            question = require_field(record, "text", str, file, where)
+            label = require_field(record, "label", str, file, where)
             if label not in ("yes", "no"):
                 raise DataError(f"{file}: {where}: field 'label' must be 'yes' or 'no', got {label!r}")
             category = record.get("category", default_category)
             if not isinstance(category, str):
                 raise DataError(f"{file}: {where}: field 'category' must be a string")
             item_id = f"{category}/{question_id}" if from_folder else str(question_id)
-            image = _checked_image(root / image_name, check_images, f"{where} of {file}")
+            image = checked_image(root / image_name, check_images, f"{where} of {file}")
             extra = {"question_id": question_id, "category": category}
             items.append(EvalItem(item_id, image, question, [label], extra))
     return items
-
-
-# ------------------------------------------------------------------------------------ registry, scoring
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    """A benchmark: its reader, LLaVA-1.5 prompt suffix and the metric that scores it."""
-
-    name: str
-    reader: Callable[..., list[EvalItem]]
-    prompt: str
-    metric: str
-
-
-BENCHMARKS: dict[str, Benchmark] = {
-    "textvqa": Benchmark("textvqa", read_textvqa, SHORT_ANSWER_PROMPT,
-                         "VQA accuracy, m4c normalisation (metrics.vqa.vqa_accuracy_batch)"),
-    "gqa": Benchmark("gqa", read_gqa, SHORT_ANSWER_PROMPT,
-                     "GQA exact match, binary/open, distribution (metrics.gqa.gqa_scores)"),
-    "vizwiz": Benchmark("vizwiz", read_vizwiz, VIZWIZ_PROMPT,
-                        "VQA accuracy, m4c normalisation (metrics.vqa.vqa_accuracy_batch)"),
-    "scienceqa": Benchmark("scienceqa", read_scienceqa, MULTIPLE_CHOICE_PROMPT,
-                           "option-letter accuracy, LLaVA parsing (metrics.scienceqa.scienceqa_scores)"),
-    "mme": Benchmark("mme", read_mme, SHORT_ANSWER_PROMPT,
-                     "acc + acc+ per subtask, perception/cognition totals (metrics.mme.mme_scores)"),
-    "pope": Benchmark("pope", read_pope, SHORT_ANSWER_PROMPT,
-                      "accuracy, precision, recall, F1, yes-ratio per category (metrics.pope)"),
-}  # fmt: skip
-READERS: dict[str, Callable[..., list[EvalItem]]] = {name: b.reader for name, b in BENCHMARKS.items()}
-PROMPTS: dict[str, str] = {name: b.prompt for name, b in BENCHMARKS.items()}
-METRICS: dict[str, str] = {name: b.metric for name, b in BENCHMARKS.items()}
-
-
-def _benchmark(name: str) -> Benchmark:
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
-    return BENCHMARKS[name]
-
-
-def read_benchmark(
-    name: str,
-    data_path: PathLike,
-    image_root: PathLike | None = None,
-    limit: int | None = None,
-    **options: Any,
-) -> list[EvalItem]:
-    """Read benchmark ``name`` (a key of :data:`READERS`); ``limit`` keeps the first items in file order.
-
-    ``options`` go to the reader: ``check_images`` (all), ``split`` (scienceqa), ``subtasks`` (mme).
-    """
-    return _benchmark(name).reader(data_path, image_root=image_root, limit=limit, **options)
-
-
-def build_prompt(name: str, item: EvalItem) -> str:
-    """The question followed, on a new line, by the benchmark's response-format suffix (never twice)."""
-    suffix = _benchmark(name).prompt
-    question = item.question.rstrip()
-    return question if question.endswith(suffix) else f"{question}\n{suffix}"
-
-
-def _aligned_predictions(
-    items: Sequence[EvalItem], predictions: Sequence[str] | Mapping[str, str]
-) -> list[str]:
-    if isinstance(predictions, Mapping):
-        missing = [item.id for item in items if item.id not in predictions]
-        if missing:
-            raise ValueError(f"no prediction for {len(missing)} item(s), e.g. {missing[:3]}")
-        return [predictions[item.id] for item in items]
-    if isinstance(predictions, str) or len(predictions) != len(items):
-        raise ValueError(f"expected one prediction per item ({len(items)}), got {len(predictions)}")
-    return list(predictions)
-
-
-def score_benchmark(
-    name: str, items: Sequence[EvalItem], predictions: Sequence[str] | Mapping[str, str]
-) -> dict[str, Any]:
-    """Score model outputs on a benchmark's items with its official metric (see :data:`METRICS`).
-
-    ``predictions`` are the raw model outputs, in item order or keyed by item id. The result is the metric
-    function's dict (fractions in [0, 1]; MME scores in points) with ``"benchmark"`` added.
-    """
-    _benchmark(name)
-    if not items:
-        raise ValueError(f"no {name} items to score")
-    outputs = _aligned_predictions(items, predictions)
-    result: dict[str, Any]
-    if name in ("textvqa", "vizwiz"):
-        unscored = [item.id for item in items if not item.answers]
-        if unscored:
-            raise ValueError(
-                f"{len(unscored)} {name} item(s) have no human answers (e.g. {unscored[0]}): a test split is "
-                "scored by the evaluation server"
-            )
-        result = vqa_accuracy_batch(outputs, [item.answers for item in items])
-    elif name == "gqa":
-        result = gqa_scores(
-            outputs,
-            [item.answers[0] for item in items],
-            structural_types=[item.extra.get("structural") for item in items],
-            global_groups=[item.extra.get("global_group") for item in items],
-            balanced=[item.extra.get("is_balanced", True) for item in items],
-        )
-    elif name == "scienceqa":
-        result = scienceqa_scores(
-            outputs,
-            [item.extra["answer_index"] for item in items],
-            [item.extra["num_choices"] for item in items],
-            has_image=[item.image is not None for item in items],
-        )
-    elif name == "mme":
-        result = mme_scores(
-            outputs,
-            [item.answers[0] for item in items],
-            [item.extra["subtask"] for item in items],
-            [item.extra["image_key"] for item in items],
-        )
-    else:
-        labels = [item.answers[0] for item in items]
-        result = pope_scores_by_category(outputs, labels, [item.extra["category"] for item in items])
-        overall = pope_scores(outputs, labels)
-        overall.pop("per_question")
-        result["overall"] = overall
-    return {"benchmark": name, **result}
