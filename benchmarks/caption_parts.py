@@ -9,8 +9,8 @@ format), and the share that loop (12 or more words, fewer than half of them dist
 majority-category baseline of the items, so "names the category" can be read against always answering the
 most frequent one.
 
-    python benchmarks/caption_parts.py benchmarks/results/fulltest_200steps/mixed-*-s1 \\
-        --out benchmarks/results/fulltest_200steps/caption_parts
+    python benchmarks/caption_parts.py runs/quality/cpu_mix5_500steps_all/mixed-*-s1/eval \\
+        --out runs/caption_parts/cpu_mix5_500steps_all
 
 writes ``caption_parts.json`` and ``caption_parts.md`` under ``--out``. ``--max-items-per-task 200`` reads only
 each run's first 200 emoji items, so that an all-items eval and a ``--max-samples 200`` one are compared on the

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU number the benchmarks and training issues ask for, in parts that fit separate calls of a GPU
 # machine that has torch/transformers but no registry. Run from the repository root:
-#   bash benchmarks/gpu_run.sh OUT [PART ...]        (no PART: the three speed parts)
+#   bash benchmarks/gpu_run.sh OUT [PART ...]        (no PART: the three speed parts; OUT: runs/gpu)
+# OUT gets each part's log and the benchmarks' summaries (<benchmark>_<preset>_cuda.{json,md}); only the
+# summaries belong in benchmarks/results.
 # Parts, each with its own time limit so that one slow part cannot eat the rest; a part that fails or
 # runs out of time is reported and the others still run:
 #   layer_speed_7b      benchmarks/layer_speed.py --preset 7b
@@ -23,7 +25,7 @@
 # tests/test_benchmark_scripts.py parses those commands here, so a typo cannot cost device time.
 set -uo pipefail
 dry="${GPU_RUN_DRY:-}"
-out="${1:-benchmarks/results}"
+out="${1:-runs/gpu}"
 shift || true
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(layer_speed_7b speed_default_cuda speed_7b_cuda)
@@ -64,8 +66,8 @@ for part in "${parts[@]}"; do
     # --no-paired: the round-by-round ratios against LoRA (speed.py's default) are there for a shared CPU
     # host whose speed drifts over minutes; a dedicated GPU with synchronised timing does not, and pairing
     # doubles the steps. --no-count-ops: the ATen operator count does not depend on the device (the CPU
-    # runs have it) and profiling a 30-layer step costs seconds per configuration. On an H200 on
-    # 2026-12-04 the default preset took about 12 s per configuration (20 of them) with both on.
+    # runs have it) and profiling a 30-layer step costs seconds per configuration. On an H200
+    # the default preset took about 12 s per configuration (20 of them) with both on.
     layer_speed_7b) run 150 "$part" python benchmarks/layer_speed.py --preset 7b --device cuda --profile 6 --out "$out" ;;
     # --decode-tokens 16: the inference rows' decoding steps fit the limit beside the 20 training rows
     speed_default_cuda) run 330 "$part" python benchmarks/speed.py --preset default --device cuda --no-paired --no-count-ops \

@@ -7,8 +7,8 @@ the test set's sampling error only. This script puts the seeds side by side: a m
 interval, the mean and sample standard deviation over seeds, and how many seeds are ahead; per task, the
 mean over seeds. Every file must compare the same tasks on the same numbers of items.
 
-    python benchmarks/paired_seeds.py benchmarks/results/fulltest_200steps/paired_s{0,1,2} \\
-        --out benchmarks/results/fulltest_200steps/paired_seeds
+    python benchmarks/paired_seeds.py runs/quality/cpu_mix5_500steps_all/paired/s{0,1,2} \\
+        --out runs/paired_seeds/cpu_mix5_500steps_all
 
 writes ``paired_seeds.json`` and ``paired_seeds.md`` under ``--out``.
 """

@@ -31,18 +31,19 @@ Every finished run is appended to ``<out>/quality_<name>.json`` at once, and a r
 are already there, so a long benchmark can be stopped and continued. Within a run, nothing trained is lost
 either: a run stopped during its evaluation keeps its finished training (the rerun evaluates it), and one
 stopped during training continues from its last checkpoint (one every 100 steps). The report (``RESULTS.md``-ready
-markdown and a plot) is rewritten from that file after each run. Each run's test predictions with their
-per-item scores go to ``<run>/eval/`` (what ``asymlora eval --out`` writes), and for every seed with a LoRA
-run, ``<out>/quality_<name>_paired/s<seed>/`` holds each method's paired difference to it on the same items
-(``asymlora compare --reference``); ``benchmarks/paired_seeds.py`` pools those over seeds:
-
-    python benchmarks/paired_seeds.py benchmarks/results/quality_mix5_500steps_paired/s* --out paired_seeds
+markdown and a plot) is rewritten from that file after each run. The bulky outputs stay under ``--runs-dir``
+(``runs/quality``, ignored by git): each run's adapter and its test predictions with their per-item scores in
+``<run>/eval/`` (what ``asymlora eval --out`` writes), and for every seed with a LoRA run
+``<runs-dir>/<name>/paired/s<seed>/``, each method's paired difference to it on the same items
+(``asymlora compare --reference``). Those comparisons pooled over seeds (``benchmarks/paired_seeds.py``) go
+into the summary as ``paired``, so ``<out>`` holds one JSON, one Markdown file and one plot per benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import platform
 import statistics
@@ -64,7 +65,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "asymlora": {"method": "asymlora", "routing": "task"},
     "asymlora_moe": {"method": "asymlora_moe", "num_experts": 4, "routing": "dense", "balance_loss_weight": 0.01},
     # Top-2 of 4: each head trains on the tokens routed to it, so the heads do not stay identical the way
-    # zero-initialised heads under dense gates do (docs/RESULTS.md, "Why the dense routers stay uniform").
+    # zero-initialised heads under dense gates do (docs/RESULTS.md, "Routers and gradient conflict").
     "asymlora_moe_top2": {"method": "asymlora_moe", "num_experts": 4, "routing": "topk", "top_k": 2,
                           "balance_loss_weight": 0.01},
     "hybrid": {"method": "asymlora_moe", "routing": "hybrid", "balance_loss_weight": 0.01},  # E = tasks
@@ -255,11 +256,10 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
             "adapter": manifest.get("method", method), "eval_dir": str(eval_dir)}
 
 
-def write_paired(data: dict[str, Any], out: Path, name: str, resamples: int = 10_000) -> list[Path]:
+def write_paired(data: dict[str, Any], runs_root: Path, resamples: int = 10_000) -> list[Path]:
     """Per seed of the mixture runs (matched budget and matched rank), every run's paired difference to LoRA's
-    run of that seed on the same test items (``asymlora compare --reference``):
-    ``<out>/quality_<name>_paired/s<seed>/``. Seeds without a LoRA run, and runs whose eval dir is gone (or
-    predates the per-item scores), are skipped."""
+    run of that seed on the same test items (``asymlora compare --reference``): ``<runs_root>/paired/s<seed>/``.
+    Seeds without a LoRA run, and runs whose eval dir is gone (or predates the per-item scores), are skipped."""
     from asymlora.evaluate.report import compare
 
     written = []
@@ -270,10 +270,28 @@ def write_paired(data: dict[str, Any], out: Path, name: str, resamples: int = 10
         if reference is None or len(runs) < 2:
             continue
         dirs = [reference["eval_dir"]] + [r["eval_dir"] for r in runs if r is not reference]
-        paths = compare(dirs, out / f"quality_{name}_paired" / f"s{seed}", reference=reference["eval_dir"],
-                        resamples=resamples)
+        paths = compare(dirs, runs_root / "paired" / f"s{seed}", reference=reference["eval_dir"], resamples=resamples)
         written.append(paths["paired_json"])
     return written
+
+
+def sibling(name: str) -> Any:
+    """Another script of this folder (``benchmarks/`` is not a package), as a module."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pool_paired(data: dict[str, Any], paired_files: list[Path]) -> None:
+    """Put the per-seed comparisons, pooled over seeds, into ``data["paired"]`` under their reference's name
+    (other entries, e.g. comparisons made by hand on the same adapters, are kept)."""
+    if not paired_files:
+        return
+    paired_seeds = sibling("paired_seeds")
+    pooled = paired_seeds.pool([paired_seeds.load(path) for path in paired_files])
+    data.setdefault("paired", {})[pooled["reference"]] = pooled
 
 
 def _fmt(values: list[float]) -> str:
@@ -361,7 +379,37 @@ def to_markdown(data: dict[str, Any]) -> str:
                 cells.append(f"{sign * (statistics.mean(m) - statistics.mean(s)):+.3f}" if m and s else "")
             lines.append(f"| {method} | {reference['method']} | " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + extras_markdown(data))
+
+
+def extras_markdown(data: dict[str, Any]) -> list[str]:
+    """The sections beside the runs: ``evals`` (``asymlora eval`` outputs of adapters scored outside this script,
+    e.g. on other items), ``paired`` (comparisons pooled over seeds, by reference) and ``caption_parts``
+    (``benchmarks/caption_parts.py`` tables), each entry with an optional ``description``."""
+    lines: list[str] = []
+    evals = data.get("evals")
+    if evals:
+        tasks = list(next(iter(evals["runs"].values()))["tasks"])
+        lines += ["### Evaluations beside the runs above (`asymlora eval`)", ""]
+        lines += [evals["description"], ""] if evals.get("description") else []
+        lines += ["| run | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
+        for run, result in evals["runs"].items():
+            cells = []
+            for task in tasks:
+                score = result["tasks"].get(task)
+                cells.append("" if score is None else f"{score[score['metric']]:.3f}"
+                             + ("" if score["higher_is_better"] else " ↓"))
+            lines.append(f"| {run} | " + " | ".join(cells) + f" | {result['mean']:.3f} |")
+        lines.append("")
+    for label, pooled in (data.get("paired") or {}).items():
+        lines += [f"### Paired differences to {label}, over seeds", ""]
+        lines += [pooled["description"], ""] if pooled.get("description") else []
+        lines += [sibling("paired_seeds").markdown(pooled)]
+    for label, entry in (data.get("caption_parts") or {}).items():
+        lines += [f"### Emoji captions: {label}", ""]
+        lines += [entry["description"], ""] if entry.get("description") else []
+        lines += [sibling("caption_parts").markdown(entry["runs"])]
+    return lines
 
 
 def plot(data: dict[str, Any], path: Path) -> Path:
@@ -394,11 +442,14 @@ def plot(data: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def write_outputs(data: dict[str, Any], out: Path, name: str) -> None:
+def write_outputs(data: dict[str, Any], out: Path, name: str, runs_root: Path) -> None:
+    """The summary: ``<out>/quality_<name>.{json,md,png}``; the per-seed comparisons under ``runs_root``."""
+    mixed = bool(summarize(data["runs"], "mixed", data["tasks"]))
+    if mixed:
+        pool_paired(data, write_paired(data, runs_root))
     write_json_and_markdown(out, f"quality_{name}", data, to_markdown(data))
-    if summarize(data["runs"], "mixed", data["tasks"]):
+    if mixed:
         plot(data, out / f"quality_{name}.png")
-        write_paired(data, out, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,8 +480,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="asymlora train overrides for every run, after the method's (e.g. "
                         "loraplus_lr_ratio=4); use a --name of their own")
     parser.add_argument("--name", default=None, help="results name (default: <mixture>_<steps>steps)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    parser.add_argument("--runs-dir", default="runs/quality", help="where the training runs go")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"),
+                        help="where the summary goes: quality_<name>.{json,md,png}")
+    parser.add_argument("--runs-dir", default="runs/quality",
+                        help="where the training runs, their evals and the per-seed comparisons go (bulky; "
+                        "runs/ is ignored by git)")
     args = parser.parse_args(argv)
 
     from asymlora.data import load_mixture
@@ -496,11 +550,11 @@ def main(argv: list[str] | None = None) -> int:
         result = train_and_eval(args, method, r, seed, run_tasks, run_mixture, args.mixture,
                                 Path(args.runs_dir) / name / label, run_steps)
         data["runs"].append({"setting": setting, **result, "machine": here})
-        write_outputs(data, out, name)
+        write_outputs(data, out, name, Path(args.runs_dir) / name)
         took = "" if result["train_seconds"] is None else f"train {result['train_seconds']:.0f}s  "
         print(f"   mean {result['mean']:.3f}  {took}"
               + "  ".join(f"{t}={s['value']:.3f}" for t, s in result["scores"].items()), flush=True)
-    write_outputs(data, out, name)
+    write_outputs(data, out, name, Path(args.runs_dir) / name)
     print(to_markdown(data))
     return 0
 

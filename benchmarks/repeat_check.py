@@ -10,9 +10,9 @@ first logged step whose loss differs, and how many saved tensors differ and by h
 one config on one machine end in identical tensors (``tests/test_train.py``); a change of the float order
 (another CPU instruction set, another kernel) shows up as a loss that differs from the first logged step.
 
-    python benchmarks/repeat_check.py answers benchmarks/results/fulltest_500steps/mixed-lora_moe-r4-s1 \\
-        benchmarks/results/fulltest_500steps_all/mixed-lora_moe-r4-s1 --out repeat_lora_moe_s1
-    python benchmarks/repeat_check.py adapters /tmp/isa/native /tmp/isa/avx2 --out isa
+    python benchmarks/repeat_check.py answers runs/evals/mixed-lora_moe-r4-s1 \\
+        runs/quality/cpu_mix5_500steps_all/mixed-lora_moe-r4-s1/eval --out runs/repeat_check/lora_moe_s1
+    python benchmarks/repeat_check.py adapters runs/isa/native runs/isa/avx2 --out runs/repeat_check/isa
 
 write ``repeat_check.json`` and ``repeat_check.md`` under ``--out`` (stdout gets the markdown either way).
 """

@@ -151,9 +151,16 @@ def test_quality_benchmark_trains_evaluates_and_reports(tmp_path, isolated_cache
     for run in data["runs"]:  # each run's per-item scores, as `asymlora eval --out` writes them
         rows = [json.loads(line) for line in (Path(run["eval_dir"]) / "predictions.jsonl").read_text().splitlines()]
         assert sorted(row["task"] for row in rows) == sorted(run["tasks"]) and all("score" in row for row in rows)
-    paired = json.loads((tmp_path / "res" / "quality_t_paired" / "s0" / "paired.json").read_text())
-    assert paired["reference"] == "mixed-lora-r16-s0" and list(paired["runs"]) == [f"mixed-asymlora-r{ranks['asymlora']['r']}-s0"]
+    # the per-seed comparison stays with the runs; the summary holds it pooled over seeds, and nothing else
+    # than the summary goes to --out
+    paired = json.loads((tmp_path / "runs" / "quality" / "t" / "paired" / "s0" / "paired.json").read_text())
+    asym = f"mixed-asymlora-r{ranks['asymlora']['r']}"
+    assert paired["reference"] == "mixed-lora-r16-s0" and list(paired["runs"]) == [f"{asym}-s0"]
     assert set(paired["tasks"]) == {"easyvqa", "ocr"}
+    pooled = data["paired"]["mixed-lora-r16"]
+    assert pooled["seeds"] == ["0"] and pooled["methods"][asym]["mean"] == paired["runs"][f"{asym}-s0"]["mean"]["diff"]
+    assert f"| {asym} |" in report.split("### Paired differences to mixed-lora-r16, over seeds")[1]
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["quality_t.json", "quality_t.md", "quality_t.png"]
     before = (tmp_path / "res" / "quality_t.json").read_text()
     assert quality.main(argv) == 0  # every run is done: nothing retrains
     assert json.loads((tmp_path / "res" / "quality_t.json").read_text())["runs"] == json.loads(before)["runs"]
@@ -324,6 +331,63 @@ def test_paired_seeds_pools_differences_over_seeds_and_refuses_other_items(tmp_p
     assert proc.returncode == 2
     assert str(other / "paired.json") in proc.stderr and "field 'tasks'" in proc.stderr
     assert not fresh.exists()
+
+
+def test_analysis_summary_keeps_one_row_per_analysed_adapter(tmp_path, capsys):
+    """benchmarks/analysis_summary.py on a real `asymlora analyze` output of a tiny hybrid-routed adapter."""
+    from train_fixtures import train_setup
+
+    from asymlora.cli import main
+    from asymlora.train import TrainConfig, run_training
+
+    values = train_setup(tmp_path, method="asymlora_moe", max_steps=2, save_steps=100, output_dir=str(tmp_path / "run"))
+    values["adapter"]["routing"] = "hybrid"  # E = the 2 tasks, head t is task t's own
+    run = run_training(TrainConfig.from_dict(values))
+    analysed = tmp_path / "analysed"
+    assert main(["analyze", "--adapter", str(run), "--samples-per-task", "4", "--batch-size", "4",
+                 "--out", str(analysed)]) == 0
+    result = json.loads((analysed / "analysis.json").read_text())
+    summary = _load_benchmark("analysis_summary")
+    out = tmp_path / "out"
+    assert summary.main([f"hybrid={analysed}", str(analysed / "analysis.json"), "--out", str(out), "--name", "s"]) == 0
+    adapters = json.loads((out / "s.json").read_text())["adapters"]
+    assert list(adapters) == ["hybrid", "analysed"]  # LABEL=PATH, or a bare path labelled by its folder
+    assert adapters["hybrid"] == adapters["analysed"]
+    row = adapters["analysed"]
+    assert (row["method"], row["routing"], row["num_experts"]) == ("asymlora_moe", "hybrid", 2)
+    assert abs(row["mean_loss"] - sum(result["loss"].values()) / 2) < 1e-12
+    load = result["routing_stats"]["expert_load"]
+    assert row["router"]["own_head_load"] == {"color": load[0][0], "isred": load[1][1]}
+    assert row["router"]["top_expert"]["color"]["load"] == max(load[0])
+    assert row["gradient_cosine"]["A"] == result["gradient"]["A"]["mean_off_diagonal"]
+    assert row["expert_similarity"] == result["expert_similarity"]["mean"]
+    md = (out / "s.md").read_text()
+    assert "| analysed | asymlora_moe (hybrid) | 2 | 4 |" in md and "(own)" in md
+    (tmp_path / "other.json").write_text(json.dumps({"method": "lora"}))
+    assert summary.main([str(tmp_path / "other.json"), "--out", str(tmp_path / "bad")]) == 2
+    assert "no 'routing' field" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_quality_summary_renders_the_sections_beside_its_runs(tmp_path):
+    """A quality summary may carry evals made by hand, pooled comparisons and caption tables beside its runs:
+    its Markdown renders each with the script that made it."""
+    quality, pooling, captions = (_load_benchmark(name) for name in ("quality", "paired_seeds", "caption_parts"))
+    evals = {name: json.loads((_one_task_eval(tmp_path / name, "ocr", scores) / "results.json").read_text())
+             for name, scores in (("by-hand-s0", [0.5, 1.0]), ("by-hand-s1", [0.25, 0.25]))}
+    pooled = pooling.pool([pooling.load(_paired_file(tmp_path / f"s{seed}", seed, {"asymlora": diff}))
+                           for seed, diff in ((0, 0.01), (1, 0.03))])
+    table = {"run-a": {"items": 2, "rouge_l": 0.5, "format": 1.0, "category": 0.5, "subgroup": 0.0,
+                       "name_rouge_l": 0.25, "loops": 0.0, "majority_category": 0.5,
+                       "predicted_categories": {"Flags": 2}}}
+    data = {"runs": [], "tasks": ["ocr"], "setup": {"steps": 2},
+            "evals": {"description": "All items.", "runs": evals},
+            "paired": {"mixed-lora-r16 (all items)": {**pooled, "description": "Retrained runs."}},
+            "caption_parts": {"all items": {"runs": table}}}
+    md = quality.to_markdown(data)
+    assert "All items.\n\n| run | ocr | mean |" in md and "| by-hand-s0 | 0.750 ↓ | 0.000 |" in md
+    assert "### Paired differences to mixed-lora-r16 (all items), over seeds\n\nRetrained runs." in md
+    assert pooling.markdown(pooled) in md and captions.markdown(table) in md
+    assert "### Emoji captions: all items" in md
 
 
 def test_caption_parts_splits_emoji_captions_and_names_bad_lines(tmp_path, capsys):
