@@ -8,12 +8,14 @@ Quick use::
     out = model(**batch, task_ids=task_ids)               # loss = out.loss + w * model.aux_loss
     model.save_pretrained("adapter/")                     # every trainable tensor, safetensors
     model = asymlora.load(fresh_hf_model, "adapter/")     # exact restore
+    asymlora.answer(model, processor, "cat.png", "What is it?", task="vqa")   # -> str (asymlora.inference)
 """
 
 __version__ = "0.1.0"
 
 from asymlora.config import AsymLoraConfig, LayerSpec  # noqa: E402
 from asymlora.errors import AsymLoraError, CheckpointError, ConfigError, DataError, MissingAssetError  # noqa: E402
+from asymlora.inference import Question, answer, answer_batch  # noqa: E402
 from asymlora.layer import AsymLoraLinear  # noqa: E402
 from asymlora.model import (  # noqa: E402
     AsymLoraModel,
@@ -35,6 +37,9 @@ __all__ = [
     "DataError",
     "LayerSpec",
     "MissingAssetError",
+    "Question",
+    "answer",
+    "answer_batch",
     "export_peft",
     "find_target_modules",
     "format_param_report",
