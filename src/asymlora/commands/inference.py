@@ -22,10 +22,12 @@ commands in the interactive loop (a line that is not a command is a question abo
   /help         show these commands
   /quit         leave (so does the end of input, Ctrl-D)
 
-examples (the tiny random model answers noise; use a trained adapter, e.g. runs/demo/adapter):
-  asymlora chat --model tiny --image cat.png "what is it?"
-  asymlora chat --adapter runs/demo/adapter --image cat.png --task easyvqa "what color is the shape?"
-  asymlora chat --adapter runs/demo/adapter --image cat.png          # interactive loop
+examples, after the set-up of docs/inference.md (runs/tiny: a tiny random model's adapter, whose answers are
+noise; `./run demo` trains a real one in runs/demo/adapter):
+  asymlora chat --adapter runs/tiny --image red.png --task easyvqa "What color is the shape?"
+  asymlora chat --model tiny --image red.png "What color is the shape?"       # the base model
+  printf 'What color is the shape?\n/task ocr\nWhat does the text say?\n/quit\n' | \
+    asymlora chat --adapter runs/tiny --image red.png --task easyvqa
 """
 
 PREDICT_EXAMPLES = """\
@@ -35,8 +37,8 @@ if any, is ignored). A record with one image and no <image> placeholder gets it 
 
 output: one JSON line per record, in input order: {"id": ..., "task": ..., "answer": ...}
 
-example:
-  asymlora predict --adapter runs/demo/adapter --data questions.jsonl --out preds.jsonl
+example, after the set-up of docs/inference.md (which also writes questions.jsonl):
+  asymlora predict --adapter runs/tiny --data questions.jsonl --out preds.jsonl --batch-size 8
 """
 
 WEB_EXAMPLES = """\
@@ -45,8 +47,8 @@ trained modules such as the projector back at their base values) beside the adap
 adapters the share of tokens each expert received. Built-in test images (datasets built with `asymlora data
 build`) can be picked below the image.
 
-example:
-  asymlora web --adapter runs/demo/adapter --port 7860     # then open http://127.0.0.1:7860
+example, after the set-up of docs/inference.md:
+  asymlora web --adapter runs/tiny --port 7860     # then open http://127.0.0.1:7860
 """
 
 
