@@ -8,10 +8,12 @@ Quick use::
     out = model(**batch, task_ids=task_ids)               # loss = out.loss + w * model.aux_loss
     model.save_pretrained("adapter/")                     # every trainable tensor, safetensors
     model = asymlora.load(fresh_hf_model, "adapter/")     # exact restore
+    asymlora.answer(model, processor, "cat.png", "What is it?", task="vqa")   # -> str (asymlora.inference)
 """
 
 from asymlora.config import AsymLoraConfig, LayerSpec
 from asymlora.errors import AsymLoraError, CheckpointError, ConfigError, DataError, MissingAssetError
+from asymlora.inference import Question, answer, answer_batch
 from asymlora.layer import AsymLoraLinear
 from asymlora.model import (
     AsymLoraModel,
@@ -35,6 +37,9 @@ __all__ = [
     "DataError",
     "LayerSpec",
     "MissingAssetError",
+    "Question",
+    "answer",
+    "answer_batch",
     "export_peft",
     "find_target_modules",
     "format_param_report",

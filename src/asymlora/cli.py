@@ -25,6 +25,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("asymlora.commands.analyze", "register_cli"),
     ("asymlora.evaluate.run", "register_cli"),
     ("asymlora.commands.adapter", "register_cli"),
+    ("asymlora.commands.inference", "register_cli"),
     ("asymlora.commands.models", "register_tiny_cli"),
     ("asymlora.demo", "register_cli"),
 )

@@ -15,7 +15,7 @@ Accepted records (one JSON list of them, or JSON Lines with one per line)::
 
 Validation reports ``file:line: field: problem`` for: malformed JSON or a record that is not an
 object, missing or wrongly typed fields, unknown roles, turns that do not alternate user/assistant or
-have no assistant reply, missing image files, ``<image>`` placeholders that do not match the number of
+have no assistant reply (with ``require_reply=False``, for prediction: no user turn), missing image files, ``<image>`` placeholders that do not match the number of
 images, and more images than the model family takes. ``on_error="fail"`` (default) raises one
 :class:`~asymlora.errors.DataError` listing every problem; ``"skip"`` drops the bad samples, logs a
 summary and counts them, grouped by reason, in the :class:`ReadReport`.
@@ -53,6 +53,7 @@ WRONG_TYPE = "wrong type"
 UNKNOWN_ROLE = "unknown role"
 TURN_ORDER = "turns out of order"
 NO_REPLY = "no assistant reply"
+NO_QUESTION = "no user turn"
 MISSING_IMAGE = "missing image file"
 IMAGE_TOKENS = "<image> count mismatch"
 TOO_MANY_IMAGES = "too many images"
@@ -298,8 +299,9 @@ def _chat_messages(record: dict[str, Any], inline_images: list[str]) -> list[dic
     return messages
 
 
-def _check_turns(messages: list[dict[str, str]], key: str) -> None:
-    """An optional first system turn, then user/assistant alternating from user, with a reply."""
+def _check_turns(messages: list[dict[str, str]], key: str, require_reply: bool = True) -> None:
+    """An optional first system turn, then user/assistant alternating from user, with a reply (or, without
+    ``require_reply``, at least one user turn)."""
     role_field = "from" if key == "conversations" else "role"
     offset = 1 if messages[0]["role"] == "system" else 0
     for i, message in enumerate(messages[offset:]):
@@ -308,8 +310,10 @@ def _check_turns(messages: list[dict[str, str]], key: str) -> None:
             raise _RecordError(f"{key}[{i + offset}].{role_field}",
                                f"{message['role']!r} where {expected!r} was expected (after an optional first "
                                "system turn, turns alternate user/assistant, starting with user)", TURN_ORDER)
-    if len(messages) - offset < 2:
+    if require_reply and len(messages) - offset < 2:
         raise _RecordError(key, "no assistant reply to learn from", NO_REPLY)
+    if len(messages) - offset < 1:
+        raise _RecordError(key, "no user turn to answer", NO_QUESTION)
     for i, message in enumerate(messages):
         if message["role"] == "assistant" and IMAGE_TOKEN in message["content"]:
             raise _RecordError(f"{key}[{i}]", f"{IMAGE_TOKEN} in an assistant reply; images belong in user "
@@ -342,6 +346,7 @@ class _Options:
     max_images_per_sample: int | None
     auto_insert_image_token: bool
     check_images: bool
+    require_reply: bool = True
     found: dict[str, bool] = field(default_factory=dict)  # image path -> exists (images repeat across records)
 
     def __post_init__(self) -> None:
@@ -373,7 +378,7 @@ def _parse_record(record: Any, index: int, options: _Options) -> Sample:
     else:
         raise _RecordError("conversations", "missing: a sample needs 'conversations' (LLaVA format) or "
                                             "'messages' (messages format)", MISSING_FIELD)
-    _check_turns(messages, key)
+    _check_turns(messages, key, options.require_reply)
     images, image_key = _image_list(record, "image" if key == "conversations" else "images")
     if inline_images:
         if images:
@@ -421,19 +426,20 @@ def _parse_record(record: Any, index: int, options: _Options) -> Sample:
 
 def read_samples(path: str | Path, image_folder: str | Path | None = None, on_error: str = "fail",
                  task: str | None = None, max_images_per_sample: int | None = None,
-                 auto_insert_image_token: bool = False, check_images: bool = True) -> list[Sample]:
+                 auto_insert_image_token: bool = False, check_images: bool = True,
+                 require_reply: bool = True) -> list[Sample]:
     """Read a LLaVA JSON/JSONL or messages-format file into samples.
 
     Same arguments as :func:`read_samples_with_report`, which also returns the :class:`ReadReport`.
     """
     return read_samples_with_report(path, image_folder, on_error, task, max_images_per_sample,
-                                    auto_insert_image_token, check_images)[0]
+                                    auto_insert_image_token, check_images, require_reply)[0]
 
 
 def read_samples_with_report(path: str | Path, image_folder: str | Path | None = None, on_error: str = "fail",
                              task: str | None = None, max_images_per_sample: int | None = None,
                              auto_insert_image_token: bool = False, check_images: bool = True,
-                             ) -> tuple[list[Sample], ReadReport]:
+                             require_reply: bool = True) -> tuple[list[Sample], ReadReport]:
     """Samples of one file and a report of what was kept and why the rest was not.
 
     Args:
@@ -447,6 +453,8 @@ def read_samples_with_report(path: str | Path, image_folder: str | Path | None =
         auto_insert_image_token: for a record with exactly one image and no ``<image>`` placeholder,
             put ``<image>\\n`` at the start of the first user turn instead of rejecting it.
         check_images: check that every image file exists.
+        require_reply: a record needs an assistant reply (training data); ``False`` accepts records that end
+            with the user turn to answer (prediction input).
 
     Raises:
         DataError: a bad record (``on_error="fail"``), or a file with no usable sample.
@@ -462,7 +470,8 @@ def read_samples_with_report(path: str | Path, image_folder: str | Path | None =
         raise DataError(f"{path}: data file not found")
     folder = Path(image_folder).expanduser() if image_folder is not None else path.parent
     options = _Options(path=path, image_folder=folder, task=task, max_images_per_sample=max_images_per_sample,
-                       auto_insert_image_token=auto_insert_image_token, check_images=check_images)
+                       auto_insert_image_token=auto_insert_image_token, check_images=check_images,
+                       require_reply=require_reply)
     report = ReadReport(path=path)
     samples = []
     for index, (line, record) in enumerate(iter_records(path)):

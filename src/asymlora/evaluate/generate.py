@@ -3,11 +3,13 @@
 Prompts are the sample's conversation up to (not including) its last assistant reply, rendered by
 the processor's chat template with the generation prompt, so every supported family gets its own
 format. Works with an :class:`~asymlora.model.AsymLoraModel` (task ids route the adapter) and with a
-plain Hugging Face model (e.g. a merged task model), which takes no task ids.
+plain Hugging Face model (e.g. a merged task model), which takes no task ids. A sample's ``images`` are file
+paths or PIL images.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +28,18 @@ def prompt_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, 
     return messages, None
 
 
+def prompt_text(processor: Any, messages: Sequence[dict[str, Any]]) -> str:
+    """``messages`` (string content with ``<image>`` placeholders) rendered by the processor's chat
+    template, ending with the generation prompt: the text the model continues with its answer."""
+    return processor.apply_chat_template(to_conversation(messages), tokenize=False, add_generation_prompt=True)
+
+
+def sample_images(sample: Any) -> list[Any]:
+    """The sample's images as RGB PIL images (file paths are read, PIL images converted)."""
+    return [load_image(image, getattr(sample, "source", "")) if isinstance(image, (str, os.PathLike))
+            else image.convert("RGB") for image in sample.images]
+
+
 @torch.no_grad()
 def generate_answers(
     model: Any,
@@ -37,7 +51,11 @@ def generate_answers(
     progress: bool = True,
     **generate_kwargs: Any,
 ) -> list[str]:
-    """Greedy answers (decoded, stripped) for each sample's last user turn."""
+    """Greedy answers (decoded, stripped) for each sample's last user turn.
+
+    ``tasks``: the adapter's task names; a sample's ``task`` routes it by its index there (-1 when absent).
+    ``generate_kwargs`` go to ``model.generate`` after the defaults, e.g. ``do_sample=True, temperature=0.7``.
+    """
     from tqdm.auto import tqdm
 
     from asymlora.model import AsymLoraModel
@@ -56,9 +74,8 @@ def generate_answers(
         texts, images, task_ids = [], [], []
         for sample in batch:
             messages, _ = prompt_messages(sample.messages)
-            texts.append(processor.apply_chat_template(to_conversation(messages), tokenize=False,
-                                                       add_generation_prompt=True))
-            images.extend(load_image(p, getattr(sample, "source", "")) for p in sample.images)
+            texts.append(prompt_text(processor, messages))
+            images.extend(sample_images(sample))
             task_ids.append(task_index.get(getattr(sample, "task", None), -1))
         kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
         if images:

@@ -51,22 +51,30 @@ def trained_config(adapter: str | Path) -> dict[str, Any]:
     return values
 
 
+def base_for_adapter(adapter: str | Path | None, model: str = "default",
+                     projector: str | None = None) -> tuple[str, str | None]:
+    """(base model, projector) to load under ``adapter``: ``model`` when it is not ``"default"`` and
+    ``projector`` when given, else the ones in the adapter's training config (:func:`trained_config`)."""
+    if adapter:
+        trained = trained_config(adapter).get("model") or {}
+        model = model if model != "default" else trained.get("path", model)
+        projector = projector if projector is not None else trained.get("projector")
+    return model, projector
+
+
 def load_for_eval(model: str = "default", projector: str | None = None, adapter: str | None = None,
                   merge_task: str | None = None, dtype: str = "float32") -> tuple[Any, Any, list[str]]:
     """(model ready to generate, processor, adapter task names). The base model and projector not given here
     are read from the adapter's training config (:func:`trained_config`) when it has one."""
     from asymlora.loading import load_model_and_processor
 
-    if adapter:
-        trained = trained_config(adapter).get("model") or {}
-        model = model if model != "default" else trained.get("path", model)
-        projector = projector if projector is not None else trained.get("projector")
+    model, projector = base_for_adapter(adapter, model, projector)
     base, processor = load_model_and_processor(model, dtype, projector)
     tasks: list[str] = []
     if adapter:
-        import asymlora
+        from asymlora.model import load
 
-        wrapped = asymlora.load(base, adapter, is_trainable=False)
+        wrapped = load(base, adapter, is_trainable=False)
         tasks = list(wrapped.tasks)
         if merge_task is not None:
             wrapped.merge(task=merge_task)
