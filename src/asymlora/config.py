@@ -151,16 +151,14 @@ class AsymLoraConfig:
     )
     router_init_std: float = field(
         default=0.02,
-        metadata=_meta("std of the router's normal initialisation; at 0.02 dense routers start and stay near "
-                       "uniform. On mix5 (500 steps, three seeds) 0.5 made the routers route by token and moved no "
-                       "method's mean beyond its seed spread: lora_moe +0.005, dense asymlora_moe and top-2 +0.004, "
-                       "hybrid +0.002 (docs/RESULTS.md)"),
+        metadata=_meta("std of the router's normal initialisation (default 0.02: routers start near uniform; a "
+                       "larger std, e.g. 0.5, starts them routing by token; docs/RESULTS.md compares the two)"),
     )
     task_bias_init: float = field(
         default=4.0,
         metadata=_meta("hybrid routing: initial task bias toward expert (task id mod E); the task's head starts "
-                       "with e^b / (e^b + E - 1) of the gate (b = 4, E = 5: 0.93); 0 = pure router. 4 was ahead "
-                       "of or level with 1 at every seed measured on mix5 (docs/RESULTS.md)"),
+                       "with e^b / (e^b + E - 1) of the gate (b = 4, E = 5: 0.93); 0 = pure router "
+                       "(docs/RESULTS.md compares priors)"),
     )
     b_init_std: float = field(
         default=0.0,

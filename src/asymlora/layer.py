@@ -27,16 +27,13 @@ the same sum is taken with each sample's own head, still in one batched matmul:
 The gathered heads B_bank[task_ids] are N copies of (d_out, r), and their backward scatters N gradients back:
 that costs more than the zero gates when samples are short (a decoding step has L = 1). So the per-sample
 path is taken only when (E - 1) * L >= TASK_BMM_MIN_WORK, where the FLOPs it saves, (E - 1) L r d_out per
-sample, outweigh the copy of d_out r; shorter samples take the gated product. Measured on CPU (576 -> 1536,
-r=16, 2048 tokens, forward + backward, benchmarks/task_path_crossover.py): at L = 1 the per-sample path took
-256 ms against the gated 52 ms, at L = 256 44 against 47 ms (E=3); the faster path changes near L = 23 at
-E=3 ((E - 1) L = 45) and near L = 11 at E=8 ((E - 1) L = 79), and 64 picks the faster one at every length
-measured.
+sample, outweigh the copy of d_out r; shorter samples take the gated product. The threshold is where the
+two paths cross on CPU (``benchmarks/task_path_crossover.py``, docs/benchmarks.md).
 
 In inference (eval mode, no gradient) B_stacked is kept between forwards while the bank is unchanged
 (:meth:`AsymLoraLinear._inference_stacked`): a decoding step multiplies one token per sample, so the copy
-would otherwise be a large share of its memory traffic. Measured on CPU (default model, 30 layers, E=8,
-benchmarks/inference_cache.py): 0.95x the per-token decoding time of re-stacking, 0.91-0.92x at E=3.
+would otherwise be a large share of its memory traffic (``benchmarks/inference_cache.py``,
+docs/benchmarks.md).
 
 What backward keeps: the bank products are autograd Functions of their own (:class:`GatedBankUpdate`,
 :class:`TaskHeadUpdate`) that save only the codes (or the input), the gates (or task ids) and the bank
@@ -44,8 +41,7 @@ parameter itself. Left to autograd, the addmm would save its two operands: the g
 B_stacked, a copy of the whole bank (permute + reshape cannot be a view), and each bmm/baddbmm its N gathered
 heads (B_(task), and lora_moe's A_(task) rows); for every adapted layer, until backward. Backward rebuilds
 them instead (an elementwise pass over (T, E*r) and one copy of the bank, against the (T, d_out) matmuls
-around them). On the default model (30 layers, all-linear, 256 tokens, r=16, E=8) this took the saved
-activations of dense AsymLoRA-MoE from 448.0 to 345.8 MiB and of task routing from 363.2 to 344.2 (LoRA's).
+around them), so task-routed and dense AsymLoRA-MoE save as much as LoRA (docs/benchmarks.md).
 """
 
 from __future__ import annotations
