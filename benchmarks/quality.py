@@ -176,7 +176,8 @@ def prior_training(run_dir: Path, config: dict[str, Any]) -> Prior:
     that training finished there (the benchmark stopped before the run's result was written, e.g. during its
     evaluation), ``"resume"`` (with the checkpoint) when it stopped after a checkpoint
     (:func:`asymlora.train.last_checkpoint`), else ``"new"``. A dir that another config trained in is
-    ``"new"``: it is trained again, from scratch."""
+    ``"new"``: it is trained again, from scratch, the old run moved to ``<dir>.replaced-N``
+    (``replace_run``)."""
     import yaml
 
     from asymlora.errors import ConfigError
@@ -211,6 +212,7 @@ def train_and_eval(args: argparse.Namespace, method: str, r: int, seed: int, tas
     config = TrainConfig.from_dict(run_config(args, method, r, seed, tasks, mixture, output_dir, steps),
                                    source=f"quality:{method}")
     prior = prior_training(output_dir, config.to_dict())
+    config.replace_run = prior.kind == "new"  # another config's run there: moved aside, not mixed in
     train_seconds = prior.train_seconds
     resumed = None if prior.checkpoint is None else int(prior.checkpoint.name.split("-")[1])
     if prior.kind == "done":  # trained before the benchmark stopped: evaluate it, do not train it again

@@ -200,6 +200,19 @@ def _check_quality_keeps_what_a_stopped_run_trained(quality, argv: list[str], re
     assert row.endswith("|  |")  # only its last part was timed: no train time for that row
 
 
+def _complete_checkpoint(path: Path, step: int) -> None:
+    """The files of a complete checkpoint (asymlora.train.checkpoints), of an adapter with no layers."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (path / "adapter_config.json").write_text(json.dumps({"layers": {}}))
+    save_file({}, str(path / "adapter_model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({}, path / name)
+
+
 def test_quality_prior_training_reads_what_a_run_dir_holds(tmp_path):
     import argparse
 
@@ -213,13 +226,11 @@ def test_quality_prior_training_reads_what_a_run_dir_holds(tmp_path):
     (tmp_path / "train_config.yaml").write_text(yaml.safe_dump({**config, "training": {
         **config["training"], "save_steps": 300}, "resume": True}))  # the same run, saved at another cadence
     assert quality.prior_training(tmp_path, config) == ("new", None, None)  # no checkpoint yet
-    (tmp_path / "checkpoint-200").mkdir()
-    (tmp_path / "checkpoint-200" / "trainer_state.json").write_text("{}")
+    _complete_checkpoint(tmp_path / "checkpoint-200", 200)
     assert quality.prior_training(tmp_path, config) == ("resume", None, tmp_path / "checkpoint-200")
-    (tmp_path / "checkpoint-300").mkdir()  # cut off while being written: no Trainer state
-    (tmp_path / "checkpoint-1000").mkdir()
-    (tmp_path / "checkpoint-1000" / "trainer_state.json").write_text("{}")
-    (tmp_path / "checkpoint-1000").rename(tmp_path / "checkpoint-1000-old")  # not a checkpoint name
+    _complete_checkpoint(tmp_path / "checkpoint-300", 300)
+    (tmp_path / "checkpoint-300" / "trainer_state.json").write_text("")  # cut off while being written
+    _complete_checkpoint(tmp_path / "checkpoint-1000-old", 1000)  # not a checkpoint name
     assert quality.prior_training(tmp_path, config) == ("resume", None, tmp_path / "checkpoint-200")
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 300, "log_history": [
         {"loss": 1.0, "step": 300}, {"step": 300, "train_runtime": 12.5}]}))

@@ -158,6 +158,7 @@ def alignment_config(data_path: Path, output_dir: Path, steps: int, batch_size: 
                                                             "task": "caption"}]},
                  "eval_split": None, "max_length": 192, "group_by_length": False},
         "adapter": {"method": "lora", "target_modules": [], "modules_to_save": ["projector"]},
+        "replace_run": True,  # an earlier alignment in output_dir is moved to <output_dir>.replaced-N
         "training": {"output_dir": str(output_dir), "max_steps": steps, "per_device_train_batch_size": batch_size,
                      "learning_rate": lr, "lr_scheduler_type": "cosine", "warmup_steps": 0.03, "weight_decay": 0.0,
                      "logging_steps": 10, "save_steps": max(steps // 2, 1), "save_total_limit": 1, "seed": seed,

@@ -84,6 +84,7 @@ def run_demo(steps: int = 60, batch_size: int = 8, eval_samples: int = 24, out: 
         "training.eval_strategy=no", "training.logging_steps=5", f"training.seed={seed}",
         "data.eval_split=null", "training.save_total_limit=1", f"model.path={model}",
         f"model.projector={projector or 'null'}",
+        "replace_run=true",  # an earlier demo run in the adapter dir is moved to <dir>.replaced-N
     ])
     train_start = time.time()
     adapter_dir = run_training(train_config)

@@ -26,7 +26,7 @@ class DataError(AsymLoraError, ValueError):
 
 
 class NonFiniteLossError(AsymLoraError):
-    """The training loss became NaN or inf."""
+    """The training loss, a gradient or a trainable tensor became NaN or inf; training stopped."""
 
 
 class MissingAssetError(AsymLoraError, FileNotFoundError):

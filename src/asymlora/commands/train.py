@@ -7,7 +7,7 @@ from typing import Any
 
 from asymlora.errors import NonFiniteLossError
 
-TRAIN_HELP = """One YAML file holds four sections and three top-level keys::
+TRAIN_HELP = """One YAML file holds four sections and top-level keys::
 
     model:    {path: default | LOCAL_HF_DIR, dtype: float32, projector: null | FILE.safetensors}
     data:     {mixture: mix5 | FILE.yaml | {inline}, max_length: 1024, eval_split: val, ...}
@@ -18,7 +18,9 @@ TRAIN_HELP = """One YAML file holds four sections and three top-level keys::
     loraplus_lr_ratio: null   # LoRA+: the B banks learn at lr * ratio (A at lr); null = same as lr
     loss_average: tokens      # LM loss: mean over supervised tokens, or 'samples' (each sample's mean, then
                               # the mean over samples: a one-word answer weighs as much as a long caption)
-    resume: false             # true = the last complete checkpoint in output_dir, or a checkpoint path
+    resume: false             # true = the newest complete checkpoint of this config in output_dir, or a path
+    replace_run: false        # true = move another run found in output_dir to <output_dir>.replaced-N
+                              # (otherwise a run of another config there is refused)
 
 Loss = LM loss (mean over supervised tokens only, across gradient accumulation and ranks; or over
 samples, with ``loss_average: samples``)

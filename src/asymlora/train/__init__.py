@@ -5,7 +5,8 @@
 * ``loss``: next-token cross entropy over supervised tokens;
 * ``trainer``: `AsymLoraTrainer` (optimizer groups, loss + balance loss, per-task logging, adapter
   checkpoints); imports transformers' Trainer, so it is imported when a run starts;
-* ``checkpoints``: which ``checkpoint-N`` dirs are complete and resumable;
+* ``checkpoints``: which ``checkpoint-N`` dirs are complete, finite and of the run's config;
+* ``run_dir``: one run per output dir (another run's dir refused unless ``replace_run``);
 * ``distributed``: process groups, DeepSpeed and FSDP plumbing;
 * ``run``: `run_training`, one run from config to final adapter.
 """

@@ -1,6 +1,6 @@
 """The training config: its schema (four sections, top-level keys), validation and ``key=value`` overrides.
 
-One YAML file holds four sections and three top-level keys::
+One YAML file holds four sections and top-level keys::
 
     model:    {path: default | LOCAL_HF_DIR, dtype: float32, projector: null | FILE.safetensors}
     data:     {mixture: mix5 | FILE.yaml | {inline}, max_length: 1024, eval_split: val, ...}
@@ -11,7 +11,9 @@ One YAML file holds four sections and three top-level keys::
     loraplus_lr_ratio: null   # LoRA+: the B banks learn at lr * ratio (A at lr); null = same as lr
     loss_average: tokens      # LM loss: mean over supervised tokens, or 'samples' (each sample's mean, then
                               # the mean over samples: a one-word answer weighs as much as a long caption)
-    resume: false             # true = the last complete checkpoint in output_dir, or a checkpoint path
+    resume: false             # true = the newest complete checkpoint of this config in output_dir, or a path
+    replace_run: false        # true = move another run found in output_dir to <output_dir>.replaced-N
+                              # (otherwise a run of another config there is refused)
 
 Loss = LM loss (mean over supervised tokens only, across gradient accumulation and ranks; or over
 samples, with ``loss_average: samples``)
@@ -35,7 +37,7 @@ from asymlora.train.distributed import CPU_OFFLOAD_OPTIMS, has_accelerator, offl
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 SECTIONS = ("model", "data", "adapter", "training", "projector_lr", "router_lr", "loraplus_lr_ratio", "loss_average",
-            "resume")
+            "resume", "replace_run")
 LOSS_AVERAGES = ("tokens", "samples")
 
 
@@ -74,6 +76,7 @@ class TrainConfig:
     loraplus_lr_ratio: float | None = None
     loss_average: str = "tokens"
     resume: bool | str = False
+    replace_run: bool = False
     source: str = "config"
 
     def adapter_config(self, mixture_tasks: Sequence[str]) -> AsymLoraConfig:
@@ -153,6 +156,9 @@ class TrainConfig:
         _check_keys(values.get("training") or {}, _training_fields(), source, "training.")
         if data.get("on_error", "fail") not in ("fail", "skip"):
             raise ConfigError(f"{source}: data.on_error: {data['on_error']!r} is not one of ('fail', 'skip')")
+        replace_run = values.get("replace_run", False)
+        if not isinstance(replace_run, bool):
+            raise ConfigError(f"{source}: replace_run: {replace_run!r} is not true or false")
         loss_average = values.get("loss_average") or "tokens"
         if loss_average not in LOSS_AVERAGES:
             raise ConfigError(f"{source}: loss_average: {loss_average!r} is not one of {LOSS_AVERAGES}"
@@ -162,7 +168,8 @@ class TrainConfig:
                    router_lr=_learning_rate(values, "router_lr", source),
                    loraplus_lr_ratio=_positive(values, "loraplus_lr_ratio", source, "a ratio (a number > 0, e.g. 16; "
                                                "null for B at learning_rate)"),
-                   loss_average=loss_average, resume=values.get("resume", False), source=source)
+                   loss_average=loss_average, resume=values.get("resume", False), replace_run=replace_run,
+                   source=source)
 
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -181,7 +188,7 @@ class TrainConfig:
         return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
                 "adapter": self.adapter, "training": self.training, "projector_lr": self.projector_lr,
                 "router_lr": self.router_lr, "loraplus_lr_ratio": self.loraplus_lr_ratio,
-                "loss_average": self.loss_average, "resume": self.resume}
+                "loss_average": self.loss_average, "resume": self.resume, "replace_run": self.replace_run}
 
 
 def _learning_rate(values: dict[str, Any], key: str, source: str) -> float | None:

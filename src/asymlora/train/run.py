@@ -8,15 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from asymlora.data.collator import Collator
 from asymlora.data.mixture import load_mixture
-from asymlora.errors import ConfigError
-from asymlora.io import write_json_atomic, write_text_atomic
+from asymlora.errors import CheckpointError, ConfigError
 from asymlora.loading import load_model_and_processor
 from asymlora.model import format_param_report, get_model, param_report
-from asymlora.train.checkpoints import last_checkpoint
+from asymlora.train.checkpoints import checkpoint_problem, last_checkpoint
 from asymlora.train.config import TrainConfig
 from asymlora.train.dataset import build_datasets
 from asymlora.train.distributed import match_deepspeed_dtype, set_up_processes
@@ -25,12 +22,22 @@ from asymlora.train.distributed import match_deepspeed_dtype, set_up_processes
 def run_training(config: TrainConfig, resume: str | bool | None = None, callbacks: Sequence[Any] = ()) -> Path:
     """Train as configured; returns the output dir holding the final adapter.
 
-    ``resume``: None (the config's ``resume``), True (the last complete checkpoint in the output dir) or a
-    checkpoint path; ``callbacks``: extra ``transformers.TrainerCallback`` instances for the Trainer.
+    ``resume``: None (the config's ``resume``), True (the newest checkpoint in the output dir that is complete,
+    finite and of this config; each newer one skipped is printed with the reason) or a checkpoint path;
+    ``callbacks``: extra ``transformers.TrainerCallback`` instances for the Trainer. The output dir holds one
+    run (:mod:`asymlora.train.run_dir`): another run's dir is refused unless ``config.replace_run``.
     """
     import transformers
 
+    from asymlora.train.run_dir import RunDir
+
     args = config.training_arguments()
+    run_config = config.to_dict()
+    run_dir = RunDir(args.output_dir, run_config, replace=config.replace_run, writes=args.should_save,
+                     source=config.source)
+    resume = config.resume if resume is None else resume
+    checkpoint = _checkpoint_to_resume(resume, Path(args.output_dir), run_config, not args.save_only_model,
+                                       replacing=run_dir.replace)
     set_up_processes(args)
     mixture_tasks = load_mixture(config.data.mixture).tasks
     adapter_config = config.adapter_config(mixture_tasks)
@@ -52,12 +59,14 @@ def run_training(config: TrainConfig, resume: str | bool | None = None, callback
                           "under accelerate launch with 2 or more processes (on GPUs)")
     from asymlora.train.trainer import AsymLoraTrainer  # transformers' Trainer: imported when a run starts
 
+    report = param_report(model)
     trainer = AsymLoraTrainer(
         model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"], data_collator=collator,
         processing_class=processor, tasks=adapter_config.tasks, projector_lr=config.projector_lr,
         router_lr=config.router_lr, loraplus_lr_ratio=config.loraplus_lr_ratio, loss_average=config.loss_average,
         sampler_weights=data["weights"], sample_lengths=data["lengths"], num_samples=config.data.num_samples,
         group_by_length=config.data.group_by_length, callbacks=list(callbacks) or None,
+        run_config=run_config, on_first_step=lambda: run_dir.record(report),
     )
     if fsdp_requested and not trainer.is_fsdp_enabled:
         # accelerate enables FSDP on GPU-like devices only; elsewhere it falls back to DDP without a word
@@ -70,23 +79,14 @@ def run_training(config: TrainConfig, resume: str | bool | None = None, callback
                       "fp16 mixed precision on GPUs only, so this run trains in float32 (bf16 works on CPU)",
                       stacklevel=2)
     out = Path(args.output_dir)
-    if args.should_save:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "train_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-        write_json_atomic(out / "param_report.json", param_report(model))
-    print(format_param_report(param_report(model)))
-    resume = config.resume if resume is None else resume
-    checkpoint = None
-    if resume is True:
-        found = last_checkpoint(out)
-        checkpoint = None if found is None else str(found)
-        if checkpoint is None:
-            print(f"resume: no checkpoint in {out}; starting from scratch")
-    elif resume:
-        checkpoint = str(resume)
-        if not Path(checkpoint).is_dir():
-            raise ConfigError(f"resume: {checkpoint} is not a checkpoint directory")
-    trainer.train(resume_from_checkpoint=checkpoint)
+    print(format_param_report(report))
+    run_dir.begin()
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except BaseException:
+        if not trainer.first_step.done:
+            run_dir.abandon()
+        raise
     trainer.save_model(str(out))
     trainer.save_state()
     encoder = data["encoder"]
@@ -95,3 +95,25 @@ def run_training(config: TrainConfig, resume: str | bool | None = None, callback
               f"cut after their image tokens and were skipped (e.g. {encoder.skipped_ids[:5]})")
     print(f"adapter saved to {out}")
     return out
+
+
+def _checkpoint_to_resume(resume: str | bool, out: Path, run_config: dict[str, Any], optimizer: bool,
+                          replacing: bool) -> str | None:
+    """The checkpoint a run resumes from: None (start from scratch), the newest valid one of ``out`` for
+    ``resume: true`` (printing each newer one skipped and why), or the path given, checked alike."""
+    if resume is True:
+        skipped: list[tuple[Path, str]] = []
+        found = None if replacing else last_checkpoint(out, run_config, optimizer, skipped)
+        for path, reason in skipped:
+            print(f"resume: skipped {path}: {reason}")
+        if found is None:
+            print(f"resume: no checkpoint of this run in {out}; starting from scratch")
+            return None
+        print(f"resume: continuing from {found}")
+        return str(found)
+    if resume:
+        problem = checkpoint_problem(resume, run_config, optimizer)
+        if problem is not None:
+            raise CheckpointError(f"resume: {resume}: {problem}")
+        return str(resume)
+    return None

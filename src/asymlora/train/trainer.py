@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Sampler
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from asymlora.errors import NonFiniteLossError
+from asymlora.io import atomic_path, write_text_atomic
 from asymlora.model import load
-from asymlora.train.checkpoints import last_checkpoint
+from asymlora.persistence import full_tensors
+from asymlora.train.checkpoints import RUN_CONFIG_NAME, TRAINER_STATE_NAME, last_checkpoint, run_config_text
 from asymlora.train.dataset import MixtureSampler
 from asymlora.train.loss import next_token_loss
 
@@ -25,8 +31,13 @@ class AsymLoraTrainer(Trainer):
                  router_lr: float | None = None, loraplus_lr_ratio: float | None = None,
                  loss_average: str = "tokens",
                  sampler_weights: Sequence[float] | None = None, sample_lengths: Sequence[int] | None = None,
-                 num_samples: int | None = None, group_by_length: bool = False, **kwargs: Any) -> None:
+                 num_samples: int | None = None, group_by_length: bool = False,
+                 run_config: dict[str, Any] | None = None, on_first_step: Callable[[], None] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.run_config = run_config  # recorded in every checkpoint (train_config.yaml)
+        self.first_step = FirstStepCallback(on_first_step)
+        self.add_callback(self.first_step)
         self.tasks = list(tasks)
         self.projector_lr = projector_lr
         self.router_lr = router_lr
@@ -146,13 +157,27 @@ class AsymLoraTrainer(Trainer):
         with self.adapter_model.collect_routing_stats():
             loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
-            last = last_checkpoint(self.args.output_dir)
-            raise NonFiniteLossError(
-                f"the training loss is {loss.item()} at step {self.state.global_step + 1}; training stopped. "
-                f"The last good checkpoint is {last or 'none (no checkpoint was saved yet)'}; lower "
-                "training.learning_rate or enable training.max_grad_norm and resume from it."
-            )
+            self._stop_non_finite(f"the training loss is {loss.item()} at step {self.state.global_step + 1}")
         return loss
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        # The Trainer calls this after backward (and clipping) and before optimizer.step: the last moment to
+        # keep a non-finite gradient out of the weights. The norm is global (DDP, FSDP), so every rank
+        # stops alike. Under fp16 loss scaling a non-finite norm is routine: the scaler skips that step.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        scaled = self.accelerator.scaler is not None or (self.is_deepspeed_enabled and self.args.fp16)
+        if grad_norm is not None and not scaled and not math.isfinite(float(grad_norm)):
+            self._stop_non_finite(f"the gradient norm is {float(grad_norm)} at step {self.state.global_step + 1} "
+                                  "(the update was not applied)")
+        return grad_norm
+
+    def _stop_non_finite(self, what: str) -> None:
+        last = last_checkpoint(self.args.output_dir, config=self.run_config, optimizer=not self.args.save_only_model)
+        raise NonFiniteLossError(
+            f"{what}; training stopped. The newest checkpoint whose tensors are all finite is "
+            f"{last or 'none (no such checkpoint was saved)'}; lower training.learning_rate and train again "
+            "(a changed config is a new run: another training.output_dir, or replace_run: true)."
+        )
 
     # ---- logging --------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -204,13 +229,29 @@ class AsymLoraTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         # Under FSDP / DeepSpeed ZeRO-3, save_model gathers the full state dict on every rank and
         # hands it here; otherwise the adapter reads its own (unsharded) parameters.
+        # Every file is written atomically, the config the run was started with included (resume takes only
+        # checkpoints of the same config); a tensor that is NaN or inf stops the run before anything is written.
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
+        tensors = full_tensors(self.adapter_model.trainable_state_dict(), state_dict)
+        finite = torch.stack([t.isfinite().all() for t in tensors.values()]) if tensors else torch.ones(1, dtype=torch.bool)
+        if not finite.all():
+            name = list(tensors)[int((~finite).nonzero()[0])]
+            self._stop_non_finite(f"the trainable tensor {name} holds NaN or inf after step {self.state.global_step}, "
+                                  f"so {output_dir} was not written")
         os.makedirs(output_dir, exist_ok=True)
-        self.adapter_model.save_pretrained(output_dir, state_dict=state_dict)
+        self.adapter_model.save_pretrained(output_dir, state_dict=tensors)
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+            _save_processor_atomically(self.processing_class, Path(output_dir))
+        if self.run_config is not None:
+            write_text_atomic(Path(output_dir) / RUN_CONFIG_NAME, run_config_text(self.run_config))
+
+    def save_state(self) -> None:
+        """``trainer_state.json`` of the output dir, written atomically (the Trainer's own write is not)."""
+        if self.is_world_process_zero():
+            with atomic_path(Path(self.args.output_dir) / TRAINER_STATE_NAME) as tmp:
+                self.state.save_to_json(str(tmp))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_deepspeed_enabled:
@@ -236,3 +277,32 @@ class AsymLoraTrainer(Trainer):
     def _load_best_model(self) -> None:
         if self.state.best_model_checkpoint:
             load(self.adapter_model, self.state.best_model_checkpoint)
+
+
+class FirstStepCallback(TrainerCallback):
+    """Calls ``action`` once, when this process's first optimizer step is done; ``done`` says whether it was."""
+
+    def __init__(self, action: Callable[[], None] | None = None) -> None:
+        self.action = action
+        self.done = False
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self.done:
+            self.done = True
+            if self.action is not None:
+                self.action()
+
+
+def _save_processor_atomically(processor: Any, output_dir: Path) -> None:
+    """``processor.save_pretrained`` into a temporary dir beside the files, then each file renamed into place;
+    the temporary dirs of an earlier save that was killed are removed first."""
+    for stale in output_dir.glob(".processor-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=".processor-", dir=output_dir) as tmp:
+        processor.save_pretrained(tmp)
+        for path in sorted(Path(tmp).rglob("*")):
+            target = output_dir / path.relative_to(tmp)
+            if path.is_dir():
+                target.mkdir(exist_ok=True)
+            else:
+                os.replace(path, target)
