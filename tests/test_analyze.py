@@ -192,11 +192,11 @@ def test_analyze_fresh_config_and_errors(adapters, capsys):
     assert result["gradient"]["A"]["cosine"] == [[None, None], [None, None]]  # B = 0 at init: no A gradient
     check_cosines(result["gradient"]["B"]["cosine"], 2)
     capsys.readouterr()
-    assert main(["analyze", "--adapter", str(runs["asymlora"]), "--samples-per-task", "0", "--out", str(out)]) == 1
+    assert main(["analyze", "--adapter", str(runs["asymlora"]), "--samples-per-task", "0", "--out", str(out)]) == 2
     assert "--samples-per-task" in capsys.readouterr().err
-    assert main(["analyze", "--adapter", str(tmp / "nowhere"), "--out", str(out)]) == 1
+    assert main(["analyze", "--adapter", str(tmp / "nowhere"), "--out", str(out)]) == 2
     assert "--adapter" in capsys.readouterr().err
-    assert main(["analyze", "--adapter", str(runs["asymlora"]), "--tasks", "colour", "--out", str(out)]) == 1
+    assert main(["analyze", "--adapter", str(runs["asymlora"]), "--tasks", "colour", "--out", str(out)]) == 2
     assert "--tasks" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="exactly one"):
         load_for_analysis()

@@ -49,5 +49,5 @@ def test_build_tiny(tmp_path):
 
 def test_missing_default_model_names_the_fix(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ASYMLORA_CACHE", str(tmp_path / "empty"))
-    assert main(["eval", "--out", str(tmp_path / "e"), "--tasks", "ocr"]) == 1
+    assert main(["eval", "--out", str(tmp_path / "e"), "--tasks", "ocr"]) == 2
     assert "asymlora build-default" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def test_cli_merge(saved):
     merged = AutoModelForImageTextToText.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-4, atol=1e-5)
-    assert main(args) == 1  # refuses to overwrite without --force
+    assert main(args) == 2  # refuses to overwrite without --force
     assert main([*args, "--force"]) == 0
 
 
@@ -60,10 +60,10 @@ def test_cli_params_and_errors(saved, capsys):
     assert main(["params", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")]) == 0
     assert "B_bank" in capsys.readouterr().out
     assert main(["merge", "--model", str(tmp_path / "nope"), "--adapter", str(tmp_path / "adapter"),
-                 "--out", str(tmp_path / "x")]) == 1
+                 "--out", str(tmp_path / "x")]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
-                 "--task", "caption", "--out", str(tmp_path / "x")]) == 1
+                 "--task", "caption", "--out", str(tmp_path / "x")]) == 2
     assert "'caption' is not in tasks" in capsys.readouterr().err
 
 

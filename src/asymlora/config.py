@@ -329,6 +329,8 @@ class AsymLoraConfig:
             values = read_json(path, "an AsymLoraConfig document", ConfigError)
         else:  # the project's YAML reader: the same file, line and column messages
             values = read_yaml(path, "an AsymLoraConfig document")
+        if values is None:
+            raise ConfigError(f"{path}: the file is empty; expected an AsymLoraConfig document (a mapping)")
         return cls.from_document(values, source=str(path))
 
     @classmethod

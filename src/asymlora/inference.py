@@ -228,7 +228,7 @@ class Pipeline:
                     modules[name].load_state_dict(state)
 
 
-def load_pipeline(adapter: str | Path | None = None, model: str = "default", projector: str | None = None,
+def load_pipeline(adapter: str | Path | None = None, model: str | None = None, projector: str | None = None,
                   dtype: str = "float32", keep_base: bool = False) -> Pipeline:
     """Load a base model and processor, and the adapter in ``adapter`` (a run dir or a ``checkpoint-N`` dir)
     on top, in eval mode, on the GPU when there is one.

@@ -35,6 +35,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+def check_output_dir(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a Path, once it is known to be usable as an output directory: it and every existing
+    parent are directories (or do not exist yet); otherwise ConfigError naming ``what`` (e.g. ``--out``)."""
+    from asymlora.errors import ConfigError
+
+    target = Path(path).expanduser()
+    for candidate in (target, *target.parents):
+        if candidate.exists() and not candidate.is_dir():
+            what_is = "" if candidate == target else f" (in {target})"
+            raise ConfigError(f"{what}: {candidate} is a file{what_is}; expected a directory to write into")
+        if candidate.exists():
+            break
+    return target
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

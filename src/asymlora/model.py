@@ -35,6 +35,7 @@ from asymlora.merge import merge_layers, unmerge_layers, write_peft_adapter
 from asymlora.persistence import (
     CONFIG_NAME,
     adapter_manifest,
+    check_base_model,
     check_layers,
     full_tensors,
     read_adapter_config,
@@ -416,7 +417,9 @@ def load(model: nn.Module, adapter_dir: str | Path, is_trainable: bool = True) -
         except ConfigError as err:
             raise CheckpointError(f"{Path(adapter_dir) / CONFIG_NAME}: this adapter does not fit the model: "
                                   f"{err}") from None
-    check_layers(adapter_dir, manifest.get("layers", {}), wrapped.adapter_manifest()["layers"])
+    current = wrapped.adapter_manifest()
+    check_layers(adapter_dir, manifest.get("layers", {}), current["layers"])
+    check_base_model(adapter_dir, manifest.get("base_model") or {}, current["base_model"])
     restore_tensors(adapter_dir, wrapped.trainable_state_dict())
     if not is_trainable:
         for param in wrapped.parameters():

@@ -4,15 +4,29 @@ Writing gathers sharded parameters (FSDP2 / tensor-parallel ``DTensor``) to full
 file atomically; reading checks the saved layers and tensors against the model's before anything is
 copied, and copies into sharded parameters shard by shard. :meth:`asymlora.model.AsymLoraModel.save_pretrained`
 and :func:`asymlora.model.load` are the entry points.
+
+A file that is not a complete safetensors file, or a tensor with NaN/inf values, is a CheckpointError naming
+the file (and the tensor). The manifest records the base model it was saved on: its ``name_or_path`` and
+``weight_samples``, :data:`SAMPLES_PER_LAYER` values of the base weight of each of up to
+:data:`SAMPLED_LAYERS` adapted layers (evenly spread over them in name order, at fixed positions), read
+before any merge. Loading compares them with the model's own (to a relative :data:`SAMPLE_RTOL`, so that
+loading in bfloat16 or float16 an adapter saved on float32 weights matches) and warns, naming both models,
+where they differ: the layers' shapes are checked exactly anyway, so the samples tell apart models of the
+same architecture with other weights. Reading them costs a few scalar reads, whatever the model's size.
+Weights that are sharded (FSDP ``DTensor``, DeepSpeed ZeRO-3) or on the meta device are not sampled; where
+either side has no samples the recorded ``name_or_path`` is compared instead.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -25,6 +39,10 @@ from asymlora.version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+SAMPLED_LAYERS = 8  # adapted layers whose base weight is sampled for the base model's fingerprint
+SAMPLES_PER_LAYER = 4
+SAMPLE_RTOL = 2 ** -7  # bfloat16 keeps 8 significant bits: its rounding moves a value by at most 2**-9
+SAMPLE_ATOL = 1e-6  # float16 flushes tiny values to subnormals
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -40,6 +58,7 @@ def adapter_manifest(config: AsymLoraConfig, base_model: nn.Module, family: Fami
             "model_type": getattr(base_config, "model_type", None),
             "name_or_path": getattr(base_config, "_name_or_path", None) or None,
             "family": family.name,
+            "weight_samples": base_weight_samples(layers),
         },
         "saved_modules": saved_modules,
         "layers": {
@@ -47,6 +66,27 @@ def adapter_manifest(config: AsymLoraConfig, base_model: nn.Module, family: Fami
             for name, layer in layers.items()
         },
     }
+
+
+def base_weight_samples(layers: dict[str, AsymLoraLinear]) -> list[float] | None:
+    """A few values of the adapted layers' base weights (before any merge), or None where a weight is sharded
+    or not materialised; see the module docstring."""
+    names = sorted(layers)
+    if not names:
+        return None
+    count = min(SAMPLED_LAYERS, len(names))
+    chosen = [names[round(i * (len(names) - 1) / max(count - 1, 1))] for i in range(count)]
+    samples: list[float] = []
+    for name in chosen:
+        layer = layers[name]
+        weight = layer._base_backup if layer.merged_task is not None else layer.base_layer.weight
+        if (weight is None or hasattr(weight, "device_mesh") or hasattr(weight, "ds_id") or weight.is_meta
+                or weight.numel() == 0):
+            return None
+        flat = weight.detach().reshape(-1)
+        positions = [(k * 2_654_435_761) % flat.numel() for k in range(1, SAMPLES_PER_LAYER + 1)]
+        samples += flat[torch.tensor(positions, device=flat.device)].float().cpu().tolist()
+    return samples
 
 
 def full_tensors(trainable: dict[str, torch.Tensor],
@@ -115,10 +155,33 @@ def check_layers(adapter_dir: str | Path, saved: dict[str, dict[str, Any]], curr
             raise CheckpointError(f"{config_path}: layer {name} differs (adapter, model): {diff}")
 
 
+def check_base_model(adapter_dir: str | Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Warn where the base model recorded in an adapter's manifest is not the one it is loaded on (see the
+    module docstring); ``saved`` and ``current`` are the manifests' ``base_model`` entries."""
+    saved_samples, current_samples = saved.get("weight_samples"), current.get("weight_samples")
+    saved_name, current_name = saved.get("name_or_path"), current.get("name_or_path")
+    if saved_samples and current_samples:
+        differs = len(saved_samples) != len(current_samples) or not all(
+            math.isclose(a, b, rel_tol=SAMPLE_RTOL, abs_tol=SAMPLE_ATOL) for a, b in zip(saved_samples, current_samples))
+        why = "its base weights differ from those the adapter was saved on"
+    else:
+        differs = bool(saved_name and current_name and saved_name != current_name)
+        why = "the base weights could not be compared (sharded), and the names differ"
+    if differs:
+        warnings.warn(f"{Path(adapter_dir) / CONFIG_NAME}: this adapter was saved on base model {saved_name!r} and is "
+                      f"loaded on {current_name!r}: {why}; its outputs are not those it was trained to give",
+                      stacklevel=3)
+
+
 def restore_tensors(adapter_dir: str | Path, params: dict[str, torch.Tensor]) -> None:
-    """Copy the saved tensors into ``params`` exactly, after checking that the names and shapes match."""
+    """Copy the saved tensors into ``params`` exactly, after checking that the names and shapes match and that
+    every value is finite."""
     weights_path = Path(adapter_dir) / WEIGHTS_NAME
-    tensors = load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights_path}: not a complete safetensors file ({err}); the adapter dir is "
+                              "damaged (a cut copy or an interrupted write): save or copy it again") from None
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise CheckpointError(f"{weights_path}: tensors missing from the file: {missing[:5]}; "
@@ -127,6 +190,11 @@ def restore_tensors(adapter_dir: str | Path, params: dict[str, torch.Tensor]) ->
         if tuple(value.shape) != tuple(params[key].shape):
             raise CheckpointError(f"{weights_path}: {key} has shape {tuple(value.shape)}, "
                                   f"the model expects {tuple(params[key].shape)}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{weights_path}: tensor {key} holds {bad} NaN/inf value(s) of {value.numel()}; "
+                                  "such an adapter predicts nothing useful: load an earlier checkpoint of its run, "
+                                  "or train again (e.g. with a lower training.learning_rate)")
     with torch.no_grad():
         for key, value in tensors.items():
             _copy_into(params[key], value)

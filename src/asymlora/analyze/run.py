@@ -64,14 +64,15 @@ def _enable_adapter_grads(model: Any) -> None:
         layer.B_bank.requires_grad_(True)
 
 
-def load_for_analysis(adapter: str | None = None, config: str | None = None, model: str = "default",
+def load_for_analysis(adapter: str | None = None, config: str | None = None, model: str | None = None,
                       dtype: str = "float32") -> tuple[Any, Any, dict[str, Any]]:
     """(adapter model in eval mode with A/B gradients on, processor, settings read from the training config).
 
     ``adapter``: a dir written by ``asymlora train``, or one of its ``checkpoint-N`` dirs (base model,
     projector and mixture from the run's train_config.yaml; loaded by
     :func:`asymlora.evaluate.run.load_for_eval`). ``config``: a training config; the adapter is freshly
-    initialised with the config's seed (its B banks are zero, so its A gradients are zero).
+    initialised with the config's seed (its B banks are zero, so its A gradients are zero). ``model``: a model
+    name ('default', 'tiny') or a local dir; None takes the training config's.
     """
     if bool(adapter) == bool(config):
         raise ConfigError("give exactly one of --adapter (a trained adapter dir) or --config (a training config)")
@@ -84,7 +85,7 @@ def load_for_analysis(adapter: str | None = None, config: str | None = None, mod
     else:
         train_config = TrainConfig.load(config)  # type: ignore[arg-type]
         trained = train_config.to_dict()
-        base, processor = load_model_and_processor(model if model != "default" else train_config.model.path,
+        base, processor = load_model_and_processor(model or train_config.model.path,
                                                    dtype, train_config.model.projector)
         adapter_config = train_config.adapter_config(load_mixture(train_config.data.mixture).tasks)
         torch.manual_seed(int(train_config.training.get("seed", 42)))
@@ -196,7 +197,7 @@ def analyze(model: Any, processor: Any, mixture: Any, tasks: Sequence[str] | Non
     }
 
 
-def run_analysis(out: str | Path, adapter: str | None = None, config: str | None = None, model: str = "default",
+def run_analysis(out: str | Path, adapter: str | None = None, config: str | None = None, model: str | None = None,
                  mixture: str | None = None, tasks: Sequence[str] | None = None, split: str | None = None,
                  samples_per_task: int = 32, batch_size: int = 4, max_length: int | None = None, seed: int = 0,
                  dtype: str = "float32") -> dict[str, Any]:

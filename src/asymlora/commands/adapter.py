@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.errors import ConfigError
+from asymlora.io import check_output_dir
 
 
 def _copy_processor_files(model_dir: Path, out: Path) -> None:
@@ -24,10 +25,10 @@ def _merge(args: argparse.Namespace) -> int:
     import asymlora
     from asymlora.loading import load_base_model, resolve_model_dir
 
+    out = check_output_dir(args.out, "--out")
     base = load_base_model(resolve_model_dir(args.model))
     model = asymlora.load(base, args.adapter, is_trainable=False)
     model.merge(task=_task(args.task))
-    out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise ConfigError(f"--out {out}: exists and is not empty (use --force to overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +58,7 @@ def _export(args: argparse.Namespace) -> int:
     import asymlora
     from asymlora.loading import load_base_model, resolve_model_dir
 
+    check_output_dir(args.out, "--out")
     base = load_base_model(resolve_model_dir(args.model))
     model = asymlora.load(base, args.adapter, is_trainable=False)
     model.export_peft(args.out, task=_task(args.task))

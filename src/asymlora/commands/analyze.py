@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.analyze import run as analysis
+from asymlora.io import check_output_dir
 
 
 def _cli_analyze(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
     result = analysis.run_analysis(args.out, adapter=args.adapter, config=args.config, model=args.model,
                           mixture=args.mixture, tasks=args.tasks, split=args.split,
                           samples_per_task=args.samples_per_task, batch_size=args.batch_size,
@@ -29,8 +31,8 @@ def register_cli(subparsers: Any) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--adapter", help="a trained adapter dir (written by `asymlora train`)")
     source.add_argument("--config", help="a training config: analyse a freshly initialised adapter")
-    parser.add_argument("--model", default="default", help="base model: 'default', 'tiny' or a local HF dir "
-                        "(default: the adapter's training model)")
+    parser.add_argument("--model", default=None, help="the base model: 'default', 'tiny' or a local Hugging Face "
+                        "model dir (default: the adapter's or config's training model)")
     parser.add_argument("--mixture", help="mixture whose tasks are compared (default: the training mixture, "
                         "else mix5)")
     parser.add_argument("--tasks", nargs="+", help="tasks to compare (default: the mixture's tasks that the "

@@ -56,7 +56,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, adapter_required: bool
     parser.add_argument("--adapter", required=adapter_required,
                         help="a trained adapter: the output dir of `asymlora train` or one of its checkpoint-N dirs"
                         + ("" if adapter_required else " (omit it to ask the base model)"))
-    parser.add_argument("--model", default="default",
+    parser.add_argument("--model", default=None,
                         help="base model: 'default', 'tiny' or a local Hugging Face model dir (default: the one in "
                         "the adapter's train_config.yaml, else 'default')")
     parser.add_argument("--projector", default=None,

@@ -15,8 +15,9 @@ Accepted records (one JSON list of them, or JSON Lines with one per line)::
 
 Validation reports ``file:line: field: problem`` for: malformed JSON or a record that is not an
 object, missing or wrongly typed fields, unknown roles, turns that do not alternate user/assistant or
-have no assistant reply (with ``require_reply=False``, for prediction: no user turn), missing image files, ``<image>`` placeholders that do not match the number of
-images, and more images than the model family takes. ``on_error="fail"`` (default) raises one
+have no assistant reply (with ``require_reply=False``, for prediction: no user turn), missing or
+undecodable image files (:mod:`asymlora.data.images`), ``<image>`` placeholders that do not match the
+number of images, and more images than the model family takes. ``on_error="fail"`` (default) raises one
 :class:`~asymlora.errors.DataError` listing every problem; ``"skip"`` drops the bad samples, logs a
 summary and counts them, grouped by reason, in the :class:`ReadReport`.
 """
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.config import IMAGE_TOKEN
+from asymlora.data.images import MISSING as MISSING_IMAGE
+from asymlora.data.images import image_problem
 from asymlora.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +57,6 @@ UNKNOWN_ROLE = "unknown role"
 TURN_ORDER = "turns out of order"
 NO_REPLY = "no assistant reply"
 NO_QUESTION = "no user turn"
-MISSING_IMAGE = "missing image file"
 IMAGE_TOKENS = "<image> count mismatch"
 TOO_MANY_IMAGES = "too many images"
 
@@ -347,7 +349,7 @@ class _Options:
     auto_insert_image_token: bool
     check_images: bool
     require_reply: bool = True
-    found: dict[str, bool] = field(default_factory=dict)  # image path -> exists (images repeat across records)
+    found: dict[str, tuple[str, str] | None] = field(default_factory=dict)  # image -> problem (images repeat)
 
     def __post_init__(self) -> None:
         self.folder = str(self.image_folder.expanduser().resolve())  # resolved once: pathlib per image is slow
@@ -356,9 +358,9 @@ class _Options:
         """The absolute, normalised path of image ``name`` (relative to the image folder)."""
         return os.path.normpath(os.path.join(self.folder, os.path.expanduser(name)))
 
-    def exists(self, image: str) -> bool:
+    def problem(self, image: str) -> tuple[str, str] | None:
         if image not in self.found:
-            self.found[image] = os.path.isfile(image)
+            self.found[image] = image_problem(image)
         return self.found[image]
 
 
@@ -406,12 +408,13 @@ def _parse_record(record: Any, index: int, options: _Options) -> Sample:
     resolved = []
     for i, name in enumerate(images):
         image = options.image_path(name)
-        if options.check_images and not options.exists(image):
+        problem = options.problem(image) if options.check_images else None
+        if problem is not None:
             if inline_images:
                 where = f"messages (image part {i + 1})"
             else:
                 where = f"{image_key}[{i}]" if isinstance(record.get(image_key), list) else image_key
-            raise _RecordError(where, f"file not found: {image}", MISSING_IMAGE)
+            raise _RecordError(where, problem[1], problem[0])
         resolved.append(Path(image))
     sample_task = options.task
     if sample_task is None and record.get("task") is not None:
@@ -452,7 +455,7 @@ def read_samples_with_report(path: str | Path, image_folder: str | Path | None =
         max_images_per_sample: reject records with more images (1 for single-image model families).
         auto_insert_image_token: for a record with exactly one image and no ``<image>`` placeholder,
             put ``<image>\\n`` at the start of the first user turn instead of rejecting it.
-        check_images: check that every image file exists.
+        check_images: check that every image file exists and decodes (once per file).
         require_reply: a record needs an assistant reply (training data); ``False`` accepts records that end
             with the user turn to answer (prediction input).
 

@@ -19,6 +19,7 @@ import torch
 
 from asymlora.config import IMAGE_TOKEN
 from asymlora.errors import ConfigError
+from asymlora.io import check_output_dir
 
 MAX_CLOSED_ANSWERS = 50  # tasks with at most this many distinct train answers get majority baselines
 
@@ -51,21 +52,25 @@ def trained_config(adapter: str | Path) -> dict[str, Any]:
     return values
 
 
-def base_for_adapter(adapter: str | Path | None, model: str = "default",
+def base_for_adapter(adapter: str | Path | None, model: str | None = None,
                      projector: str | None = None) -> tuple[str, str | None]:
-    """(base model, projector) to load under ``adapter``: ``model`` when it is not ``"default"`` and
-    ``projector`` when given, else the ones in the adapter's training config (:func:`trained_config`)."""
+    """(base model, projector) to load under ``adapter``: ``model`` and ``projector`` where given, else the
+    ones in the adapter's training config (:func:`trained_config`), else the default model without a
+    projector. ``model`` is a name of :func:`asymlora.loading.resolve_model_dir` ('default', 'tiny') or a
+    local dir."""
     if adapter:
         trained = trained_config(adapter).get("model") or {}
-        model = model if model != "default" else trained.get("path", model)
+        model = model if model is not None else trained.get("path")
         projector = projector if projector is not None else trained.get("projector")
-    return model, projector
+    return model or "default", projector
 
 
-def load_for_eval(model: str = "default", projector: str | None = None, adapter: str | None = None,
+def load_for_eval(model: str | None = None, projector: str | None = None, adapter: str | None = None,
                   merge_task: str | None = None, dtype: str = "float32") -> tuple[Any, Any, list[str]]:
-    """(model ready to generate, processor, adapter task names). The base model and projector not given here
-    are read from the adapter's training config (:func:`trained_config`) when it has one."""
+    """(model ready to generate, processor, adapter task names). ``model``: a name of
+    :func:`asymlora.loading.resolve_model_dir` ('default', 'tiny') or a local dir; the base model (None) and
+    projector not given here are read from the adapter's training config (:func:`trained_config`) when it has
+    one, else the default model without a projector."""
     from asymlora.loading import load_model_and_processor
 
     model, projector = base_for_adapter(adapter, model, projector)
@@ -254,6 +259,7 @@ def _cli_eval(args: argparse.Namespace) -> int:
     from asymlora.evaluate.scores import mean_score
 
     start = time.time()
+    out = check_output_dir(args.out, "--out")
     model, processor, adapter_tasks = load_for_eval(args.model, args.projector, args.adapter, args.merge_task,
                                                     args.dtype)
     setup = {"model": args.model, "projector": args.projector, "adapter": args.adapter,
@@ -262,7 +268,6 @@ def _cli_eval(args: argparse.Namespace) -> int:
              "images": args.images,
              "decoding": f"greedy, max_new_tokens={args.max_new_tokens}"}
     name = args.name or (Path(args.adapter).name if args.adapter else "base")
-    out = Path(args.out)
     if args.bench:
         if not args.data:
             raise ConfigError("--bench needs --data (the benchmark's local files)")
@@ -307,8 +312,8 @@ def register_cli(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "eval", help="generate and score: built-in test splits or an official benchmark",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default", help="'default' or a local Hugging Face model dir "
-                        "(default: the adapter's training model)")
+    parser.add_argument("--model", default=None, help="the base model: 'default', 'tiny' or a local Hugging Face "
+                        "model dir (default: the adapter's training model, else 'default')")
     parser.add_argument("--projector", default=None, help="'aligned' or a projector safetensors to load first")
     parser.add_argument("--adapter", help="a trained asymlora adapter dir, or a checkpoint-N dir of a run; the "
                         "base model and projector not given come from the run's train_config.yaml (omit "

@@ -25,6 +25,10 @@ scheduler, RNG and data position; resuming continues exactly.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import math
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +36,7 @@ from typing import Any
 
 from asymlora.config import AsymLoraConfig
 from asymlora.errors import ConfigError, did_you_mean
-from asymlora.io import load_yaml, read_yaml
+from asymlora.io import check_output_dir, load_yaml, read_yaml
 from asymlora.train.distributed import CPU_OFFLOAD_OPTIMS, has_accelerator, offloads_optimizer
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -113,6 +117,9 @@ class TrainConfig:
         for key, value in list(values.items()):  # YAML 1.1 reads a bare `no` as False
             if key.endswith("_strategy") and value is False:
                 values[key] = "no"
+        for key in self.training:
+            check_training_value(key, values[key], self.source)
+        check_output_dir(values["output_dir"], f"{self.source}: training.output_dir")
         # transformers 5.24 renamed gradient_checkpointing[_kwargs] to activation_checkpointing[_kwargs]: the
         # presets use the old names (all versions know them), passed on under the names this version reads.
         new_name = "activation_checkpointing" in _training_fields()
@@ -180,7 +187,12 @@ class TrainConfig:
         if not path.is_file():
             presets = sorted(p.stem for p in preset.parent.glob("*.yaml"))
             raise ConfigError(f"{path}: config file not found (presets: {', '.join(presets)})")
-        values = read_yaml(path, "a training config: a mapping with model, data, adapter and training") or {}
+        expected = "a training config: a mapping with model, data, adapter and training"
+        values = read_yaml(path, expected)
+        if values is None:
+            raise ConfigError(f"{path}: the file is empty; expected {expected} (e.g. {PRESETS_DIR / 'tiny.yaml'})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected {expected}, got a {_yaml_type(values)}")
         values = apply_overrides(values, overrides, str(path))
         return cls.from_dict(values, source=str(path))
 
@@ -212,6 +224,93 @@ def _training_fields() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
 
 
+def _yaml_type(value: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "value")
+
+
+def check_training_value(key: str, value: Any, source: str = "config") -> None:
+    """ConfigError naming ``training.<key>`` unless ``value`` fits the type that ``TrainingArguments``
+    declares for ``key`` (numbers, flags, strings, the choices of its enums, lists, mappings, null where
+    optional) and, where it is a number, is finite and >= 0 (or a field's negative default, e.g.
+    ``max_steps: -1``, which means "not set")."""
+    from transformers import TrainingArguments
+
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    if key not in fields:
+        return
+    annotation = typing.get_type_hints(TrainingArguments)[key]
+    where = f"{source}: training.{key}"
+    if not _fits(value, annotation):
+        choices = [m.value for e in _enums(annotation) for m in e]
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise ConfigError(f"{where}: expected {_describe(annotation)}, got {value!r}{hint}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        default = fields[key].default
+        unset = isinstance(default, (int, float)) and not isinstance(default, bool) and default < 0
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        if value < 0 and not (unset and value == default):
+            raise ConfigError(f"{where}: must be >= 0{f' (or {default}: not set)' if unset else ''}, got {value!r}")
+
+
+def _union_args(annotation: Any) -> tuple[Any, ...] | None:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return None
+
+
+def _enums(annotation: Any) -> list[type[enum.Enum]]:
+    members = _union_args(annotation) or (annotation,)
+    return [a for a in members if isinstance(a, type) and issubclass(a, enum.Enum)]
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a YAML value fits a ``TrainingArguments`` annotation (a string for an enum: one of its values)."""
+    members = _union_args(annotation)
+    if members is not None:
+        enums = _enums(annotation)
+        if enums and isinstance(value, str):  # `SchedulerType | str`: the string names a member
+            return any(value in {m.value for m in e} for e in enums)
+        return any(_fits(value, member) for member in members)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return any(value is a or (type(value) is type(a) and value == a) for a in args)
+    if origin in (list, tuple, set, Sequence):
+        return isinstance(value, list) and (not args or all(_fits(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return isinstance(value, annotation) or value in {m.value for m in annotation}
+    if annotation in (str, dict, list):
+        return isinstance(value, annotation)
+    return True  # a type YAML cannot write (e.g. accelerate's ParallelismConfig): TrainingArguments checks it
+
+
+def _describe(annotation: Any) -> str:
+    """What a ``TrainingArguments`` annotation accepts, in words."""
+    members = _union_args(annotation)
+    if members is not None:
+        enums = _enums(annotation)
+        words = [_describe(m) for m in members if not (enums and m is str)]
+        return " or ".join(dict.fromkeys(words))
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return f"one of {[m.value for m in annotation]}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null",
+             dict: "a mapping", list: "a list"}
+    return names.get(origin or annotation, getattr(annotation, "__name__", str(annotation)))
+
+
 def _check_keys(values: Any, allowed: Sequence[str], source: str, prefix: str) -> None:
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
@@ -233,6 +332,8 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str], source: st
             raise ConfigError(f"override {item!r}: unknown section {parts[0]!r}{did_you_mean(parts[0], SECTIONS)}")
         target = values
         for part in parts[:-1]:
+            if not isinstance(target.get(part) or {}, dict):
+                raise ConfigError(f"override {item!r}: {part} is {target[part]!r}, not a mapping")
             target[part] = dict(target.get(part) or {})
             target = target[part]
         target[parts[-1]] = parsed

@@ -58,7 +58,7 @@ class MixtureSampler(Sampler[int]):
 
 def build_datasets(config: TrainConfig, processor: Any, tasks: Sequence[str], seed: int) -> dict[str, Any]:
     mixture = load_mixture(config.data.mixture)
-    train_samples = mixture.load(split="train", seed=seed)
+    train_samples = mixture.load(split="train", seed=seed, on_error=config.data.on_error)
     if config.data.max_train_samples:
         generator = torch.Generator().manual_seed(seed)
         keep = torch.randperm(len(train_samples), generator=generator)[: config.data.max_train_samples]
@@ -73,7 +73,7 @@ def build_datasets(config: TrainConfig, processor: Any, tasks: Sequence[str], se
         "eval": None,
     }
     if config.data.eval_split:
-        eval_samples = mixture.load(split=config.data.eval_split, seed=seed)
+        eval_samples = mixture.load(split=config.data.eval_split, seed=seed, on_error=config.data.on_error)
         if config.data.max_eval_samples:
             eval_samples = eval_samples[: config.data.max_eval_samples]
         result["eval"] = EncodedDataset(eval_samples, encoder) if eval_samples else None
