@@ -52,7 +52,13 @@ def run_training(config: TrainConfig, resume: str | bool | None = None, callback
     collator = Collator(pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                         else tokenizer.eos_token_id)
     if args.eval_strategy != "no" and data["eval"] is None:
-        raise ConfigError(f"{config.source}: training.eval_strategy={args.eval_strategy!r} needs data.eval_split")
+        off = "or turn evaluation off: data.eval_split=null training.eval_strategy=no"
+        if config.data.eval_split:
+            raise ConfigError(f"{config.source}: data.eval_split: the mixture has no {config.data.eval_split!r} "
+                              f"samples; give its datasets one (splits: {{{config.data.eval_split}: FILE}} in the "
+                              f"mixture entry) {off}")
+        raise ConfigError(f"{config.source}: training.eval_strategy={args.eval_strategy!r} needs data.eval_split, "
+                          f"{off.removeprefix('or ')}")
     fsdp_requested = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if args.fsdp and args.parallel_mode.value != "distributed":
         raise ConfigError(f"{config.source}: training.fsdp: FSDP shards the model across processes; start this "
