@@ -151,9 +151,9 @@ def test_chat_one_shot_and_its_errors(run, images, capsys):
     assert main(["chat", "--adapter", str(run), "--image", str(images[0]), "--task", "color",
                  "what color is this?"]) == 0
     assert capsys.readouterr().out == expected + "\n"
-    assert main(["chat", "--adapter", str(run), "--image", str(images[0]), "what?"]) == 1
+    assert main(["chat", "--adapter", str(run), "--image", str(images[0]), "what?"]) == 2
     assert "--task: this adapter routes by task; give one of ['color', 'isred']" in capsys.readouterr().err
-    assert main(["chat", "--adapter", str(run), "--image", str(images[0]) + ".missing", "what?"]) == 1
+    assert main(["chat", "--adapter", str(run), "--image", str(images[0]) + ".missing", "what?"]) == 2
     assert "--image" in capsys.readouterr().err
     model_dir = run.parent / "model"  # no --adapter: the base model answers
     base = load_pipeline(model=str(model_dir))
@@ -221,7 +221,7 @@ def test_predict_bad_input_names_file_and_line(run, tmp_path, images, capsys):
     unknown = {**good, "id": "y", "task": "shape"}
     data = _write(tmp_path / "bad.jsonl", [good, no_task, unknown])
     out = tmp_path / "preds.jsonl"
-    assert main(["predict", "--adapter", str(run), "--data", str(data), "--out", str(out)]) == 1
+    assert main(["predict", "--adapter", str(run), "--data", str(data), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2: task: missing; this adapter routes by task: give the record a 'task' (one of " \
            "['color', 'isred']) or pass --task" in err
@@ -229,9 +229,9 @@ def test_predict_bad_input_names_file_and_line(run, tmp_path, images, capsys):
     assert not out.exists()
     _write(data, [good, {**good, "image": "nowhere.png"}, {"id": "z", "messages": [{"role": "system",
                                                                                     "content": "hi"}]}])
-    assert main(["predict", "--adapter", str(run), "--data", str(data), "--out", str(out)]) == 1
+    assert main(["predict", "--adapter", str(run), "--data", str(data), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2: image: file not found" in err and "bad.jsonl:3: messages: no user turn to answer" in err
-    assert main(["predict", "--adapter", str(run), "--data", str(data), "--out", str(out), "--batch-size", "0"]) == 1
+    assert main(["predict", "--adapter", str(run), "--data", str(data), "--out", str(out), "--batch-size", "0"]) == 2
     assert "--batch-size: expected an integer >= 1" in capsys.readouterr().err
     assert not out.exists()
