@@ -5,8 +5,10 @@ See docs/data-format.md for the accepted formats, the validation and the mixture
 
 from asymlora.data.mixture import Mixture, MixtureEntry, builtin_mixtures, load_mixture
 from asymlora.data.reader import (
+    FROM_RECORD,
     Problem,
     ReadReport,
+    RecordFormat,
     Sample,
     iter_records,
     read_samples,
@@ -16,7 +18,9 @@ from asymlora.data.reader import (
 __all__ = [
     "Mixture",
     "MixtureEntry",
+    "FROM_RECORD",
     "Problem",
+    "RecordFormat",
     "ReadReport",
     "Sample",
     "builtin_mixtures",
