@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU number the benchmarks and training issues ask for, in parts that fit separate calls of a GPU
 # machine that has torch/transformers but no registry. Run from the repository root:
-#   bash benchmarks/gpu_run.sh OUT [PART ...]        (no PART: the three speed parts; OUT: runs/gpu)
+#   bash benchmarks/gpu_run.sh OUT [PART ...]        (no PART: the four speed parts; OUT: runs/gpu)
 # OUT gets each part's log and the benchmarks' summaries (<benchmark>_<preset>_cuda.{json,md}); only the
 # summaries belong in benchmarks/results.
 # Parts, each with its own time limit so that one slow part cannot eat the rest; a part that fails or
@@ -9,6 +9,10 @@
 #   layer_speed_7b      benchmarks/layer_speed.py --preset 7b
 #   speed_default_cuda  benchmarks/speed.py --preset default
 #   speed_7b_cuda       benchmarks/speed.py --preset 7b
+#                       (both with PEFT's LoRA as a row: speed.py's default methods include peft_lora)
+#   speed_peft_default_cuda  benchmarks/speed.py --preset default, LoRA, task-routed and dense E=4 and 8,
+#                       and PEFT's LoRA, each timed round by round against asymlora's LoRA and PEFT's LoRA
+#                       (paired): every method's ratio to both LoRAs in one run
 #   speed_budget_default_cuda  benchmarks/speed.py --preset default --matched-budget: every method at LoRA's
 #                       parameter count (E = 4, 5), peak memory from the CUDA allocator (on CPU, RSS follows
 #                       glibc's heap instead)
@@ -28,7 +32,7 @@ dry="${GPU_RUN_DRY:-}"
 out="${1:-runs/gpu}"
 shift || true
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(layer_speed_7b speed_default_cuda speed_7b_cuda)
+[ ${#parts[@]} -gt 0 ] || parts=(speed_peft_default_cuda layer_speed_7b speed_default_cuda speed_7b_cuda)
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error \
   TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -72,6 +76,11 @@ for part in "${parts[@]}"; do
     # --decode-tokens 16: the inference rows' decoding steps fit the limit beside the 20 training rows
     speed_default_cuda) run 330 "$part" python benchmarks/speed.py --preset default --device cuda --no-paired --no-count-ops \
       --decode-tokens 16 --out-dir "$out" ;;
+    # paired (unlike speed_default_cuda): PEFT's LoRA and asymlora's differ by less than a GPU's run-to-run
+    # spread of separate medians; fused only, no inference rows, E = 4 and 8: 7 configurations
+    speed_peft_default_cuda) run 240 "$part" python benchmarks/speed.py --preset default --device cuda \
+      --methods lora asymlora asymlora_moe peft_lora --experts 4 8 --impls fused --no-inference --no-count-ops \
+      --out-dir "$out/speed_peft" ;;
     inference_cache_default_cuda) run 150 "$part" python benchmarks/inference_cache.py --preset default --device cuda \
       --experts 3 8 --rounds 6 --out-dir "$out" ;;
     speed_budget_default_cuda) run 150 "$part" python benchmarks/speed.py --preset default --device cuda --matched-budget \

@@ -1,7 +1,10 @@
 """Full-model training step time, tokens/s and peak memory of the four methods, fused vs loop; merged inference.
 
 Training: for lora (E=1), lora_moe (dense router, E separate A/B pairs), asymlora (task-routed, shared A,
-E B heads) and asymlora_moe (dense router, shared A) at every E of ``--experts``, one full training step
+E B heads) and asymlora_moe (dense router, shared A) at every E of ``--experts``, and PEFT's LoRA
+(``peft_lora``: ``peft.get_peft_model`` with a ``LoraConfig`` of the same target modules, rank, alpha and
+dropout, trained by the same optimizer on the same batch -- the LoRA a user would otherwise pick), one full
+training step
 (forward, LM loss + balance loss for routed methods, backward, AdamW step over the trainable parameters,
 zero_grad) of a whole decoder, median over ``--iters`` steps after ``--warmup``. Each is measured twice:
 
@@ -10,6 +13,10 @@ zero_grad) of a whole decoder, median over ``--iters`` steps after ``--warmup``.
   one ``nn.Linear`` per ``A_e`` / ``B_e`` and a Python loop ``sum_e g_e * B_e(A(x))`` (``A_e`` per expert
   for LoRA-MoE), with the same router (fp32 ``nn.Linear`` + softmax), task one-hot gates, scaling,
   adapter dtype and Switch balance loss.
+
+PEFT's LoRA is one row (impl ``peft``). With ``--paired`` (the default) every fused row is timed round by
+round against asymlora's LoRA and against PEFT's LoRA in one process, so each method has a ratio to both
+(the ``lora`` row has its ratio to PEFT's, the ``peft_lora`` row its ratio to asymlora's).
 
 Inference: forward latency (prefill, logits of the last position) of the plain base model, the adapter
 model unmerged, and merged with ``model.merge(task=0)`` (lora, task-routed asymlora; asymlora_moe cannot be
@@ -72,9 +79,12 @@ from asymlora.config import TORCH_DTYPES, LayerSpec, rank_for_budget
 from asymlora.io import write_json_atomic, write_text_atomic
 from asymlora.routing import balance_loss
 
-METHODS = ("lora", "lora_moe", "asymlora", "asymlora_moe")
+METHODS = ("lora", "lora_moe", "asymlora", "asymlora_moe", "peft_lora")
 IMPLS = ("fused", "loop")
-ROUTING = {"lora": "-", "lora_moe": "dense", "asymlora": "task", "asymlora_moe": "dense"}
+PEFT_IMPL = "peft"  # the impl of the peft_lora row: PEFT's own LoRA layers (neither fused nor loop)
+ROUTING = {"lora": "-", "lora_moe": "dense", "asymlora": "task", "asymlora_moe": "dense", "peft_lora": "-"}
+LORA_REFERENCE = ("lora", 1, "fused")
+PEFT_REFERENCE = ("peft_lora", 1, PEFT_IMPL)
 RESULT_TAG = "@@SPEED_RESULT "
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # --compile MODE
 
@@ -165,7 +175,7 @@ def adapter_config(method: str, experts: int, s: Settings, r: int | None = None)
     r = rank_of(method, experts, s) if r is None else r
     common = dict(r=r, alpha=s.alpha * r / s.r, adapter_dtype=s.adapter_dtype,
                   balance_loss_weight=s.balance_weight, target_modules="all-linear")
-    if method == "lora":
+    if method in ("lora", "peft_lora"):  # peft_lora: PEFT's LoraConfig is built from this one
         return AsymLoraConfig(method="lora", **common)
     if method == "asymlora":
         return AsymLoraConfig(method="asymlora", routing="task", tasks=[f"task{i}" for i in range(experts)], **common)
@@ -189,7 +199,7 @@ def budget_ranks(s: Settings) -> dict[str, int]:
     jobs = sorted({(m, e) for m, e, _ in train_jobs(s)} | set(inference_groups(s)))
     return {f"{method}:{experts}": rank_for_budget(lambda r, m=method, e=experts: adapter_parameters(m, e, r, s),
                                                    budget, s.r)[0]
-            for method, experts in jobs if method != "lora"}
+            for method, experts in jobs if method not in ("lora", "peft_lora")}
 
 
 class LoopContext:
@@ -369,10 +379,43 @@ class LoopVariant(Variant):
         return out.loss + weight * aux
 
 
+class PeftVariant(Variant):
+    """PEFT's LoRA (``peft.get_peft_model``) on the modules asymlora adapts, at the same rank, alpha, dropout
+    (and rsLoRA flag); adapter weights in float32 on a low-precision base, as asymlora's default adapter
+    dtype (PEFT's ``autocast_adapter_dtype``). The loss is the LM loss."""
+
+    impl = PEFT_IMPL
+
+    def __init__(self, base: nn.Module, config: AsymLoraConfig) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        names = find_target_modules(base, config)
+        lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                          use_rslora=config.use_rslora, target_modules=names, bias="none")
+        self.peft_model = get_peft_model(base, lora, autocast_adapter_dtype=config.adapter_dtype == "float32")
+        super().__init__(base, config, names)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.peft_model
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.call(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+    def detach(self) -> None:
+        self.peft_model.unload()  # the LoRA layers replaced by their base layers, in ``base``
+        self.base.requires_grad_(False)
+
+
 def attach(base: nn.Module, method: str, experts: int, impl: str, s: Settings) -> Variant:
     """Adapt ``base`` in place with one method in one formulation (compiled with ``--compile``)."""
     config = adapter_config(method, experts, s)
-    variant = FusedVariant(base, config, s.routing_stats) if impl == "fused" else LoopVariant(base, config)
+    if method == "peft_lora":
+        variant: Variant = PeftVariant(base, config)
+    elif impl == "fused":
+        variant = FusedVariant(base, config, s.routing_stats)
+    else:
+        variant = LoopVariant(base, config)
     if s.compile:
         variant.compile(s.compile)
     return variant
@@ -497,56 +540,71 @@ def train_step(variant: Variant, batch: dict[str, torch.Tensor], optimizer: torc
     return middle - start, time.perf_counter() - middle, loss.detach()
 
 
-def reference_of(method: str, experts: int, impl: str, itself: bool = False) -> tuple[str, int, str] | None:
-    """The configuration a row is paired with: LoRA for asymlora's layers, asymlora's layer for the loop;
-    the row's own configuration with ``itself`` (``--pair-with-eager``: compiled against eager)."""
+def references_of(method: str, experts: int, impl: str, itself: bool = False,
+                  peft: bool = True) -> list[tuple[str, int, str]]:
+    """The configurations a row is paired with: asymlora's LoRA and (with ``peft``) PEFT's LoRA for every
+    method (each LoRA with the other one), asymlora's fused layer for the loop formulation; the row's own
+    configuration with ``itself`` (``--pair-with-eager``: compiled against eager)."""
     if itself:
-        return method, experts, impl
+        return [(method, experts, impl)]
     if impl == "loop":
-        return method, experts, "fused"
-    return None if method == "lora" else ("lora", 1, "fused")
+        return [(method, experts, "fused")]
+    references = [LORA_REFERENCE] + ([PEFT_REFERENCE] if peft else [])
+    return [ref for ref in references if ref != (method, experts, impl)]
 
 
 def paired_ratios(s: Settings, variant: Variant, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                  reference: tuple[str, int, str]) -> dict:
-    """Step-time ratios to ``reference``, both models in this process, timed round by round.
+                  references: Sequence[tuple[str, int, str]]) -> dict:
+    """Step-time ratios to each of ``references``, all models in this process, timed round by round.
 
     On a shared machine the speed of the whole host drifts by +-10-30% over minutes, more than the effects
     measured here, so the ratio of two medians taken minutes apart (the "x LoRA" column) carries that drift.
-    Here each round times one step of the reference and one of the configuration back to back (ABBA order,
-    so neither is always first) and the ratio is taken per round; the median and quartiles of those ratios
-    are reported. The reference is a freshly built model of the same seed, adapted with its own method, and
-    run eagerly with ``s.pair_with_eager`` (else compiled as the configuration is).
+    Here each round times one step of every reference and one of the configuration back to back (the order
+    rotates from round to round and is reversed every other round, so none is always first: ABBA with one
+    reference) and the ratios are taken per round; the median and quartiles of those ratios are reported.
+    Each reference is a freshly built model of the same seed, adapted with its own method, and run eagerly
+    with ``s.pair_with_eager`` (else compiled as the configuration is). Keys ``paired_*`` hold the ratio to
+    the first reference that is not PEFT's LoRA, ``peft_paired_*`` the ratio to PEFT's LoRA.
     """
-    ref_method, ref_experts, ref_impl = reference
-    ref_base = build_base(s)
-    ref_variant = attach(ref_base, ref_method, ref_experts, ref_impl,
-                         replace(s, compile="") if s.pair_with_eager else s)
-    ref_variant.model.train()
-    ref_batch = make_batch(s, ref_experts)
-    ref_optimizer = make_optimizer(ref_variant.trainable())
-    steps = ((ref_variant, ref_batch, ref_optimizer), (variant, batch, optimizer))
-    ratios: dict[str, list[float]] = {"step": [], "fwd_bwd": []}
+    built = []
     try:
+        for ref_method, ref_experts, ref_impl in references:
+            ref_base = build_base(s)
+            ref_variant = attach(ref_base, ref_method, ref_experts, ref_impl,
+                                 replace(s, compile="") if s.pair_with_eager else s)
+            ref_variant.model.train()
+            built.append((ref_variant, make_batch(s, ref_experts), make_optimizer(ref_variant.trainable())))
+        steps = [(variant, batch, optimizer), *built]
+        n = len(steps)
+        ratios = [{"step": [], "fwd_bwd": []} for _ in built]
         for model_variant, model_batch, model_optimizer in steps * max(1, s.warmup):
             train_step(model_variant, model_batch, model_optimizer, s.device)
         for i in range(s.iters):
+            order = [(k + i) % n for k in range(n)]
             timed: dict[int, tuple[float, float]] = {}
-            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            for j in (order if i % 2 == 0 else order[::-1]):
                 fwd_bwd, opt, _ = train_step(*steps[j], s.device)
                 timed[j] = (fwd_bwd + opt, fwd_bwd)
-            ratios["step"].append(timed[1][0] / timed[0][0])
-            ratios["fwd_bwd"].append(timed[1][1] / timed[0][1])
+            for k, part in enumerate(ratios, 1):
+                part["step"].append(timed[0][0] / timed[k][0])
+                part["fwd_bwd"].append(timed[0][1] / timed[k][1])
     finally:
-        ref_optimizer.state.clear()
-        ref_variant.detach()
-        del ref_variant, ref_base
+        for ref_variant, _, ref_optimizer in built:
+            ref_optimizer.state.clear()
+            ref_variant.detach()
+        del built
         _free(s.device, s.preset != "tiny")
-    step_q = _quartiles(ratios["step"])
     eager = " eager" if s.pair_with_eager else ""
-    return dict(paired_with=f"{ref_method} E={ref_experts} {ref_impl}{eager}", paired_rounds=s.iters,
-                paired_ratio=step_q[1], paired_q1=step_q[0], paired_q3=step_q[2],
-                paired_fwd_bwd_ratio=_quartiles(ratios["fwd_bwd"])[1])
+    result: dict[str, Any] = {}
+    for (ref_method, ref_experts, ref_impl), part in zip(references, ratios, strict=True):
+        prefix = "peft_paired" if ref_method == "peft_lora" else "paired"
+        if f"{prefix}_with" in result:
+            continue
+        step_q = _quartiles(part["step"])
+        result.update({f"{prefix}_with": f"{ref_method} E={ref_experts} {ref_impl}{eager}",
+                       f"{prefix}_rounds": s.iters, f"{prefix}_ratio": step_q[1], f"{prefix}_q1": step_q[0],
+                       f"{prefix}_q3": step_q[2], f"{prefix}_fwd_bwd_ratio": _quartiles(part["fwd_bwd"])[1]})
+    return result
 
 
 def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -601,9 +659,9 @@ def run_train_config(s: Settings, method: str, experts: int, impl: str, base: nn
         ops = count_ops(lambda: variant.loss(batch).backward()) if s.count_ops else None
         optimizer.zero_grad(set_to_none=True)
         saved = saved_activation_bytes(lambda: variant.loss(batch), list(model.parameters()))
-        reference = reference_of(method, experts, impl, s.pair_with_eager)
-        if s.paired and reference is not None:
-            paired = paired_ratios(s, variant, batch, optimizer, reference)
+        references = references_of(method, experts, impl, s.pair_with_eager, peft="peft_lora" in s.methods)
+        if s.paired and references:
+            paired = paired_ratios(s, variant, batch, optimizer, references)
     finally:
         if s.grad_ckpt:
             getattr(base, "activation_checkpointing_disable", base.gradient_checkpointing_disable)()
@@ -678,6 +736,9 @@ def train_jobs(s: Settings) -> list[tuple[str, int, str]]:
     if not s.train:
         return jobs
     for method in s.methods:
+        if method == "peft_lora":
+            jobs.append(PEFT_REFERENCE)
+            continue
         for experts in ([1] if method == "lora" else s.experts):
             jobs.extend((method, experts, impl) for impl in s.impls)
     return jobs
@@ -882,11 +943,12 @@ def _label(row: dict) -> str:
     return f"{row['method']} E={row['E']} {row['impl']}"
 
 
-def _paired_cell(row: dict) -> str:
-    """The paired ratio with its interquartile range, e.g. ``1.06 (1.02-1.09)``; empty when not measured."""
-    if row.get("paired_ratio") is None:
+def _paired_cell(row: dict, prefix: str = "paired") -> str:
+    """The paired ratio with its interquartile range, e.g. ``1.06 (1.02-1.09)``; empty when not measured.
+    ``prefix``: ``paired`` (the row's reference) or ``peft_paired`` (PEFT's LoRA)."""
+    if row.get(f"{prefix}_ratio") is None:
         return ""
-    return f"{row['paired_ratio']:.3f} ({row['paired_q1']:.2f}-{row['paired_q3']:.2f})"
+    return f"{row[f'{prefix}_ratio']:.3f} ({row[f'{prefix}_q1']:.2f}-{row[f'{prefix}_q3']:.2f})"
 
 
 def _exact_mib(row: dict) -> float | None:
@@ -934,9 +996,11 @@ def to_markdown(result: dict) -> str:
         f"- memory: {env['memory']}",
         "- paired: each configuration timed round by round against its reference in one process ("
         + ("the same configuration run eagerly: compiled / eager" if env.get("pair_with_eager") else
-           "LoRA for asymlora's layers, the fused layer for the loop formulation")
-        + "; ABBA order); the median of the per-round step-time ratios, with the interquartile range. The other "
-        "ratio columns divide medians taken minutes apart, and carry the host's drift",
+           "asymlora's LoRA for asymlora's layers and for PEFT's LoRA, the fused layer for the loop formulation")
+        + "; and, in its own column, against PEFT's LoRA (`peft.get_peft_model`, same targets, r, alpha, dropout, "
+        "optimizer and batch) where that row is run; the order rotates every round and reverses every other "
+        "one); the median of the per-round step-time ratios, with the interquartile range. The other "
+        "ratio columns (x LoRA, x PEFT) divide medians taken minutes apart, and carry the host's drift",
         "- ATen ops: leaf ATen operators dispatched by one forward+backward (torch.profiler, after the timed "
         "steps); each is at least one kernel launch on a GPU",
         "- saved act: bytes of the tensors autograd saves for backward in one forward (each storage once, "
@@ -946,22 +1010,26 @@ def to_markdown(result: dict) -> str:
         "### Training step (forward + loss + backward + AdamW step)",
         "",
         "| method | routing | E | r | impl | ms/step | fwd+bwd ms | AdamW ms | tokens/s | x LoRA | fwd+bwd x LoRA "
-        "| loop / fused | paired: step x reference (IQR) | peak MiB | peak - start MiB | mem x LoRA | saved act MiB | train state MiB "
+        "| x PEFT | loop / fused | paired: step x reference (IQR) | paired: step x PEFT LoRA (IQR) | peak MiB "
+        "| peak - start MiB | mem x LoRA | saved act MiB | train state MiB "
         "| act + state x LoRA | trainable | ATen ops fwd+bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lora = _find(train, "lora", 1)
+    peft = _find(train, *PEFT_REFERENCE)
     for r in train:
         fused = _find(train, r["method"], r["E"])
         vs_fused = _fmt(r["ms"] / fused["ms"]) if r["impl"] == "loop" and fused else ""
         x_lora = _fmt(r["ms"] / lora["ms"]) if lora else "n/a"
+        x_peft = _fmt(r["ms"] / peft["ms"]) if peft else "n/a"
         fb_lora = _fmt(r["fwd_bwd_ms"] / lora["fwd_bwd_ms"]) if lora and lora.get("fwd_bwd_ms") and r.get("fwd_bwd_ms") else "n/a"
         mem_x = _fmt(r["peak_mib"] / lora["peak_mib"], ".3f") if lora and lora["peak_mib"] and r["peak_mib"] else "n/a"
         exact_x = _fmt(_exact_mib(r) / _exact_mib(lora), ".3f") if lora and _exact_mib(lora) and _exact_mib(r) else "n/a"
         lines.append(f"| {r['method']} | {r['routing']} | {r['E']} | {r.get('r', env['r'])} | {r['impl']} | "
                      f"{r['ms']:.2f} | "
                      f"{_fmt(r.get('fwd_bwd_ms'))} | {_fmt(r.get('optimizer_ms'))} | "
-                     f"{r['tokens_per_s']:.0f} | {x_lora} | {fb_lora} | {vs_fused} | {_paired_cell(r)} | "
+                     f"{r['tokens_per_s']:.0f} | {x_lora} | {fb_lora} | {x_peft} | {vs_fused} | {_paired_cell(r)} | "
+                     f"{_paired_cell(r, 'peft_paired')} | "
                      f"{_fmt(r['peak_mib'], '.0f')} | "
                      f"{_fmt(r['peak_above_start_mib'], '.0f')} | {mem_x} | {_fmt(r.get('saved_act_mib'), '.1f')} | "
                      f"{_fmt(r.get('train_state_mib'), '.1f')} | {exact_x} | "

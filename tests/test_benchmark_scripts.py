@@ -581,7 +581,7 @@ def test_pack_default_splits_and_rebuilds_a_checkpoint():
         pack.merge_state(rest, lm, [*built, "vision_tower.missing"])
 
 
-GPU_PARTS = ("layer_speed_7b", "speed_default_cuda", "speed_7b_cuda", "speed_budget_default_cuda",
+GPU_PARTS = ("layer_speed_7b", "speed_default_cuda", "speed_7b_cuda", "speed_budget_default_cuda", "speed_peft_default_cuda",
              "inference_cache_default_cuda",
              "compile_default_cuda", "compile_cg_default_cuda", "gpu_tests", "default_run")
 
@@ -617,3 +617,4 @@ def test_gpu_run_parts_are_commands_the_benchmarks_accept(tmp_path):
     assert parsed["compile_cg_default_cuda"].compile == "reduce-overhead"
     assert parsed["speed_budget_default_cuda"].matched_budget and not parsed["speed_default_cuda"].matched_budget
     assert all(args.device == "cuda" for args in parsed.values())
+    assert "peft_lora" in parsed["speed_peft_default_cuda"].methods and parsed["speed_peft_default_cuda"].paired

@@ -138,6 +138,7 @@ def entry(**values):
     (entry(auto_insert_image_token="yes"), "auto_insert_image_token: must be true or false"),
     (entry(splits={"dev": "d.json"}), r"splits: expected a mapping from \('train', 'val', 'test'\)"),
     (entry(task=""), r"task: expected a non-empty string"),
+    (entry(name="from_record"), r"datasets\[0\]\.task: 'from_record' is not a task name"),
     ({"datasets": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, r"repeated: \['a'\]"),
     ({"datasets": [{"path": "x/a.json"}, {"path": "y/a.json"}]}, r"repeated: \['a'\]"),
     ({"datasets": [{"name": "vqa", "path": "x"}, {"name": "b", "path": "y", "task": "vqa"}]},
@@ -175,3 +176,126 @@ def test_shared_task_when_every_entry_names_it(tmp_path):
                                          {"name": "b", "path": "y", "task": "ocr"},
                                          {"name": "c", "path": "z", "task": "vqa"}]})
     assert mixture.tasks == ["vqa", "ocr"]
+
+
+def registry_dir(root):
+    """LLaMA-Factory's layout: data/dataset_info.json beside mllm_demo.json, images under mllm_demo_data/ (image
+    paths relative to the registry's folder, LLaMA-Factory's media_dir default), and an alpaca dataset in a
+    subfolder."""
+    (root / "mllm_demo_data").mkdir(parents=True)
+    (root / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "mllm_demo_data" / "1.jpg")
+    demo = [{"messages": [{"content": "<image>Who is he?", "role": "user"}, {"content": "A player.", "role": "assistant"},
+                          {"content": "Why is he here?", "role": "user"}, {"content": "To play.", "role": "assistant"}],
+             "images": ["mllm_demo_data/1.jpg"]}] * 3
+    (root / "mllm_demo.json").write_text(json.dumps(demo, indent=2))
+    alpaca = [{"instruction": "<image>Describe.", "output": "A square.", "images": ["mllm_demo_data/1.jpg"]}] * 2
+    (root / "sub" / "alp.json").write_text(json.dumps(alpaca))
+    registry = {
+        "mllm_demo": {"file_name": "mllm_demo.json", "formatting": "sharegpt",
+                      "columns": {"messages": "messages", "images": "images"},
+                      "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                               "assistant_tag": "assistant"}},
+        "alp": {"file_name": "sub/alp.json", "columns": {"prompt": "instruction", "response": "output",
+                                                         "images": "images"}},
+        "hub": {"hf_hub_url": "org/data"},
+        "dpo": {"file_name": "mllm_demo.json", "ranking": True, "formatting": "sharegpt"},
+        "nofile": {"formatting": "sharegpt"},
+        "gone": {"file_name": "gone.json"},
+    }
+    (root / "dataset_info.json").write_text(json.dumps(registry, indent=2))
+    return root / "dataset_info.json"
+
+
+def test_llamafactory_registry_entries(tmp_path):
+    registry = registry_dir(tmp_path / "data")
+    (tmp_path / "mix.yaml").write_text("datasets:\n  - {registry: data/dataset_info.json, name: mllm_demo, task: vqa}\n"
+                                       "  - {registry: data/dataset_info.json, name: alp, weight: 2}\n")
+    mixture = load_mixture(tmp_path / "mix.yaml")
+    assert mixture.tasks == ["vqa", "alp"] and mixture.entries[0].registry == str(registry)
+    samples = mixture.load()
+    assert [(s.dataset, s.task) for s in samples] == [("mllm_demo", "vqa")] * 3 + [("alp", "alp")] * 2
+    image = (tmp_path / "data" / "mllm_demo_data" / "1.jpg").resolve()
+    assert samples[0].images == [image] and samples[3].images == [image]  # alp.json is in sub/: the registry's folder
+    assert [m["role"] for m in samples[0].messages] == ["user", "assistant"] * 2
+    assert samples[3].messages == [{"role": "user", "content": "<image>Describe."},
+                                   {"role": "assistant", "content": "A square."}]
+    assert samples[0].source == f"{tmp_path / 'data' / 'mllm_demo.json'}:2"
+    assert mixture.load("val") == []
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("mllm_dem", r"datasets\[0\]\.name: 'mllm_dem' is not a dataset of .*dataset_info\.json \(did you mean 'mllm_demo'"),
+    ("hub", r"dataset_info\.json: hub: hf_hub_url: a dataset that is not a local file; download it"),
+    ("dpo", r"dataset_info\.json: dpo: ranking: preference data"),
+    ("nofile", r"dataset_info\.json: nofile: file_name: expected the data file's name"),
+    ("gone", r"dataset_info\.json: gone: file_name: .*gone\.json is not a file"),
+])
+def test_registry_errors_name_the_registry_and_dataset(tmp_path, name, message):
+    registry = registry_dir(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        load_mixture({"datasets": [{"registry": str(registry), "name": name}]})
+
+
+def test_registry_entry_errors(tmp_path):
+    registry = str(registry_dir(tmp_path))
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.name: a 'registry' entry names the dataset"):
+        load_mixture({"datasets": [{"registry": registry}]})
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.splits: a 'registry' entry reads its dataset as the train"):
+        load_mixture({"datasets": [{"registry": registry, "name": "alp", "splits": {"val": "x.json"}}]})
+    with pytest.raises(ConfigError, match="exactly one of 'builtin' .*, 'path' .* or 'registry'"):
+        load_mixture({"datasets": [{"registry": registry, "name": "alp", "path": "x.json"}]})
+    with pytest.raises(ConfigError, match=r"registry: .*nowhere\.json not found"):
+        load_mixture({"datasets": [{"registry": str(tmp_path / "nowhere.json"), "name": "alp"}]})
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"broken\.json: not valid JSON"):
+        load_mixture({"datasets": [{"registry": str(tmp_path / "broken.json"), "name": "alp"}]})
+
+
+def mixed_tasks(path, tasks):
+    """A JSON Lines file with one LLaVA record per task name (None: a record without a task)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(path.parent / "img.png")
+    rows = [{"id": f"r{i}", "image": "img.png", "conversations": [{"from": "human", "value": "<image>q"},
+                                                                   {"from": "gpt", "value": str(i)}]}
+            | ({"task": task} if task is not None else {}) for i, task in enumerate(tasks)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_task_from_record_sets_the_mixture_tasks_and_reaches_the_adapter_check(tmp_path):
+    from asymlora.train import TrainConfig
+
+    spec = {"datasets": [
+        {"name": "mixed", "path": mixed_tasks(tmp_path / "m.jsonl", ["ocr", "vqa", "ocr", "count"]),
+         "task": "from_record"},
+        {"name": "more", "path": make(tmp_path, "more", 2), "task": "vqa"},
+        {"name": "caps", "path": make(tmp_path, "caps", 2)}]}
+    mixture = load_mixture(spec)
+    assert mixture.entries[0].from_record and mixture.tasks == ["ocr", "vqa", "count", "caps"]
+    assert [(s.dataset, s.task) for s in mixture.load()][:4] == [("mixed", "ocr"), ("mixed", "vqa"), ("mixed", "ocr"),
+                                                                 ("mixed", "count")]
+    config = TrainConfig.from_dict({"data": {"mixture": spec}, "adapter": {"method": "asymlora", "routing": "task",
+                                                                           "tasks": ["ocr", "vqa", "caps"]}})
+    with pytest.raises(ConfigError, match=r"adapter\.tasks: \['ocr', 'vqa', 'caps'\] lacks the mixture's tasks \['count'\]"):
+        config.adapter_config(load_mixture(config.data.mixture).tasks)
+
+
+def test_task_from_record_needs_a_task_in_every_record(tmp_path):
+    path = mixed_tasks(tmp_path / "m.jsonl", ["ocr", None, "vqa"])
+    with pytest.raises(DataError, match=r"m\.jsonl:2: task: missing \(dataset 'm' has task: from_record"):
+        _ = load_mixture({"datasets": [{"path": path, "task": "from_record"}]}).tasks
+    skipping = load_mixture({"datasets": [{"path": path, "task": "from_record", "on_error": "skip"}]})
+    assert skipping.tasks == ["ocr", "vqa"] and [s.task for s in skipping.load()] == ["ocr", "vqa"]
+    clash = load_mixture({"datasets": [{"path": mixed_tasks(tmp_path / "x.jsonl", ["vqa"]), "task": "from_record"},
+                                       {"name": "vqa", "path": make(tmp_path, "v", 1)}]})
+    with pytest.raises(ConfigError, match="dataset 'x' has records of task 'vqa', which dataset 'vqa' gets from its name"):
+        _ = clash.tasks
+
+
+def test_a_named_task_replaces_the_records_own_with_a_warning(tmp_path, caplog):
+    path = mixed_tasks(tmp_path / "m.jsonl", ["ocr", "vqa"])
+    with caplog.at_level("WARNING", logger="asymlora.data.reader"):
+        samples = load_mixture({"datasets": [{"path": path, "task": "ocr"}]}).load()
+    assert [s.task for s in samples] == ["ocr", "ocr"]
+    assert f"1 of 2 samples carry their own 'task' that differs from 'ocr' (e.g. {path}:2: 'vqa')" in caplog.text

@@ -1,14 +1,16 @@
-"""The user-data reader: both formats give one Sample, and each kind of bad input names file:line: field."""
+"""The user-data reader: every format (LLaVA, messages, ms-swift, LLaMA-Factory) gives one Sample, and each kind
+of bad input names file:line: field."""
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from asymlora import ConfigError, DataError
-from asymlora.data import Sample, read_samples, read_samples_with_report
+from asymlora.data import RecordFormat, Sample, read_samples, read_samples_with_report
 
 
 @pytest.fixture
@@ -127,7 +129,7 @@ BAD_RECORDS = [
      "conversations: 0 <image> placeholder(s) for 2 image(s) in 'image'; put one <image> where each"),
     (llava(question="<image><image>"), "conversations: 2 <image> placeholder(s) for 1 image(s)"),
     (llava(image=None), "conversations: 1 <image> placeholder(s) for 0 image(s)"),
-    (llava(image=5), "image: expected a path or a list of paths, got int"),
+    (llava(image=5), "image: expected a path, a {'path': ...} object or a list of them, got int"),
     (llava(image=[""]), "image[0]: expected a non-empty path string"),
     (llava(images=["a.png"]), "images: give either 'image' or 'images', not both"),
     (llava(task=5), "task: expected a non-empty string, got 5"),
@@ -246,3 +248,123 @@ def test_bad_arguments(folder):
         read_samples(folder / "nope.json")
     unchecked = read_samples(folder / "ok.json", check_images=False, image_folder="/nonexistent")
     assert unchecked[0].images == [Path("/nonexistent/a.png")]
+
+
+# ms-swift's documented multimodal record: string content with <image> placeholders and an `images` list
+# of paths (its loader also takes HF datasets' image objects, {"bytes": ..., "path": ...}).
+def swift(images, question="<image>\nwhat?", **extra):
+    return {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": question},
+                         {"role": "assistant", "content": "x"}], "images": images} | extra
+
+
+def test_ms_swift_records_with_path_objects_or_strings(folder):
+    rows = [swift([{"path": "a.png"}]), swift(["a.png"]), swift([{"bytes": None, "path": "a.png"}]),
+            swift([{"path": "b.png"}, "a.png"], question="<image><image>same?"), swift([], question="hi")]
+    write_lines(folder / "swift.jsonl", rows)
+    samples = read_samples(folder / "swift.jsonl")
+    assert samples[0].messages == [{"role": "system", "content": "be brief"},
+                                   {"role": "user", "content": "<image>\nwhat?"}, {"role": "assistant", "content": "x"}]
+    assert [key(s)[1:] for s in samples[:3]] == [key(samples[0])[1:]] * 3
+    assert samples[0].images == [(folder / "a.png").resolve()]
+    assert samples[3].images == [(folder / "b.png").resolve(), (folder / "a.png").resolve()] and samples[4].images == []
+
+
+@pytest.mark.parametrize(("images", "expected"), [
+    ([{"bytes": "iVBOR"}], "images[0]: embedded image bytes: write the image to a file and give its 'path'"),
+    ([{"url": "a.png"}], "images[0]: expected an object with a non-empty 'path'"),
+    (["https://x/a.png"], "images[0]: remote or inline image 'https://x/a.png'"),
+    ([{"path": "gone.png"}], "images[0]: file not found"),
+])
+def test_ms_swift_image_errors_name_the_field(folder, images, expected):
+    write_lines(folder / "bad.jsonl", [swift(["a.png"]), swift(images)])
+    with pytest.raises(DataError, match=rf"bad\.jsonl:2: {re.escape(expected)}"):
+        read_samples(folder / "bad.jsonl")
+
+
+# LLaMA-Factory's data/README.md: mllm_demo (sharegpt formatting, OpenAI-style role/content tags, an
+# images column), the sharegpt defaults (from/value, human/gpt) and the alpaca formatting.
+MLLM_DEMO = {"file_name": "mllm_demo.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+             "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
+
+
+def test_llamafactory_sharegpt_records(folder):
+    demo = RecordFormat.from_registry(MLLM_DEMO, "dataset_info.json: mllm_demo")
+    assert demo.columns == {"messages": "messages", "system": None, "images": "images"} and demo.tags["system_tag"] == "system"
+    write_list(folder / "demo.json", [
+        {"messages": [{"content": "<image>\nwhat?", "role": "user"}, {"content": "x", "role": "assistant"}],
+         "images": ["a.png"]}])
+    reference = read_samples(folder / "demo.json", record_format=demo)[0]
+    assert key(reference)[1:3] == ([{"role": "user", "content": "<image>\nwhat?"}, {"role": "assistant", "content": "x"}],
+                                   [(folder / "a.png").resolve()])
+    default = RecordFormat.from_registry({"formatting": "sharegpt", "columns": {"system": "sys", "images": "pics"}}, "x")
+    write_list(folder / "sg.json", [
+        {"conversations": [{"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "x"}],
+         "sys": "be brief", "pics": ["a.png"]},
+        {"conversations": [{"from": "system", "value": "own"}, {"from": "human", "value": "hi"},
+                           {"from": "gpt", "value": "yo"}], "sys": "column"}])
+    samples = read_samples(folder / "sg.json", record_format=default)
+    assert samples[0].messages == [{"role": "system", "content": "be brief"}, *reference.messages]
+    assert samples[0].images == reference.images
+    assert samples[1].messages[0] == {"role": "system", "content": "own"} and len(samples[1].messages) == 3
+
+
+def test_llamafactory_alpaca_records(folder):
+    alpaca = RecordFormat.from_registry({"file_name": "d.json", "columns": {
+        "prompt": "instruction", "query": "input", "response": "output", "history": "history", "images": "images"}}, "x")
+    write_list(folder / "al.json", [
+        {"instruction": "<image>\nwhat?", "input": "", "output": "x", "images": ["a.png"]},
+        {"instruction": "name it", "input": "<image>", "output": "y", "images": ["b.png"],
+         "history": [["hi", "yo"]]}])
+    first, second = read_samples(folder / "al.json", record_format=alpaca)
+    assert first.messages == [{"role": "user", "content": "<image>\nwhat?"}, {"role": "assistant", "content": "x"}]
+    assert second.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                               {"role": "user", "content": "name it\n<image>"}, {"role": "assistant", "content": "y"}]
+    assert second.images == [(folder / "b.png").resolve()]
+
+
+@pytest.mark.parametrize(("record", "expected"), [
+    ({"messages": [{"role": "observation", "content": "r"}]}, "messages[0].role: 'observation': tool turns"),
+    ({"messages": [{"role": "human", "content": "r"}]}, "messages[0].role: 'human' is not one of ['user', 'assistant'"),
+    ({"messages": [{"role": "user", "text": "r"}]}, "messages[0].content: expected a string, got null"),
+    ({"messages": [{"role": "assistant", "content": "r"}]}, "messages[0].role: 'assistant' where 'user'"),
+    ({"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "x"}], "images": "a.png",
+      "sys": "s"}, None),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}], "sys": "s"},
+     "messages[1].role: 'user' where 'assistant'"),
+    ({"conversations": []}, "messages: missing"),
+])
+def test_llamafactory_errors_name_the_registry_columns(folder, record, expected):
+    fmt = RecordFormat.from_registry(MLLM_DEMO | {"columns": {"messages": "messages", "images": "images",
+                                                              "system": "sys"}}, "x")
+    write_lines(folder / "lf.jsonl", [record])
+    if expected is None:
+        assert read_samples(folder / "lf.jsonl", record_format=fmt)[0].messages[0] == {"role": "system", "content": "s"}
+        return
+    with pytest.raises(DataError, match=rf"lf\.jsonl:1: {re.escape(expected)}"):
+        read_samples(folder / "lf.jsonl", record_format=fmt)
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ({"formatting": "openai"}, "x: formatting: 'openai' is not one of ('sharegpt', 'alpaca')"),
+    ({"formatting": "sharegpt", "columns": {"tools": "tools"}}, "x: columns.tools: not read by asymlora"),
+    ({"columns": {"messages": "m"}}, "x: columns.messages: not read by asymlora (alpaca formatting reads prompt"),
+    ({"formatting": "sharegpt", "tags": {"role_tag": 3}}, "x: tags.role_tag: expected a non-empty string, got 3"),
+    ({"formatting": "sharegpt", "columns": ["messages"]}, "x: columns: expected an object, got list"),
+])
+def test_registry_formats_this_reader_does_not_take(spec, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        RecordFormat.from_registry(spec, "x")
+
+
+def test_task_from_record_given_or_the_records_own(folder, caplog):
+    path = folder / "t.jsonl"
+    write_lines(path, [llava(0, task="a"), llava(1, task="b"), llava(2, task="a"), llava(3)])
+    assert [s.task for s in read_samples(path, on_error="skip", task="from_record")] == ["a", "b", "a"]
+    with pytest.raises(DataError, match=r"t\.jsonl:4: task: missing: this dataset's tasks come from the records"):
+        read_samples(path, task="from_record")
+    with caplog.at_level(logging.WARNING, logger="asymlora.data.reader"):
+        samples, report = read_samples_with_report(path, task="a")
+    assert [s.task for s in samples] == ["a"] * 4 and report.overridden == 1
+    assert report.overridden_example == f"{path}:2: 'b'"
+    assert f"1 of 4 samples carry their own 'task' that differs from 'a' (e.g. {path}:2: 'b')" in caplog.text
+    assert [s.task for s in read_samples(path)] == ["a", "b", "a", None]

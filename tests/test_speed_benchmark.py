@@ -38,7 +38,7 @@ def test_tiny_preset_writes_every_configuration(tmp_path):
     expected = {("lora", 1, impl) for impl in speed.IMPLS}
     expected |= {(m, e, impl) for m in ("lora_moe", "asymlora", "asymlora_moe") for e in (3, 4, 8)
                  for impl in speed.IMPLS}
-    assert set(rows) == expected
+    assert set(rows) == expected | {("peft_lora", 1, "peft")}
     assert all(row["ops"] > 0 for row in rows.values())
     assert rows[("asymlora_moe", 3, "fused")]["ops"] > rows[("lora", 1, "fused")]["ops"]  # routers cost ops
     for row in rows.values():  # float32 adapter: parameter, gradient, two AdamW moments
@@ -66,13 +66,20 @@ def test_tiny_preset_writes_every_configuration(tmp_path):
     assert "| asymlora_moe | dense | 8 | 4 | loop |" in md and "merged / base" in md and "saved act MiB" in md
     assert "### Decode latency" in md
     assert any(t["target"] == "asymlora_moe E=3 saved activations + trainable state / lora" for t in data["targets"])
-    # Every row but LoRA's is also timed round by round against its reference, in one process.
+    # Every row but LoRA's is also timed round by round against its reference, in one process; every fused
+    # row but PEFT's also against PEFT's LoRA.
     for (method, e, impl), row in rows.items():
+        assert (impl == "fused") == ("peft_paired_ratio" in row)
+        if impl == "fused":
+            assert row["peft_paired_with"] == "peft_lora E=1 peft" and row["peft_paired_rounds"] == 1
+            assert row["peft_paired_q1"] <= row["peft_paired_ratio"] <= row["peft_paired_q3"]
         if (method, impl) == ("lora", "fused"):
             assert "paired_ratio" not in row
             continue
-        assert row["paired_with"] == ("lora E=1 fused" if impl == "fused" else f"{method} E={e} fused")
+        assert row["paired_with"] == ("lora E=1 fused" if impl in ("fused", "peft") else f"{method} E={e} fused")
         assert row["paired_rounds"] == 1 and row["paired_q1"] <= row["paired_ratio"] <= row["paired_q3"]
+    assert rows[("peft_lora", 1, "peft")]["trainable"] == rows[("lora", 1, "fused")]["trainable"]
+    assert "| peft_lora | - | 1 | 4 | peft |" in md and "paired: step x PEFT LoRA (IQR)" in md
     assert "| asymlora_moe E=3 step / lora step (paired) |" in md
     assert rows[("lora", 1, "fused")]["optimizer"] == speed._optimizer_name(speed.make_optimizer([torch.nn.Parameter(
         torch.zeros(1))]))
@@ -243,8 +250,8 @@ def test_a_run_cut_short_keeps_the_configurations_it_measured(tmp_path, monkeypa
     data = json.loads((tmp_path / "speed_tiny_cpu.json").read_text())
     assert not data["complete"] and data["inference"] == []
     assert [(r["method"], r["E"], r["impl"]) for r in data["train"]] == [tuple(c) for c in calls[:2]]
-    assert data["planned_train_configurations"] == 20
-    assert "**Partial: 2 of 20 training configurations" in (tmp_path / "speed_tiny_cpu.md").read_text()
+    assert data["planned_train_configurations"] == 21
+    assert "**Partial: 2 of 21 training configurations" in (tmp_path / "speed_tiny_cpu.md").read_text()
 
 
 def test_compile_times_the_compiled_model_and_trains_as_eager_does(tmp_path):
@@ -271,3 +278,37 @@ def test_compile_times_the_compiled_model_and_trains_as_eager_does(tmp_path):
         assert c_row["paired_with"] == f"{c_row['method']} E={c_row['E']} fused eager" and c_row["paired_ratio"] > 0
     with pytest.raises(SystemExit, match="--pair-with-eager"):
         speed.main([*argv, "--pair-with-eager", "--out-dir", str(tmp_path / "refused")])
+
+
+def test_peft_lora_row_is_lora_at_the_same_targets_rank_and_scaling():
+    """PEFT's LoRA adapts the modules asymlora's LoRA adapts, with the same r, alpha and dropout: given
+    asymlora's A and B it computes the same loss and gradients; its row is paired with both LoRAs."""
+    s = speed.resolve_settings(speed.parse_args([*TINY, "--iters", "3", "--warmup", "1"]))
+    base = speed.build_base(s)
+    twin = copy.deepcopy(base)
+    ours = speed.attach(base, "lora", 1, "fused", s)
+    peft = speed.attach(twin, "peft_lora", 1, "peft", s)
+    assert isinstance(peft, speed.PeftVariant) and peft.names == ours.names
+    assert sum(p.numel() for p in peft.trainable()) == sum(p.numel() for p in ours.trainable())
+    speed.randomize_b(ours, std=0.2)
+    with torch.no_grad():
+        for name, layer in ours.wrapped.adapter_layers.items():
+            lora = peft.peft_model.base_model.model.get_submodule(name)
+            lora.lora_A["default"].weight.copy_(layer.A_bank)
+            lora.lora_B["default"].weight.copy_(layer.B_bank[0])
+            assert lora.scaling["default"] == layer.scaling
+    batch = speed.make_batch(s, 1)
+    loss_ours, loss_peft = ours.loss(batch), peft.loss(batch)
+    peft.detach()  # the plain base again: the adapter must change the loss
+    with torch.no_grad():
+        loss_base = twin(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    assert abs(loss_ours.item() - loss_base.item()) > 1e-3
+    torch.testing.assert_close(loss_peft, loss_ours, rtol=1e-5, atol=1e-6)
+    assert not any(p.requires_grad for p in twin.parameters()) and type(twin.get_submodule(ours.names[0])) is torch.nn.Linear
+    row = speed.run_train_config(s, "peft_lora", 1, "peft")
+    assert (row["impl"], row["routing"], row["r"]) == ("peft", "-", s.r) and row["ms"] > 0
+    assert row["paired_with"] == "lora E=1 fused" and row["paired_rounds"] == 3 and "peft_paired_ratio" not in row
+    lora_row = speed.run_train_config(s, "lora", 1, "fused")
+    assert lora_row["peft_paired_with"] == "peft_lora E=1 peft" and "paired_ratio" not in lora_row
+    assert speed._paired_cell(lora_row, "peft_paired").startswith(f"{lora_row['peft_paired_ratio']:.3f} (")
+    assert speed.references_of("asymlora", 3, "fused", peft=False) == [speed.LORA_REFERENCE]

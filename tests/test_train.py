@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_fixtures import launch_two_processes, log_history, losses, train_setup
+from train_fixtures import launch_two_processes, log_history, losses, peer_format_mixture, train_setup
 
 import asymlora
 from asymlora.errors import ConfigError
@@ -33,6 +33,26 @@ def test_train_decreases_loss_and_logs_per_task(tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "train_config.yaml").is_file()
     model = asymlora.load(tiny_llava(), out)
     assert model.tasks == ["color", "isred"]
+
+
+@pytest.mark.parametrize("fmt", ["swift", "registry", "from_record"])
+def test_peer_data_formats_train(tmp_path, fmt):
+    """ms-swift records, a LLaMA-Factory dataset_info.json and records naming their own task train end to end:
+    the samples equal those of the LLaVA files, and the adapter routes by the two tasks."""
+    from asymlora.data import load_mixture
+
+    values = train_setup(tmp_path, max_steps=24, save_steps=100)
+    reference = load_mixture(values["data"]["mixture"]).load()
+    values["data"]["mixture"] = peer_format_mixture(tmp_path / "data", fmt)
+    mixture = load_mixture(values["data"]["mixture"])
+    assert mixture.tasks == ["color", "isred"]
+    samples = sorted(mixture.load(), key=lambda s: s.id)
+    assert [(s.messages, s.images, s.task) for s in samples] == \
+        [(s.messages, s.images, s.task) for s in sorted(reference, key=lambda s: s.id)]
+    out = run_training(TrainConfig.from_dict(values))
+    logs = [e for e in log_history(out) if "loss" in e]
+    assert logs[-1]["loss"] < logs[0]["loss"] and all("loss_color" in e and "loss_isred" in e for e in logs)
+    assert asymlora.load(tiny_llava(), out).tasks == ["color", "isred"]
 
 
 def test_checkpoint_holds_every_trainable_tensor(tmp_path):

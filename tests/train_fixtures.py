@@ -76,3 +76,43 @@ def launch_two_processes(config_path: Path, *args: str, timeout: int = 600) -> s
         capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def peer_format_mixture(root: Path, fmt: str) -> dict:
+    """The dataset of :func:`write_dataset`, rewritten in a peer tool's format, and the mixture that reads it.
+
+    ``swift``: ms-swift's messages records (string content with ``<image>``, ``images: [{"path": ...}]``);
+    ``registry``: LLaMA-Factory's ``dataset_info.json`` with both tasks as mllm_demo-style sharegpt datasets;
+    ``from_record``: both tasks in one file, each record naming its task, read with ``task: from_record``.
+    """
+    write_dataset(root)
+    rows = {name: json.loads((root / f"{name}.json").read_text()) for name in ("color", "isred")}
+
+    def messages(row: dict) -> list[dict]:
+        role = {"human": "user", "gpt": "assistant"}
+        return [{"role": role[turn["from"]], "content": turn["value"]} for turn in row["conversations"]]
+
+    if fmt == "swift":
+        for name, records in rows.items():
+            lines = [json.dumps({"messages": messages(r), "images": [{"path": r["image"]}]}) for r in records]
+            (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+        return {"name": "swift", "datasets": [
+            {"name": name, "path": str(root / f"{name}.jsonl"), "task": name} for name in rows]}
+    if fmt == "registry":
+        registry = {}
+        for name, records in rows.items():
+            (root / f"{name}_lf.json").write_text(json.dumps(
+                [{"messages": messages(r), "images": [r["image"]]} for r in records], indent=2))
+            registry[name] = {"file_name": f"{name}_lf.json", "formatting": "sharegpt",
+                              "columns": {"messages": "messages", "images": "images"},
+                              "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                       "assistant_tag": "assistant"}}
+        (root / "dataset_info.json").write_text(json.dumps(registry, indent=2))
+        return {"name": "registry", "datasets": [
+            {"registry": str(root / "dataset_info.json"), "name": name} for name in rows]}
+    if fmt == "from_record":
+        mixed = [row for pair in zip(rows["color"], rows["isred"]) for row in pair]  # tasks: color first
+        (root / "mixed.json").write_text(json.dumps(mixed, indent=1))
+        return {"name": "from_record", "datasets": [
+            {"name": "mixed", "path": str(root / "mixed.json"), "task": "from_record"}]}
+    raise ValueError(f"unknown format {fmt!r}")

@@ -1,4 +1,5 @@
-"""Read instruction data (LLaVA JSON / JSONL, or TRL-style ``messages`` + ``images``) into samples.
+"""Read instruction data (LLaVA JSON / JSONL, TRL / ms-swift ``messages`` + ``images``, or a LLaMA-Factory
+dataset described by a :class:`RecordFormat`) into samples.
 
 Every record becomes a :class:`Sample`: ``messages`` (``{"role": "user" | "assistant" | "system",
 "content": str}``, with one ``<image>`` placeholder at each image's position), absolute image paths, an
@@ -13,11 +14,17 @@ Accepted records (one JSON list of them, or JSON Lines with one per line)::
      "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
                   {"role": "assistant", "content": "A cat."}]}
 
+    {"images": [{"path": "a.png"}], "messages": [{"role": "user", "content": "<image>What is it?"},   # ms-swift
+                                                 {"role": "assistant", "content": "A cat."}]}
+
+A :class:`RecordFormat` (built from an entry of LLaMA-Factory's ``dataset_info.json``) reads records with
+the column names and role tags given there, in its ``sharegpt`` or ``alpaca`` formatting.
+
 Validation reports ``file:line: field: problem`` for: malformed JSON or a record that is not an
 object, missing or wrongly typed fields, unknown roles, turns that do not alternate user/assistant or
 have no assistant reply (with ``require_reply=False``, for prediction: no user turn), missing or
-undecodable image files (:mod:`asymlora.data.images`), ``<image>`` placeholders that do not match the
-number of images, and more images than the model family takes. ``on_error="fail"`` (default) raises one
+undecodable image files (:mod:`asymlora.data.images`), ``<image>`` placeholders that do not match the number of
+images, and more images than the model family takes. ``on_error="fail"`` (default) raises one
 :class:`~asymlora.errors.DataError` listing every problem; ``"skip"`` drops the bad samples, logs a
 summary and counts them, grouped by reason, in the :class:`ReadReport`.
 """
@@ -27,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,29 +43,30 @@ from typing import Any
 from asymlora.config import IMAGE_TOKEN
 from asymlora.data.images import MISSING as MISSING_IMAGE
 from asymlora.data.images import image_problem
+from asymlora.data.records import (
+    IMAGE_TOKENS,
+    MALFORMED_JSON,
+    MISSING_FIELD,
+    NOT_AN_OBJECT,
+    TOO_MANY_IMAGES,
+    WRONG_TYPE,
+    RecordError,
+    chat_messages,
+    check_turns,
+    image_list,
+    image_paths,
+    llava_messages,
+    type_name,
+)
+from asymlora.data.registry import RecordFormat
 from asymlora.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-# LLaVA ``from`` values and the role each becomes; ShareGPT-style data also uses user/assistant here.
-LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-MESSAGE_ROLES = ("user", "assistant", "system")
 ON_ERROR = ("fail", "skip")
+FROM_RECORD = "from_record"  # task=FROM_RECORD: each record's own "task" field (required)
 MAX_LISTED = 20  # problems listed in one DataError; the rest are counted ("and N more")
 _JSON_SPACE = " \t\r\n"
-
-# Reasons a record is rejected (the ``kind`` of a Problem); skip mode groups its count by these.
-MALFORMED_JSON = "malformed JSON"
-NOT_AN_OBJECT = "not an object"
-MISSING_FIELD = "missing field"
-WRONG_TYPE = "wrong type"
-UNKNOWN_ROLE = "unknown role"
-TURN_ORDER = "turns out of order"
-NO_REPLY = "no assistant reply"
-NO_QUESTION = "no user turn"
-IMAGE_TOKENS = "<image> count mismatch"
-TOO_MANY_IMAGES = "too many images"
-
 
 @dataclass
 class Sample:
@@ -98,6 +105,8 @@ class ReadReport:
     total: int = 0
     kept: int = 0
     problems: list[Problem] = field(default_factory=list)
+    overridden: int = 0  # kept records whose own "task" differs from the task given for the file
+    overridden_example: str = ""  # the first of them: "file:line: 'task'"
 
     @property
     def skipped(self) -> int:
@@ -121,24 +130,11 @@ class ReadReport:
         return f"{text}; skipped {len(self.problems)}: {grouped}"
 
 
-class _RecordError(Exception):
-    """A problem with one record: the field it concerns, the message and the reason kind."""
-
-    def __init__(self, field_name: str, message: str, kind: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field_name, self.message, self.kind = field_name, message, kind
-
-
 @dataclass(frozen=True)
 class _BadLine:
     """A JSON Lines line that does not parse (the rest of the file is still read)."""
 
     message: str
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), type(value).__name__)
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -229,117 +225,6 @@ def _json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}:{line_at(position)}: not valid JSON: extra data after the closing ']'")
 
 
-def _text_field(value: Any, field_name: str) -> str:
-    if not isinstance(value, str):
-        kind = MISSING_FIELD if value is None else WRONG_TYPE
-        raise _RecordError(field_name, f"expected a string, got {_type_name(value)}", kind)
-    return value
-
-
-def _turn_list(record: dict[str, Any], key: str, shape: str) -> list[Any]:
-    turns = record[key]
-    if not isinstance(turns, list) or not turns:
-        got = "an empty list" if turns == [] else _type_name(turns)
-        raise _RecordError(key, f"expected a non-empty list of {shape} turns, got {got}", WRONG_TYPE)
-    return turns
-
-
-def _llava_messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    messages = []
-    for i, turn in enumerate(_turn_list(record, "conversations", "{from, value}")):
-        where = f"conversations[{i}]"
-        if not isinstance(turn, dict):
-            raise _RecordError(where, f"expected an object with 'from' and 'value', got {_type_name(turn)}",
-                               WRONG_TYPE)
-        role = turn.get("from")
-        if role not in LLAVA_ROLES:
-            kind = MISSING_FIELD if role is None else UNKNOWN_ROLE
-            raise _RecordError(f"{where}.from", f"{role!r} is not one of {sorted(LLAVA_ROLES)}", kind)
-        messages.append({"role": LLAVA_ROLES[role], "content": _text_field(turn.get("value"), f"{where}.value")})
-    return messages
-
-
-def _content_text(content: Any, where: str, inline_images: list[str]) -> str:
-    """String content, or structured parts joined with ``<image>`` at each image part."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        kind = MISSING_FIELD if content is None else WRONG_TYPE
-        raise _RecordError(f"{where}.content", f"expected a string or a list of parts, got {_type_name(content)}",
-                           kind)
-    pieces = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "image":
-            pieces.append(IMAGE_TOKEN)
-            inline = next((part[k] for k in ("path", "image", "url") if isinstance(part.get(k), str)), None)
-            if inline is not None:
-                if re.match(r"^(https?|data):", inline):
-                    raise _RecordError(f"{where}.content[{j}]", f"remote or inline image {inline[:40]!r}: "
-                                       "download it and give a file path", WRONG_TYPE)
-                inline_images.append(inline)
-        elif kind == "text" and isinstance(part.get("text"), str):
-            pieces.append(part["text"])
-        else:
-            raise _RecordError(f"{where}.content[{j}]", "expected {'type': 'image'} or {'type': 'text', "
-                               f"'text': str}}, got {json.dumps(part)[:60]}", WRONG_TYPE)
-    return "".join(pieces)
-
-
-def _chat_messages(record: dict[str, Any], inline_images: list[str]) -> list[dict[str, str]]:
-    messages = []
-    for i, turn in enumerate(_turn_list(record, "messages", "{role, content}")):
-        where = f"messages[{i}]"
-        if not isinstance(turn, dict):
-            raise _RecordError(where, f"expected an object with 'role' and 'content', got {_type_name(turn)}",
-                               WRONG_TYPE)
-        role = turn.get("role")
-        if role not in MESSAGE_ROLES:
-            kind = MISSING_FIELD if role is None else UNKNOWN_ROLE
-            raise _RecordError(f"{where}.role", f"{role!r} is not one of {list(MESSAGE_ROLES)}", kind)
-        messages.append({"role": role, "content": _content_text(turn.get("content"), where, inline_images)})
-    return messages
-
-
-def _check_turns(messages: list[dict[str, str]], key: str, require_reply: bool = True) -> None:
-    """An optional first system turn, then user/assistant alternating from user, with a reply (or, without
-    ``require_reply``, at least one user turn)."""
-    role_field = "from" if key == "conversations" else "role"
-    offset = 1 if messages[0]["role"] == "system" else 0
-    for i, message in enumerate(messages[offset:]):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise _RecordError(f"{key}[{i + offset}].{role_field}",
-                               f"{message['role']!r} where {expected!r} was expected (after an optional first "
-                               "system turn, turns alternate user/assistant, starting with user)", TURN_ORDER)
-    if require_reply and len(messages) - offset < 2:
-        raise _RecordError(key, "no assistant reply to learn from", NO_REPLY)
-    if len(messages) - offset < 1:
-        raise _RecordError(key, "no user turn to answer", NO_QUESTION)
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant" and IMAGE_TOKEN in message["content"]:
-            raise _RecordError(f"{key}[{i}]", f"{IMAGE_TOKEN} in an assistant reply; images belong in user "
-                                              "turns", IMAGE_TOKENS)
-
-
-def _image_list(record: dict[str, Any], default_key: str) -> tuple[list[str], str]:
-    """The record's image paths and the key they came from (``image`` or ``images``)."""
-    if "image" in record and "images" in record:
-        raise _RecordError("images", "give either 'image' or 'images', not both", WRONG_TYPE)
-    key = "images" if "images" in record else "image" if "image" in record else default_key
-    value = record.get(key)
-    if value is None:
-        return [], key
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list):
-        raise _RecordError(key, f"expected a path or a list of paths, got {_type_name(value)}", WRONG_TYPE)
-    for i, item in enumerate(values):
-        if not isinstance(item, str) or not item:
-            raise _RecordError(f"{key}[{i}]" if isinstance(value, list) else key,
-                               f"expected a non-empty path string, got {item!r}", WRONG_TYPE)
-    return list(values), key
-
-
 @dataclass
 class _Options:
     path: Path
@@ -348,6 +233,7 @@ class _Options:
     max_images_per_sample: int | None
     auto_insert_image_token: bool
     check_images: bool
+    record_format: RecordFormat | None = None
     require_reply: bool = True
     found: dict[str, tuple[str, str] | None] = field(default_factory=dict)  # image -> problem (images repeat)
 
@@ -364,32 +250,42 @@ class _Options:
         return self.found[image]
 
 
-def _parse_record(record: Any, index: int, options: _Options) -> Sample:
-    """One record -> Sample; raises _RecordError on the first problem found."""
+def _parse_record(record: Any, index: int, options: _Options) -> tuple[Sample, bool]:
+    """One record -> (Sample, whether the record's own task differs from the task given for the file); raises
+    RecordError on the first problem found."""
     if isinstance(record, _BadLine):
-        raise _RecordError("record", record.message, MALFORMED_JSON)
+        raise RecordError("record", record.message, MALFORMED_JSON)
     if not isinstance(record, dict):
-        raise _RecordError("record", f"expected a JSON object, got {_type_name(record)}", NOT_AN_OBJECT)
+        raise RecordError("record", f"expected a JSON object, got {type_name(record)}", NOT_AN_OBJECT)
     inline_images: list[str] = []
-    if "conversations" in record and "messages" in record:
-        raise _RecordError("messages", "give either 'conversations' (LLaVA) or 'messages', not both", WRONG_TYPE)
-    if "conversations" in record:
-        messages, key = _llava_messages(record), "conversations"
-    elif "messages" in record:
-        messages, key = _chat_messages(record, inline_images), "messages"
+    if options.record_format is not None:
+        messages, key, role_field, shift = options.record_format.messages(record)
+        check_turns(messages, key, role_field, shift, options.require_reply)
+        image_key = options.record_format.columns.get("images")
+        images = image_paths(record.get(image_key), image_key) if image_key else []
+        image_key = image_key or "images"
     else:
-        raise _RecordError("conversations", "missing: a sample needs 'conversations' (LLaVA format) or "
-                                            "'messages' (messages format)", MISSING_FIELD)
-    _check_turns(messages, key, options.require_reply)
-    images, image_key = _image_list(record, "image" if key == "conversations" else "images")
+        if "conversations" in record and "messages" in record:
+            raise RecordError("messages", "give either 'conversations' (LLaVA) or 'messages', not both",
+                               WRONG_TYPE)
+        if "conversations" in record:
+            messages, key = llava_messages(record), "conversations"
+        elif "messages" in record:
+            messages, key = chat_messages(record, inline_images), "messages"
+        else:
+            raise RecordError("conversations", "missing: a sample needs 'conversations' (LLaVA format) or "
+                                                "'messages' (messages format)", MISSING_FIELD)
+        check_turns(messages, key, "from" if key == "conversations" else "role",
+                     require_reply=options.require_reply)
+        images, image_key = image_list(record, "image" if key == "conversations" else "images")
     if inline_images:
         if images:
-            raise _RecordError(image_key, "images are given both here and inside message parts; give them "
+            raise RecordError(image_key, "images are given both here and inside message parts; give them "
                                           "in one place", WRONG_TYPE)
         images, image_key = inline_images, "messages"
     limit = options.max_images_per_sample
     if limit is not None and len(images) > limit:
-        raise _RecordError(image_key, f"{len(images)} images, but this model family takes at most {limit} per "
+        raise RecordError(image_key, f"{len(images)} images, but this model family takes at most {limit} per "
                                       "sample", TOO_MANY_IMAGES)
     placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
     if placeholders == 0 and len(images) == 1 and options.auto_insert_image_token:
@@ -403,7 +299,7 @@ def _parse_record(record: Any, index: int, options: _Options) -> Sample:
             hint = f"; put one {IMAGE_TOKEN} where each image goes"
         else:
             hint = ""
-        raise _RecordError(key, f"{placeholders} {IMAGE_TOKEN} placeholder(s) for {len(images)} image(s) in "
+        raise RecordError(key, f"{placeholders} {IMAGE_TOKEN} placeholder(s) for {len(images)} image(s) in "
                                 f"'{image_key}'{hint}", IMAGE_TOKENS)
     resolved = []
     for i, name in enumerate(images):
@@ -414,35 +310,43 @@ def _parse_record(record: Any, index: int, options: _Options) -> Sample:
                 where = f"messages (image part {i + 1})"
             else:
                 where = f"{image_key}[{i}]" if isinstance(record.get(image_key), list) else image_key
-            raise _RecordError(where, problem[1], problem[0])
+            raise RecordError(where, problem[1], problem[0])
         resolved.append(Path(image))
-    sample_task = options.task
-    if sample_task is None and record.get("task") is not None:
-        sample_task = record["task"]
-        if not isinstance(sample_task, str) or not sample_task:
-            raise _RecordError("task", f"expected a non-empty string, got {sample_task!r}", WRONG_TYPE)
+    own_task = record.get("task")
+    overridden = False
+    if options.task is not None and options.task != FROM_RECORD:
+        sample_task: str | None = options.task
+        overridden = own_task is not None and own_task != options.task
+    else:
+        if own_task is None and options.task == FROM_RECORD:
+            raise RecordError("task", "missing: this dataset's tasks come from the records (task: from_record), "
+                                       "so every record needs a 'task'", MISSING_FIELD)
+        if own_task is not None and (not isinstance(own_task, str) or not own_task):
+            raise RecordError("task", f"expected a non-empty string, got {own_task!r}", WRONG_TYPE)
+        sample_task = own_task
     sample_id = record.get("id", f"{options.path.stem}-{index}")
     if isinstance(sample_id, bool) or not isinstance(sample_id, (str, int)):
-        raise _RecordError("id", f"expected a string or an integer, got {_type_name(sample_id)}", WRONG_TYPE)
-    return Sample(id=str(sample_id), messages=messages, images=resolved, task=sample_task)
+        raise RecordError("id", f"expected a string or an integer, got {type_name(sample_id)}", WRONG_TYPE)
+    return Sample(id=str(sample_id), messages=messages, images=resolved, task=sample_task), overridden
 
 
 def read_samples(path: str | Path, image_folder: str | Path | None = None, on_error: str = "fail",
                  task: str | None = None, max_images_per_sample: int | None = None,
                  auto_insert_image_token: bool = False, check_images: bool = True,
-                 require_reply: bool = True) -> list[Sample]:
-    """Read a LLaVA JSON/JSONL or messages-format file into samples.
+                 record_format: RecordFormat | None = None, require_reply: bool = True) -> list[Sample]:
+    """Read a LLaVA JSON/JSONL, messages-format (TRL, ms-swift) or ``record_format`` file into samples.
 
     Same arguments as :func:`read_samples_with_report`, which also returns the :class:`ReadReport`.
     """
     return read_samples_with_report(path, image_folder, on_error, task, max_images_per_sample,
-                                    auto_insert_image_token, check_images, require_reply)[0]
+                                    auto_insert_image_token, check_images, record_format, require_reply)[0]
 
 
 def read_samples_with_report(path: str | Path, image_folder: str | Path | None = None, on_error: str = "fail",
                              task: str | None = None, max_images_per_sample: int | None = None,
                              auto_insert_image_token: bool = False, check_images: bool = True,
-                             require_reply: bool = True) -> tuple[list[Sample], ReadReport]:
+                             record_format: RecordFormat | None = None, require_reply: bool = True,
+                             ) -> tuple[list[Sample], ReadReport]:
     """Samples of one file and a report of what was kept and why the rest was not.
 
     Args:
@@ -451,11 +355,16 @@ def read_samples_with_report(path: str | Path, image_folder: str | Path | None =
         on_error: ``"fail"`` raises one DataError listing every bad record (``file:line: field:
             message``); ``"skip"`` drops bad records, logs :meth:`ReadReport.summary` and returns the rest.
             A JSON list that does not parse at all fails in both modes.
-        task: the task of every sample (overrides the records' ``task`` field).
+        task: the task of every sample: a name (it replaces the records' own ``task``; records whose own
+            task differs are counted in :attr:`ReadReport.overridden` and logged in one warning), or
+            ``"from_record"`` (each record's own ``task``, which every record must have). None: the records'
+            own ``task`` where they have one, else None.
         max_images_per_sample: reject records with more images (1 for single-image model families).
         auto_insert_image_token: for a record with exactly one image and no ``<image>`` placeholder,
             put ``<image>\\n`` at the start of the first user turn instead of rejecting it.
         check_images: check that every image file exists and decodes (once per file).
+        record_format: the column names and role tags of a LLaMA-Factory dataset (:class:`RecordFormat`);
+            None reads LLaVA and messages records.
         require_reply: a record needs an assistant reply (training data); ``False`` accepts records that end
             with the user turn to answer (prediction input).
 
@@ -474,17 +383,20 @@ def read_samples_with_report(path: str | Path, image_folder: str | Path | None =
     folder = Path(image_folder).expanduser() if image_folder is not None else path.parent
     options = _Options(path=path, image_folder=folder, task=task, max_images_per_sample=max_images_per_sample,
                        auto_insert_image_token=auto_insert_image_token, check_images=check_images,
-                       require_reply=require_reply)
+                       record_format=record_format, require_reply=require_reply)
     report = ReadReport(path=path)
     samples = []
     for index, (line, record) in enumerate(iter_records(path)):
         report.total += 1
         try:
-            sample = _parse_record(record, index, options)
-        except _RecordError as err:
+            sample, overridden = _parse_record(record, index, options)
+        except RecordError as err:
             report.problems.append(Problem(f"{path}:{line}", err.field_name, err.message, err.kind))
             continue
         sample.source = f"{path}:{line}"
+        if overridden:
+            report.overridden += 1
+            report.overridden_example = report.overridden_example or f"{sample.source}: {record['task']!r}"
         samples.append(sample)
     report.kept = len(samples)
     if report.total == 0:
@@ -493,6 +405,10 @@ def read_samples_with_report(path: str | Path, image_folder: str | Path | None =
         raise DataError(_failure_message(report, folder))
     if report.problems:
         logger.warning("%s", report.summary())
+    if report.overridden:
+        logger.warning("%s: %d of %d samples carry their own 'task' that differs from %r (e.g. %s); %r is used "
+                       "(a mixture entry with 'task: from_record' takes the records' own)", path,
+                       report.overridden, report.kept, task, report.overridden_example, task)
     return samples, report
 
 
