@@ -288,7 +288,8 @@ def test_cli_registers_build_default():
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["build-default", "--out", "/tmp/x", "--force"])
-    assert args.out == "/tmp/x" and args.force and args.image_size == 112 and args.vision_feature_layer == -4
+    assert args.out == "/tmp/x" and args.force and args.image_size == 84 and args.vision_feature_layer == -4
+    assert not args.default_system_prompt
     assert callable(args.func)
     subparser = parser._subparsers._group_actions[0].choices["build-default"]
     assert all(action.help for action in subparser._actions)
