@@ -14,7 +14,7 @@
    the same numbers.
 
 A task shows image-grounded learning when "after" beats both the majority answer and the shuffled
-control by at least ``MARGIN`` on its headline metric (lower for the character error rate).
+control by at least 0.10 on its headline metric (lower for the character error rate).
 With a GPU it is used automatically.
 """
 
