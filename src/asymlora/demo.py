@@ -102,7 +102,7 @@ def run_demo(steps: int = DEMO_STEPS, batch_size: int = DEMO_BATCH, eval_samples
         f"training.per_device_train_batch_size={batch_size}", f"training.save_steps={steps}",
         f"training.learning_rate={learning_rate}",
         "training.eval_strategy=no", "training.logging_steps=10", f"training.seed={seed}",
-        "data.eval_split=null", "data.group_by_length=true", "training.save_total_limit=1",
+        "data.eval_split=null", "training.save_total_limit=1",
         f"model.path={model}", f"model.projector={projector or 'null'}",
     ])
     train_start = time.time()
