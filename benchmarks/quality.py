@@ -469,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--projector-lr", type=float, default=1e-4)
     parser.add_argument("--eval-samples", type=int, default=None, help="test items per task (default: all)")
     parser.add_argument("--eval-batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=8,
+                        help="greedy decoding length (default %(default)s: the built-in answers are a word or two)")
     parser.add_argument("--prompt-suffix", default=None, help="appended to every test question")
     parser.add_argument("--single-domain", nargs="*", choices=list(SINGLE_SETTINGS), default=None,
                         help="also train each method on each task alone: for --steps steps ('steps', the "

@@ -17,7 +17,8 @@ def test_align_writes_projector_and_record(tmp_path, isolated_cache):
     captions = {row["id"].split("-")[1]: row["conversations"][1]["value"] for row in rows}
     # easy-VQA captions need an image with both a shape and a colour question; small builds may have none
     assert {"fashion", "digits", "emoji", "ocr"} <= set(captions)
-    assert captions["fashion"].startswith("A photo of a ") and captions["digits"].startswith("The number ")
+    assert captions["fashion"].startswith("A photo of a ") and captions["digits"].startswith("The digit ")
+    assert captions["emoji"].startswith("An emoji from the ") and captions["ocr"].startswith('The word "')
     assert main(["build-tiny", "--out", str(tmp_path / "tiny")]) == 0
     out = tmp_path / "projector.safetensors"
     assert main(["align", "--model", str(tmp_path / "tiny"), "--steps", "2", "--batch-size", "2",

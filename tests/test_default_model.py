@@ -27,7 +27,7 @@ from asymlora.default_model import (
     save_projector,
 )
 from asymlora.default_model import build as zoo_build
-from asymlora.errors import CheckpointError, MissingAssetError
+from asymlora.errors import CheckpointError, ConfigError, MissingAssetError
 
 # SmolLM2's ChatML template (default system prompt), which only renders string content.
 SMOL_TEMPLATE = (
@@ -154,6 +154,19 @@ def test_chat_template_keeps_text_and_renders_images(saved):
                         "<|im_start|>user\n<image>what is this?<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_default_system_prompt_is_removed_only_when_there_is_none():
+    from jinja2 import Template
+
+    stripped = zoo_build.without_default_system_prompt(SMOL_TEMPLATE)
+    user = [{"role": "user", "content": "hi"}]
+    assert Template(stripped).render(messages=user, add_generation_prompt=True) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    system = [{"role": "system", "content": "be brief"}, *user]
+    assert Template(stripped).render(messages=system) == Template(SMOL_TEMPLATE).render(messages=system)
+    with pytest.raises(ConfigError, match="default system prompt"):
+        zoo_build.without_default_system_prompt(stripped)
+
+
 def test_parameter_counts_add_up(saved):
     _, model, _, _ = saved
     counts = count_parameters(model)
@@ -275,7 +288,8 @@ def test_cli_registers_build_default():
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["build-default", "--out", "/tmp/x", "--force"])
-    assert args.out == "/tmp/x" and args.force and args.image_size == 112 and args.vision_feature_layer == -4
+    assert args.out == "/tmp/x" and args.force and args.image_size == 84 and args.vision_feature_layer == -4
+    assert not args.default_system_prompt
     assert callable(args.func)
     subparser = parser._subparsers._group_actions[0].choices["build-default"]
     assert all(action.help for action in subparser._actions)
@@ -305,10 +319,11 @@ def test_real_build_answers_text_questions(real_default):
 @pytest.mark.slow
 def test_real_build_runs_on_an_image(real_default):
     _, model, processor = real_default
-    assert model.config.image_seq_length == 64
+    assert model.config.image_seq_length == 36  # 84 px, patch 14, CLS dropped
     prompt = processor.apply_chat_template(image_messages("What shape is in the image?"), add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>user\n")  # no default system turn
     batch = processor(text=[prompt], images=[Image.new("RGB", (64, 64), (255, 0, 0))], return_tensors="pt")
-    assert int((batch["input_ids"] == processor.image_token_id).sum()) == 64
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == 36
     with torch.no_grad():
         output = model.generate(**batch, max_new_tokens=8, do_sample=False)
     assert output.shape[1] > batch["input_ids"].shape[1]

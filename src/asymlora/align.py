@@ -2,8 +2,8 @@
 that uses the image (LLaVA's pre-training stage, on the built-in data).
 
 ``asymlora align`` (1) writes a caption dataset built deterministically from the labels of the
-built-in datasets' train splits ("A red circle.", "A photo of a sneaker.", "The number 472.", the emoji
-sentence, 'The text reads "eagle".'), each with a brief-description prompt; (2) trains only the
+built-in datasets' train splits ("A red circle.", "A photo of a sneaker.", "The digit 7.", "An emoji
+from the Flags category.", 'The word "owl".'), each with a brief-description prompt; (2) trains only the
 projector of the default model (language model and vision tower frozen) with the same Trainer as
 ``asymlora train``; (3) writes the projector weights to ``src/asymlora/default_model/projector_default.safetensors``
 with a JSON record of the command, seed, data, steps, loss and checksum. Training configs load it with
@@ -113,11 +113,11 @@ def captions_for(name: str, records: list[dict[str, Any]]) -> list[tuple[str, st
     if name == "fashion":
         return [(r["image"], f"A photo of a {_answer(r)}.") for r in records]
     if name == "digits":
-        return [(r["image"], f"The number {_answer(r)}.") for r in records if _question(r).startswith("what number")]
+        return [(r["image"], f"The digit {_answer(r)}.") for r in records]
     if name == "emoji":
-        return [(r["image"], _answer(r)) for r in records]
+        return [(r["image"], f"An emoji from the {_answer(r)} category.") for r in records]
     if name == "ocr":
-        return [(r["image"], f'The text reads "{_answer(r)}".') for r in records]
+        return [(r["image"], f'The word "{_answer(r)}".') for r in records]
     raise ValueError(f"no captions defined for dataset {name!r}")
 
 
@@ -151,9 +151,9 @@ def build_caption_data(out_dir: Path | None = None, seed: int = 0, per_dataset: 
 
 
 def alignment_config(data_path: Path, output_dir: Path, steps: int, batch_size: int, lr: float, seed: int,
-                     model_path: str = "default") -> dict[str, Any]:
+                     model_path: str = "default", init: str | None = None) -> dict[str, Any]:
     return {
-        "model": {"path": model_path},
+        "model": {"path": model_path, "projector": init},
         "data": {"mixture": {"name": "align", "datasets": [{"name": "align", "path": str(data_path),
                                                             "task": "caption"}]},
                  "eval_split": None, "max_length": 192, "group_by_length": False},
@@ -161,20 +161,25 @@ def alignment_config(data_path: Path, output_dir: Path, steps: int, batch_size: 
         "replace_run": True,  # an earlier alignment in output_dir is moved to <output_dir>.replaced-N
         "training": {"output_dir": str(output_dir), "max_steps": steps, "per_device_train_batch_size": batch_size,
                      "learning_rate": lr, "lr_scheduler_type": "cosine", "warmup_steps": 0.03, "weight_decay": 0.0,
-                     "logging_steps": 10, "save_steps": max(steps // 2, 1), "save_total_limit": 1, "seed": seed,
+                     "logging_steps": 10, "save_steps": max(min(steps // 2, 50), 1), "save_total_limit": 1,
+                     "seed": seed,
                      "report_to": ["tensorboard"]},
     }
 
 
 def run_align(steps: int = 300, batch_size: int = 8, lr: float = 1e-3, seed: int = 0, per_dataset: int = 2000,
-              out: Path = SHIPPED_PROJECTOR, output_dir: Path | None = None, model_path: str = "default") -> Path:
-    """Align the default model's projector and write it (plus its provenance record) to ``out``."""
+              out: Path = SHIPPED_PROJECTOR, output_dir: Path | None = None, model_path: str = "default",
+              init: str | None = None) -> Path:
+    """Align the default model's projector and write it (plus its provenance record) to ``out``.
+
+    ``init``: a projector safetensors to start from (default: the build's random projector)."""
     from safetensors.torch import load_file, save_file
 
     data_path = build_caption_data(seed=seed, per_dataset=per_dataset)
     output_dir = output_dir or Path("runs") / "align"
-    config = TrainConfig.from_dict(alignment_config(data_path, output_dir, steps, batch_size, lr, seed, model_path),
-                                   source="asymlora align")
+    init_sha256 = hashlib.sha256(Path(init).read_bytes()).hexdigest() if init else None
+    config = TrainConfig.from_dict(alignment_config(data_path, output_dir, steps, batch_size, lr, seed, model_path,
+                                                    init), source="asymlora align")
     start = time.time()
     run_dir = run_training(config)
     seconds = time.time() - start
@@ -189,8 +194,10 @@ def run_align(steps: int = 300, batch_size: int = 8, lr: float = 1e-3, seed: int
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
     record = {
         "command": "asymlora align " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["align"]
-        else f"asymlora align --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}",
+        else f"asymlora align --steps {steps} --batch-size {batch_size} --lr {lr} --seed {seed}"
+        + (f" --init {shlex.quote(str(init))}" if init else ""),
         "seed": seed, "steps": steps, "batch_size": batch_size, "learning_rate": lr,
+        "init": {"path": str(init), "sha256": init_sha256} if init else None,
         "data": {"datasets": list(CAPTION_DATASETS), "per_dataset": per_dataset, "split": "train",
                  "prompts": list(PROMPTS), "samples": len(json.loads(Path(data_path).read_text()))},
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,

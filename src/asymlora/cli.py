@@ -34,7 +34,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("asymlora.commands.adapter", "register_cli"),
     ("asymlora.commands.inference", "register_cli"),
     ("asymlora.commands.models", "register_tiny_cli"),
-    ("asymlora.demo", "register_cli"),
+    ("asymlora.commands.demo", "register_cli"),
 )
 
 EXIT_USER_ERROR = 2  # argparse's own exit code for usage errors; every other user mistake gets it too

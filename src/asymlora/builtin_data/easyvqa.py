@@ -1,9 +1,13 @@
-"""easy-VQA: short-answer questions (yes/no, a colour, a shape) about one coloured shape on a 64 px image.
+"""easy-VQA: "What color is the shape?" -> "blue", "What shape is present?" -> "circle", about one
+coloured shape on a 64 px image.
 
 Source: PyPI ``easy-vqa==1.0`` (MIT), ``easy_vqa/data/{train,test}/`` with ``images/<id>.png`` and
-``questions.json`` = ``[[question, answer, image_id], ...]``. The package has train and test only, so
-validation images are carved out of the train images (a fixed seeded choice of whole images: no image
-is in both train and val). Images are copied byte for byte; the question gets a capital first letter.
+``questions.json`` = ``[[question, answer, image_id], ...]``. Only the package's open questions are
+used, those answered with a colour or a shape (:data:`ANSWERS`: 8 colours, 3 shapes); its yes/no
+questions are left out (the question alone predicts most of their answers, so they mostly measure the
+answer prior, not the image). The package has train and test only, so validation images are carved out
+of the train images (a fixed seeded choice of whole images: no image is in both train and val). Images
+are copied byte for byte; the question gets a capital first letter.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from pathlib import Path
 from asymlora.builtin_data.common import BuildContext, DatasetBuilder, Sample
 
 VAL_IMAGES = 500  # train images held out for validation
+ANSWERS = frozenset({"red", "green", "blue", "yellow", "teal", "brown", "black", "gray",
+                     "circle", "rectangle", "triangle"})  # the open questions' answers
 
 
 def _load(data_dir: Path, part: str) -> list[tuple[str, str, int]]:
     rows = json.loads((data_dir / part / "questions.json").read_text(encoding="utf-8"))
-    return [(str(q), str(a), int(i)) for q, a, i in rows]
+    return [(str(q), str(a), int(i)) for q, a, i in rows if str(a) in ANSWERS]
 
 
 def _sample(
@@ -39,7 +45,7 @@ def _sample(
 
 
 def make(context: BuildContext, assets: Mapping[str, Path]) -> dict[str, list[Sample]]:
-    """Train/val questions from the package's train images (split by image), test from its test images."""
+    """Open train/val questions from the package's train images (split by image), test from its test images."""
     data_dir = assets["easyvqa"].parent.parent  # the member is easy_vqa/data/train/questions.json
     train_rows = _load(data_dir, "train")
     image_ids = sorted({i for _, _, i in train_rows})
@@ -62,7 +68,7 @@ def make(context: BuildContext, assets: Mapping[str, Path]) -> dict[str, list[Sa
 
 BUILDER = DatasetBuilder(
     name="easyvqa",
-    description="easy-VQA: yes/no, colour and shape questions about a coloured shape",
+    description="easy-VQA: the colour or the shape of a coloured shape (11 answers)",
     source="PyPI easy-vqa==1.0",
     licence="MIT",
     assets=("easyvqa",),

@@ -1,4 +1,4 @@
-"""Emoji: "Describe this icon." answered with one sentence built from the emoji's name and categories.
+"""Emoji: "Which category is this emoji from?" answered with the emoji's Unicode category name.
 
 Source: npm ``emoji-datasource-twitter@16.0.0``: ``package/emoji.json`` (MIT; name, category,
 subcategory, has_img_twitter, image) and ``package/img/twitter/64/*.png`` (Twemoji graphics,
@@ -8,9 +8,10 @@ skin-tone swatches of the "Component" category. Each emoji appears once, in one 
 assignment: :data:`EVAL_SIZE` for val and for test, the rest for train). Icons are composited onto
 white and saved as 64 px RGB PNGs.
 
-The answer is e.g. "A grinning face, a face-smiling emoji from the Smileys & Emotion category." Every
-answer is unique, so the majority-answer baseline is 0: exact match measures naming unseen emoji;
-the category part can be scored separately.
+The answer is one of the nine category names ("Smileys & Emotion", "Flags", "Food & Drink", ...): every
+test emoji is unseen in training, but its answer is not, so the task measures whether the model tells
+the kind of picture from the image. (:func:`describe` gives the longer sentence with name and
+subcategory, which names unseen emoji and is not learnable from the train split.)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from PIL import Image
 from asymlora.builtin_data.common import BuildContext, DatasetBuilder, Sample
 from asymlora.errors import DataError
 
-QUESTION = "Describe this icon."
+QUESTION = "Which category is this emoji from?"
 EVAL_SIZE = 300  # emoji in val and in test each
 EXCLUDED_CATEGORIES = frozenset({"Component"})
 _AN_EXCEPTIONS = ("uni", "use", "usu", "one", "eu", "ewe")  # vowel letters with a consonant sound
@@ -83,7 +84,7 @@ def _icon(path: Path) -> Image.Image:
 
 
 def make(context: BuildContext, assets: Mapping[str, Path]) -> dict[str, list[Sample]]:
-    """Assign every usable emoji to one split (seeded), then describe each."""
+    """Assign every usable emoji to one split (seeded); the answer is its category."""
     package_dir = assets["twemoji"].parent
     entries = usable_entries(package_dir)
     if len(entries) < 3 * EVAL_SIZE:
@@ -102,13 +103,13 @@ def make(context: BuildContext, assets: Mapping[str, Path]) -> dict[str, list[Sa
             path = context.save_image(
                 split, stem, _icon(package_dir / "img" / "twitter" / "64" / entry["image"])
             )
-            samples[split].append(Sample(path, QUESTION, describe(entry)))
+            samples[split].append(Sample(path, QUESTION, str(entry["category"])))
     return {split: samples[split] for split in ("train", "val", "test")}
 
 
 BUILDER = DatasetBuilder(
     name="emoji",
-    description="Twemoji icons: describe the icon in one sentence (name, subcategory, category)",
+    description="Twemoji icons: name the emoji's category (9 answers)",
     source="npm emoji-datasource-twitter@16.0.0",
     licence="images CC-BY 4.0 (Twemoji), metadata MIT",
     assets=("twemoji",),

@@ -26,7 +26,8 @@ def _cli_build(args: argparse.Namespace) -> int:
         return 0
     path = build_default(args.out, force=args.force, image_size=args.image_size,
                          vision_feature_layer=args.vision_feature_layer,
-                         vision_feature_select_strategy=args.vision_feature_select_strategy)
+                         vision_feature_select_strategy=args.vision_feature_select_strategy,
+                         default_system_prompt=args.default_system_prompt)
     manifest = read_manifest(path) or {}
     counts = manifest.get("parameters", {})
     print(f"{path}  ({counts.get('total', 0):,} parameters: language model {counts.get('language_model', 0):,}, "
@@ -48,7 +49,9 @@ def register_default_cli(subparsers: Any) -> None:
                         help="do not build: check an existing build's files (sha256) and tensor shapes "
                              "against its manifest")
     parser.add_argument("--image-size", type=int, default=DEFAULT_OPTIONS["image_size"],
-                        help="image side in pixels, a multiple of 14 (default %(default)s: 64 image tokens)")
+                        help="image side in pixels, a multiple of 14 (default %(default)s: 36 image tokens)")
+    parser.add_argument("--default-system-prompt", action="store_true",
+                        help="keep SmolLM2's default system turn in the chat template (default: removed)")
     parser.add_argument("--vision-feature-layer", type=int, default=DEFAULT_OPTIONS["vision_feature_layer"],
                         help="DINOv2 hidden state fed to the projector (default %(default)s; middle layers are "
                              "more semantic than the saliency-tuned last one)")

@@ -30,9 +30,9 @@ letters, without stemming. Sources: Lin (2004), "ROUGE: A Package for Automatic 
 dependency). An empty reference gives CER 0.0 for an empty prediction and 1.0 otherwise; empty token
 lists give ROUGE-L 1.0 when both are empty and 0.0 otherwise.
 
-Registry (:data:`TASK_METRICS`): easyvqa and fashion (short answers: a colour, a shape, yes/no, a class
-name) -> ``vqa_match``; digits (a number) -> ``exact_match``; emoji (one descriptive sentence) ->
-``rouge_l``; ocr (the exact text) -> ``character_error_rate``. :func:`score_task` returns the primary metric
+Registry (:data:`TASK_METRICS`): easyvqa and fashion (short answers: a colour, a shape, a class
+name) -> ``vqa_match``; digits (a digit) and emoji (a category name) -> ``exact_match``; ocr (the exact
+word) -> ``character_error_rate``. :func:`score_task` returns the primary metric
 plus exact match.
 """
 
@@ -157,7 +157,7 @@ TASK_METRICS: dict[str, Callable[[str, str], float]] = {
     "easyvqa": vqa_match,
     "fashion": vqa_match,
     "digits": exact_match,
-    "emoji": rouge_l,
+    "emoji": exact_match,
     "ocr": character_error_rate,
 }
 
