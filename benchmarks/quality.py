@@ -73,9 +73,6 @@ METHODS: dict[str, dict[str, Any]] = {
 PRESET = "default_asymlora_moe"  # model, data and training sections shared by every method
 CHECKPOINT_STEPS = 100  # a run stopped during training continues from its last checkpoint
 # how often a run saves: not part of what it computes, so a run saved at another cadence is the same run
-CADENCE_KEYS = ("save_steps", "save_total_limit")
-
-
 def adapter_values(method: str, r: int, tasks: list[str]) -> dict[str, Any]:
     values = copy.deepcopy(METHODS[method])
     if values.get("routing") in ("task", "hybrid"):
@@ -157,12 +154,6 @@ def machine() -> dict[str, str]:
             "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
-def _what_it_computes(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's training config without its checkpoint cadence and resume flag."""
-    training = {k: v for k, v in config.get("training", {}).items() if k not in CADENCE_KEYS}
-    return {**{k: v for k, v in config.items() if k != "resume"}, "training": training}
-
-
 class Prior(NamedTuple):
     """What a run dir already holds of a run (:func:`prior_training`)."""
 
@@ -178,18 +169,15 @@ def prior_training(run_dir: Path, config: dict[str, Any]) -> Prior:
     (:func:`asymlora.train.last_checkpoint`), else ``"new"``. A dir that another config trained in is
     ``"new"``: it is trained again, from scratch, the old run moved to ``<dir>.replaced-N``
     (``replace_run``)."""
-    import yaml
-
     from asymlora.errors import ConfigError
-    from asymlora.io import load_yaml
     from asymlora.train import last_checkpoint
+    from asymlora.train.checkpoints import config_differences
 
     try:
         written = read_yaml(run_dir / "train_config.yaml", "a run's training config")
     except ConfigError:  # no run there (or an unreadable one): train it
         return Prior("new")
-    wanted = load_yaml(yaml.safe_dump(config, sort_keys=False))  # what the file holds for this config
-    if _what_it_computes(written) != _what_it_computes(wanted):
+    if config_differences(written, config):  # cadence, logging, resume and replace_run aside
         return Prior("new")
     state_path = run_dir / "trainer_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
