@@ -65,7 +65,7 @@ def default_model_dir() -> Path:
 
 
 # The default model's stage-1 projector, shipped with the package (``asymlora align`` writes it).
-SHIPPED_PROJECTOR = Path(__file__).resolve().parent.parent / "assets" / "projector_default.safetensors"
+SHIPPED_PROJECTOR = Path(__file__).resolve().parent / "projector_default.safetensors"
 
 
 def aligned_projector_path() -> Path:
