@@ -19,6 +19,7 @@ import torch
 
 from asymlora.config import IMAGE_TOKEN
 from asymlora.errors import ConfigError
+from asymlora.quantization import add_quantization_argument, parse_quantization
 
 MAX_CLOSED_ANSWERS = 50  # tasks with at most this many distinct train answers get majority baselines
 
@@ -52,16 +53,22 @@ def trained_config(adapter: str | Path) -> dict[str, Any]:
 
 
 def load_for_eval(model: str = "default", projector: str | None = None, adapter: str | None = None,
-                  merge_task: str | None = None, dtype: str = "float32") -> tuple[Any, Any, list[str]]:
-    """(model ready to generate, processor, adapter task names). The base model and projector not given here
-    are read from the adapter's training config (:func:`trained_config`) when it has one."""
+                  merge_task: str | None = None, dtype: str = "float32",
+                  quantization: Any = "auto") -> tuple[Any, Any, list[str]]:
+    """(model ready to generate, processor, adapter task names). The base model, projector and quantization
+    not given here are read from the adapter's training config (:func:`trained_config`) when it has one;
+    ``quantization``: ``"auto"`` (the training config's, else a float base), None (float) or an
+    :mod:`asymlora.quantization` option."""
     from asymlora.loading import load_model_and_processor
 
+    trained: dict[str, Any] = {}
     if adapter:
         trained = trained_config(adapter).get("model") or {}
         model = model if model != "default" else trained.get("path", model)
         projector = projector if projector is not None else trained.get("projector")
-    base, processor = load_model_and_processor(model, dtype, projector)
+    if quantization == "auto":
+        quantization = trained.get("quantization")
+    base, processor = load_model_and_processor(model, dtype, projector, quantization)
     tasks: list[str] = []
     if adapter:
         import asymlora
@@ -77,6 +84,8 @@ def load_for_eval(model: str = "default", projector: str | None = None, adapter:
         raise ConfigError("--merge-task needs --adapter")
     else:
         evaluated = base
+    if quantization:  # bitsandbytes placed the weights when loading (device_map)
+        return evaluated.eval(), processor, tasks
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return evaluated.to(device).eval(), processor, tasks
 
@@ -246,9 +255,11 @@ def _cli_eval(args: argparse.Namespace) -> int:
     from asymlora.evaluate.scores import mean_score
 
     start = time.time()
+    quantization = "auto" if args.quantization is None else parse_quantization(args.quantization)
     model, processor, adapter_tasks = load_for_eval(args.model, args.projector, args.adapter, args.merge_task,
-                                                    args.dtype)
+                                                    args.dtype, quantization)
     setup = {"model": args.model, "projector": args.projector, "adapter": args.adapter,
+             "quantization": args.quantization,
              "merge_task": args.merge_task, "split": args.split, "max_samples": args.max_samples,
              "prompt_suffix": args.prompt_suffix, "scoring": args.scoring, "candidates": args.candidates,
              "images": args.images,
@@ -331,6 +342,7 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy decoding length")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype to load the model in")
+    add_quantization_argument(parser, "the adapter's training config's model.quantization, else a float base")
     parser.add_argument("--name", help="run name in reports (default: the adapter dir name)")
     parser.add_argument("--out", required=True, help="output dir: results.json, report.md, scores.png")
     parser.set_defaults(func=_cli_eval)
