@@ -1,6 +1,7 @@
-"""Atomic file writes: write to a temporary file in the target directory, then rename.
+"""Atomic writes: a file (or a whole output directory) is written under a temporary name beside its
+target, then renamed onto it.
 
-A crash or error mid-write leaves the previous file (or nothing) in place, never half a file.
+A crash or error mid-write leaves the previous file or directory (or nothing) in place, never half of one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,98 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def leftover_dirs(target: str | os.PathLike[str]) -> list[Path]:
+    """The hidden ``.<name>.*`` directories beside ``target`` that an interrupted :func:`replacing_dir` left."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    prefix = f".{target.name}."
+    return sorted(p for p in target.parent.iterdir()
+                  if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink())
+
+
+def clean_leftovers(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove what interrupted writes of ``target`` left beside it; returns the paths removed.
+
+    A ``.<name>.old-*`` dir is the previous output, set aside by a replacement that could not swap the two
+    in one step: where ``target`` is missing (the writer was killed between its two renames) the newest one
+    is renamed back, so the old output returns. Every other leftover is a temporary dir that was never
+    renamed in (an incomplete output) or the old output after a swap, and is deleted."""
+    import shutil
+
+    target = Path(target)
+    stale = leftover_dirs(target)
+    set_aside = [p for p in stale if p.name.startswith(f".{target.name}.old-")]
+    if set_aside and not target.exists():
+        newest = max(set_aside, key=lambda p: p.stat().st_mtime)
+        newest.rename(target)
+        stale.remove(newest)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def check_output_dir(target: str | os.PathLike[str], force: bool, flag: str = "--out") -> None:
+    """ConfigError unless ``target`` is absent, an empty directory, or ``force`` allows replacing it."""
+    from asymlora.errors import ConfigError
+
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{flag} {target}: exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise ConfigError(f"{flag} {target}: exists and is not empty (use --force to replace it)")
+
+
+@contextlib.contextmanager
+def replacing_dir(target: str | os.PathLike[str], force: bool = False, flag: str = "--out") -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``target``; once the block completes it becomes ``target``.
+
+    At every moment ``target`` is either what it was before or the complete new directory: the new one is
+    written under a hidden ``.<name>.tmp-*`` name and renamed in; an existing ``target`` (replaced only with
+    ``force``; ConfigError otherwise) is swapped with it in one atomic step where the OS can (Linux
+    ``renameat2``), else set aside as ``.<name>.old-*`` first, and deleted after. Leftovers of interrupted
+    attempts are cleaned first (:func:`clean_leftovers`). An error in the block removes the temporary dir.
+    One writer per ``target`` at a time: a second one would clean the first one's temporary dir."""
+    import shutil
+    import uuid
+
+    target = Path(target)
+    clean_leftovers(target)
+    check_output_dir(target, force, flag)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 dirs
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not target.exists():
+        tmp.rename(target)
+    elif _exchange(tmp, target):  # target is the new dir, tmp the old one
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask() -> int:
