@@ -116,14 +116,22 @@ def test_4bit_base_trains_saves_reloads_exports_and_merges(model_dir, tmp_path, 
     assert any(k.endswith("B_bank") and v.abs().sum() > 0 for k, v in saved.items())  # the B heads trained
 
     model = asymlora.load(_quantized(model_dir, 4), run, is_trainable=False)
-    layer = next(iter(model.adapter_layers.values()))
-    assert type(layer.base_layer).__name__ == "Linear4bit"
-    for name, tensor in model.trainable_state_dict().items():
-        assert torch.equal(tensor, saved[name]), name
+    name = next(iter(model.adapter_layers))
+    assert type(model.adapter_layers[name].base_layer).__name__ == "Linear4bit"
+    for key, tensor in model.trainable_state_dict().items():
+        assert torch.equal(tensor, saved[key]), key
     _no_cpu_repacking(model)
     batch = image_batch("llava")
     with torch.no_grad():
         expected = model(**batch, task_ids=model.task_ids_for(["isred", "isred"])).logits
+
+    from asymlora.evaluate.run import load_for_eval
+
+    evaluated, _, tasks = load_for_eval(adapter=str(run))  # the base and its quantization from the run's config
+    assert tasks == ["color", "isred"]
+    assert type(evaluated.adapter_layers[name].base_layer).__name__ == "Linear4bit"
+    evaluated, _, _ = load_for_eval(adapter=str(run), quantization=None)  # --quantization none: a float base
+    assert type(evaluated.adapter_layers[name].base_layer) is torch.nn.Linear
 
     common = ["--model", str(model_dir), "--adapter", str(run), "--task", "isred"]
     assert main(["export", *common, "--out", str(tmp_path / "peft")]) == 0

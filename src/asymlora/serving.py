@@ -94,9 +94,9 @@ def serving_readme(tasks: list[str], base: str, has_base_dir: bool, adapter: str
         ]
     lines += [
         f"- Adapted modules: {', '.join(f'`{t}`' for t in targets[:8])}{' ...' if len(targets) > 8 else ''} "
-        f"({len(targets)} in all). vLLM applies LoRA to the modules its implementation of the model supports; "
-        "for most multimodal models that is the language model's layers, so an adapter that also targets the "
-        "vision tower or projector layers may be refused by vLLM or need PEFT.",
+        f"({len(targets)} in all). Which modules vLLM applies a LoRA to depends on its implementation of the "
+        "model (for multimodal models, typically the language model's layers): check that these are among "
+        "them; PEFT applies every one.",
         "",
         "## vLLM",
         "",
