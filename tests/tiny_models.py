@@ -128,3 +128,20 @@ def image_batch(family: str, batch: int = 2, text_len: int = 6, seed: int = 0) -
         extra["token_type_ids"] = (labels != -100).long()
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
 
+
+
+# bitsandbytes' CPU 4-bit inference kernel repacks each weight in blocks of 64 inputs and 32 outputs: the
+# tiny LLaVA's language model at hidden 64 / intermediate 128 (k/v projections 64 -> 32) satisfies it.
+QLORA_TEXT = dict(TEXT, hidden_size=64, intermediate_size=128)
+
+
+def save_tiny_llava_qlora(out) -> None:
+    """A tiny random LLaVA whose language model bitsandbytes can quantize on CPU, with its processor."""
+    torch.manual_seed(0)
+    vision = tf.CLIPVisionConfig(hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=asymlora_tiny.IMAGE_SIZE, patch_size=14, projection_dim=16)
+    config = tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**QLORA_TEXT),
+                            image_token_index=IMAGE_TOKEN, vision_feature_layer=-1,
+                            vision_feature_select_strategy="default")
+    tf.LlavaForConditionalGeneration(config).eval().save_pretrained(out)
+    tiny_llava_processor().save_pretrained(out)

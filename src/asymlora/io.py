@@ -1,6 +1,7 @@
-"""Atomic file writes: write to a temporary file in the target directory, then rename.
+"""Atomic writes: a file (or a whole output directory) is written under a temporary name beside its
+target, then renamed onto it.
 
-A crash or error mid-write leaves the previous file (or nothing) in place, never half a file.
+A crash or error mid-write leaves the previous file or directory (or nothing) in place, never half of one.
 """
 
 from __future__ import annotations
@@ -35,9 +36,56 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
-def check_output_dir(path: str | os.PathLike[str], what: str) -> Path:
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def leftover_dirs(target: str | os.PathLike[str]) -> list[Path]:
+    """The hidden ``.<name>.*`` directories beside ``target`` that an interrupted :func:`replacing_dir` left."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    prefix = f".{target.name}."
+    return sorted(p for p in target.parent.iterdir()
+                  if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink())
+
+
+def clean_leftovers(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove what interrupted writes of ``target`` left beside it; returns the paths removed.
+
+    A ``.<name>.old-*`` dir is the previous output, set aside by a replacement that could not swap the two
+    in one step: where ``target`` is missing (the writer was killed between its two renames) the newest one
+    is renamed back, so the old output returns. Every other leftover is a temporary dir that was never
+    renamed in (an incomplete output) or the old output after a swap, and is deleted."""
+    import shutil
+
+    target = Path(target)
+    stale = leftover_dirs(target)
+    set_aside = [p for p in stale if p.name.startswith(f".{target.name}.old-")]
+    if set_aside and not target.exists():
+        newest = max(set_aside, key=lambda p: p.stat().st_mtime)
+        newest.rename(target)
+        stale.remove(newest)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def check_output_dir(path: str | os.PathLike[str], what: str = "--out", force: bool = True) -> Path:
     """``path`` as a Path, once it is known to be usable as an output directory: it and every existing
-    parent are directories (or do not exist yet); otherwise ConfigError naming ``what`` (e.g. ``--out``)."""
+    parent are directories (or do not exist yet), and, unless ``force``, it is absent or empty; otherwise
+    ConfigError naming ``what`` (e.g. ``--out``)."""
     from asymlora.errors import ConfigError
 
     target = Path(path).expanduser()
@@ -47,6 +95,8 @@ def check_output_dir(path: str | os.PathLike[str], what: str) -> Path:
             raise ConfigError(f"{what}: {candidate} is a file{what_is}; expected a directory to write into")
         if candidate.exists():
             break
+    if not force and target.is_dir() and any(target.iterdir()):
+        raise ConfigError(f"{what} {target}: exists and is not empty (use --force to replace it)")
     return target
 
 

@@ -211,7 +211,12 @@ class AsymLoraLinear(nn.Module):
         self.out_features = base_layer.out_features
         self.scaling = spec.scaling
         weight = base_layer.weight
-        dtype = weight.dtype if adapter_dtype == "auto" else TORCH_DTYPES[adapter_dtype]
+        if adapter_dtype != "auto":
+            dtype = TORCH_DTYPES[adapter_dtype]
+        elif weight.is_floating_point():
+            dtype = weight.dtype
+        else:  # a quantized base (bitsandbytes packs 4/8-bit integers): the dtype it computes in
+            dtype = getattr(base_layer, "compute_dtype", None) or torch.float32
         factory = {"device": weight.device, "dtype": dtype}
         r, experts = spec.r, spec.num_experts
         self.A_bank = nn.Parameter(torch.empty(spec.num_A * r, self.in_features, **factory))

@@ -14,8 +14,9 @@ from asymlora.errors import CheckpointError, ConfigError, MissingAssetError
 from asymlora.tiny import build_tiny
 
 
-def load_base_model(model_dir: str | Path, dtype: Any = None) -> Any:
-    """Load a local HF checkpoint with the Auto class its config implies (never from the folder name)."""
+def load_base_model(model_dir: str | Path, dtype: Any = None, quantization: dict[str, Any] | None = None) -> Any:
+    """Load a local HF checkpoint with the Auto class its config implies (never from the folder name);
+    ``quantization``: a checked :mod:`asymlora.quantization` option (bitsandbytes 4/8-bit) or None."""
     import torch
     import transformers
 
@@ -26,7 +27,13 @@ def load_base_model(model_dir: str | Path, dtype: Any = None) -> Any:
     auto = transformers.AutoModelForCausalLM
     if hasattr(config, "vision_config"):
         auto = transformers.AutoModelForImageTextToText
-    return auto.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    if not quantization:
+        return auto.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    from asymlora.quantization import bitsandbytes_config
+
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    return auto.from_pretrained(model_dir, dtype=dtype or torch.float32, device_map={"": device},
+                                quantization_config=bitsandbytes_config(quantization, config.model_type))
 
 
 def resolve_model_dir(path: str) -> Path:
@@ -46,20 +53,23 @@ def resolve_model_dir(path: str) -> Path:
     return model_dir
 
 
-def load_model_and_processor(path: str = "default", dtype: str = "float32",
-                             projector: str | None = None) -> tuple[Any, Any]:
+def load_model_and_processor(path: str = "default", dtype: str = "float32", projector: str | None = None,
+                             quantization: Any = None) -> tuple[Any, Any]:
     """Load the frozen base model (its Auto class follows its config) and its processor.
 
     ``path``: a model name or local dir (:func:`resolve_model_dir`); ``dtype``: a name in
     :data:`~asymlora.config.TORCH_DTYPES`; ``projector``: projector weights to load over the model's
-    (a safetensors file, or ``"aligned"`` for the default model's shipped stage-1 projector).
+    (a safetensors file, or ``"aligned"`` for the default model's shipped stage-1 projector);
+    ``quantization``: None (float) or the option of :mod:`asymlora.quantization` (``{bits: 4, ...}``).
     """
     import transformers
+
+    from asymlora.quantization import check_quantization
 
     model_dir = resolve_model_dir(path)
     if dtype not in TORCH_DTYPES:
         raise ConfigError(f"model.dtype: {dtype!r} is not one of {tuple(TORCH_DTYPES)}")
-    model = load_base_model(model_dir, dtype=TORCH_DTYPES[dtype])
+    model = load_base_model(model_dir, dtype=TORCH_DTYPES[dtype], quantization=check_quantization(quantization))
     try:
         processor = transformers.AutoProcessor.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError):

@@ -2,7 +2,8 @@
 
 Both exist only where a layer's update is a fixed matrix for the task, W + s B_t A (task routing, or a
 single expert); a router-gated layer raises NotImplementedError (:meth:`AsymLoraLinear.delta_weight`)
-before anything is changed or written. :meth:`asymlora.model.AsymLoraModel.merge`, ``unmerge`` and
+before anything is changed or written, and a quantized base layer (bitsandbytes) refuses a merge (ConfigError)
+until it is dequantized (:func:`asymlora.quantization.dequantize_model`). :meth:`asymlora.model.AsymLoraModel.merge`, ``unmerge`` and
 ``export_peft`` are the entry points.
 """
 
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from asymlora.config import LayerSpec
-from asymlora.errors import AsymLoraError
+from asymlora.errors import AsymLoraError, ConfigError
 from asymlora.io import atomic_path, write_json_atomic
 from asymlora.layer import AsymLoraLinear
 
@@ -28,6 +29,10 @@ def merge_layers(layers: Iterable[AsymLoraLinear], task_id: int | None) -> None:
     layers = list(layers)
     for layer in layers:  # check all first: never leave the model half merged
         layer.delta_weight(task_id)
+        if not layer.base_layer.weight.is_floating_point():
+            raise ConfigError(f"merge: {layer.name} is a quantized {type(layer.base_layer).__name__} (bitsandbytes); "
+                              "W + s*B*A cannot be folded into its integer weights: dequantize the base first "
+                              "(asymlora merge --dequantize, or asymlora.quantization.dequantize_model)")
     merged: list[AsymLoraLinear] = []
     try:
         for layer in layers:

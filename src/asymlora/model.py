@@ -48,6 +48,10 @@ from asymlora.routing import RoutingContext, accumulate_routing_stats, balance_l
 class AsymLoraModel(nn.Module):
     """A Hugging Face model with asymlora layers. Attribute access falls through to the base model."""
 
+    # transformers' mark of a model with trainable adapters attached: its Trainer refuses to train a quantized
+    # base (QLoRA, asymlora.quantization) without it
+    _hf_peft_config_loaded = True
+
     def __init__(self, base_model: nn.Module, config: AsymLoraConfig, family: Family,
                  layers: dict[str, AsymLoraLinear], saved_modules: list[str], context: RoutingContext) -> None:
         super().__init__()

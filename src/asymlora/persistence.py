@@ -35,6 +35,7 @@ from asymlora.errors import CheckpointError
 from asymlora.families import Family
 from asymlora.io import atomic_path, read_json, write_json_atomic
 from asymlora.layer import AsymLoraLinear
+from asymlora.quantization import quantization_of
 from asymlora.version import __version__
 
 CONFIG_NAME = "adapter_config.json"
@@ -59,6 +60,7 @@ def adapter_manifest(config: AsymLoraConfig, base_model: nn.Module, family: Fami
             "name_or_path": getattr(base_config, "_name_or_path", None) or None,
             "family": family.name,
             "weight_samples": base_weight_samples(layers),
+            "quantization": quantization_of(base_model),
         },
         "saved_modules": saved_modules,
         "layers": {

@@ -65,8 +65,10 @@ def _enable_adapter_grads(model: Any) -> None:
 
 
 def load_for_analysis(adapter: str | None = None, config: str | None = None, model: str | None = None,
-                      dtype: str = "float32") -> tuple[Any, Any, dict[str, Any]]:
+                      dtype: str = "float32", quantization: Any = "auto") -> tuple[Any, Any, dict[str, Any]]:
     """(adapter model in eval mode with A/B gradients on, processor, settings read from the training config).
+    ``quantization``: ``"auto"`` (the training config's model.quantization), None (a float base) or an
+    :mod:`asymlora.quantization` option.
 
     ``adapter``: a dir written by ``asymlora train``, or one of its ``checkpoint-N`` dirs (base model,
     projector and mixture from the run's train_config.yaml; loaded by
@@ -81,12 +83,14 @@ def load_for_analysis(adapter: str | None = None, config: str | None = None, mod
         if not (Path(adapter) / CONFIG_NAME).is_file():
             raise ConfigError(f"--adapter: {adapter} is not an asymlora adapter dir (no {CONFIG_NAME})")
         trained = trained_config(adapter)  # the base model and projector come from it in load_for_eval too
-        wrapped, processor, _ = load_for_eval(model=model, adapter=adapter, dtype=dtype)
+        wrapped, processor, _ = load_for_eval(model=model, adapter=adapter, dtype=dtype, quantization=quantization)
     else:
         train_config = TrainConfig.load(config)  # type: ignore[arg-type]
         trained = train_config.to_dict()
         base, processor = load_model_and_processor(model or train_config.model.path,
-                                                   dtype, train_config.model.projector)
+                                                   dtype, train_config.model.projector,
+                                                   train_config.model.quantization if quantization == "auto"
+                                                   else quantization)
         adapter_config = train_config.adapter_config(load_mixture(train_config.data.mixture).tasks)
         torch.manual_seed(int(train_config.training.get("seed", 42)))
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -200,15 +204,16 @@ def analyze(model: Any, processor: Any, mixture: Any, tasks: Sequence[str] | Non
 def run_analysis(out: str | Path, adapter: str | None = None, config: str | None = None, model: str | None = None,
                  mixture: str | None = None, tasks: Sequence[str] | None = None, split: str | None = None,
                  samples_per_task: int = 32, batch_size: int = 4, max_length: int | None = None, seed: int = 0,
-                 dtype: str = "float32") -> dict[str, Any]:
-    """Load, analyse and write ``analysis.json``, ``analysis.md`` and the plots into ``out``."""
+                 dtype: str = "float32", quantization: Any = "auto") -> dict[str, Any]:
+    """Load, analyse and write ``analysis.json``, ``analysis.md`` and the plots into ``out``
+    (``quantization``: as :func:`load_for_analysis`'s)."""
     if samples_per_task < 1:
         raise ConfigError(f"--samples-per-task: must be >= 1, got {samples_per_task}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
     if split is not None and split not in ("train", "val", "test"):
         raise ConfigError(f"--split: {split!r} is not one of ('train', 'val', 'test')")
-    wrapped, processor, trained = load_for_analysis(adapter, config, model, dtype)
+    wrapped, processor, trained = load_for_analysis(adapter, config, model, dtype, quantization)
     data = trained.get("data") or {}
     loaded = load_mixture(mixture or data.get("mixture") or "mix5")
     result = analyze(wrapped, processor, loaded, tasks=tasks, split=split, samples_per_task=samples_per_task,

@@ -8,6 +8,7 @@ from typing import Any
 
 from asymlora.analyze import run as analysis
 from asymlora.io import check_output_dir
+from asymlora.quantization import add_quantization_argument, parse_quantization
 
 
 def _cli_analyze(args: argparse.Namespace) -> int:
@@ -15,7 +16,8 @@ def _cli_analyze(args: argparse.Namespace) -> int:
     result = analysis.run_analysis(args.out, adapter=args.adapter, config=args.config, model=args.model,
                           mixture=args.mixture, tasks=args.tasks, split=args.split,
                           samples_per_task=args.samples_per_task, batch_size=args.batch_size,
-                          max_length=args.max_length, seed=args.seed, dtype=args.dtype)
+                          max_length=args.max_length, seed=args.seed, dtype=args.dtype,
+                          quantization="auto" if args.quantization is None else parse_quantization(args.quantization))
     print(Path(args.out, "analysis.md").read_text(encoding="utf-8"))
     names = ["analysis.json", "analysis.md", "grad_cosine.png"]
     if result.get("routing_stats"):
@@ -44,5 +46,6 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample choice")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype to load the base model in")
+    add_quantization_argument(parser, "the training config's model.quantization, else a float base")
     parser.add_argument("--out", required=True, help="output dir: analysis.json, analysis.md, *.png")
     parser.set_defaults(func=_cli_analyze)

@@ -20,6 +20,7 @@ import torch
 from asymlora.config import IMAGE_TOKEN
 from asymlora.errors import ConfigError
 from asymlora.io import check_output_dir
+from asymlora.quantization import add_quantization_argument, parse_quantization
 
 MAX_CLOSED_ANSWERS = 50  # tasks with at most this many distinct train answers get majority baselines
 
@@ -66,15 +67,20 @@ def base_for_adapter(adapter: str | Path | None, model: str | None = None,
 
 
 def load_for_eval(model: str | None = None, projector: str | None = None, adapter: str | None = None,
-                  merge_task: str | None = None, dtype: str = "float32") -> tuple[Any, Any, list[str]]:
+                  merge_task: str | None = None, dtype: str = "float32",
+                  quantization: Any = "auto") -> tuple[Any, Any, list[str]]:
     """(model ready to generate, processor, adapter task names). ``model``: a name of
-    :func:`asymlora.loading.resolve_model_dir` ('default', 'tiny') or a local dir; the base model (None) and
-    projector not given here are read from the adapter's training config (:func:`trained_config`) when it has
-    one, else the default model without a projector."""
+    :func:`asymlora.loading.resolve_model_dir` ('default', 'tiny') or a local dir; the base model (None),
+    projector and quantization not given here are read from the adapter's training config
+    (:func:`trained_config`) when it has one, else the default model without a projector, in float.
+    ``quantization``: ``"auto"`` (the training config's), None (float) or an :mod:`asymlora.quantization`
+    option."""
     from asymlora.loading import load_model_and_processor
 
+    if quantization == "auto":
+        quantization = (trained_config(adapter).get("model") or {}).get("quantization") if adapter else None
     model, projector = base_for_adapter(adapter, model, projector)
-    base, processor = load_model_and_processor(model, dtype, projector)
+    base, processor = load_model_and_processor(model, dtype, projector, quantization)
     tasks: list[str] = []
     if adapter:
         from asymlora.model import load
@@ -90,6 +96,8 @@ def load_for_eval(model: str | None = None, projector: str | None = None, adapte
         raise ConfigError("--merge-task needs --adapter")
     else:
         evaluated = base
+    if quantization:  # bitsandbytes placed the weights when loading (device_map)
+        return evaluated.eval(), processor, tasks
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return evaluated.to(device).eval(), processor, tasks
 
@@ -260,9 +268,11 @@ def _cli_eval(args: argparse.Namespace) -> int:
 
     start = time.time()
     out = check_output_dir(args.out, "--out")
+    quantization = "auto" if args.quantization is None else parse_quantization(args.quantization)
     model, processor, adapter_tasks = load_for_eval(args.model, args.projector, args.adapter, args.merge_task,
-                                                    args.dtype)
+                                                    args.dtype, quantization)
     setup = {"model": args.model, "projector": args.projector, "adapter": args.adapter,
+             "quantization": args.quantization,
              "merge_task": args.merge_task, "split": args.split, "max_samples": args.max_samples,
              "prompt_suffix": args.prompt_suffix, "scoring": args.scoring, "candidates": args.candidates,
              "images": args.images,
@@ -344,6 +354,7 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy decoding length")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype to load the model in")
+    add_quantization_argument(parser, "the adapter's training config's model.quantization, else a float base")
     parser.add_argument("--name", help="run name in reports (default: the adapter dir name)")
     parser.add_argument("--out", required=True, help="output dir: results.json, report.md, scores.png")
     parser.set_defaults(func=_cli_eval)

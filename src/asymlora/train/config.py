@@ -2,7 +2,8 @@
 
 One YAML file holds four sections and top-level keys::
 
-    model:    {path: default | LOCAL_HF_DIR, dtype: float32, projector: null | FILE.safetensors}
+    model:    {path: default | LOCAL_HF_DIR, dtype: float32, projector: null | FILE.safetensors,
+               quantization: null | {bits: 4 | 8, quant_type: nf4, compute_dtype: float32, double_quant: false}}
     data:     {mixture: mix5 | FILE.yaml | {inline}, max_length: 1024, eval_split: val, ...}
     adapter:  AsymLoraConfig fields (tasks default to the mixture's task names)
     training: transformers.TrainingArguments fields (output_dir, learning_rate, bf16, ...)
@@ -37,6 +38,7 @@ from typing import Any
 from asymlora.config import AsymLoraConfig
 from asymlora.errors import ConfigError, did_you_mean
 from asymlora.io import check_output_dir, load_yaml, read_yaml
+from asymlora.quantization import check_quantization
 from asymlora.train.distributed import CPU_OFFLOAD_OPTIMS, has_accelerator, offloads_optimizer
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -52,6 +54,9 @@ class ModelSection:
     dtype: str = field(default="float32", metadata={"help": "dtype to load the frozen model in"})
     projector: str | None = field(default=None, metadata={"help": "projector weights to load: a safetensors file, "
                                                                   "or 'aligned' (the shipped stage-1 projector)"})
+    quantization: dict[str, Any] | None = field(default=None, metadata={
+        "help": "null (a float base) or {bits: 4|8, quant_type: nf4|fp4, compute_dtype: float32|bfloat16|float16, "
+                "double_quant: false}: the base loaded quantized by bitsandbytes (QLoRA; asymlora.quantization)"})
 
 
 @dataclass
@@ -166,6 +171,8 @@ class TrainConfig:
         replace_run = values.get("replace_run", False)
         if not isinstance(replace_run, bool):
             raise ConfigError(f"{source}: replace_run: {replace_run!r} is not true or false")
+        if "quantization" in model:
+            model = {**model, "quantization": check_quantization(model["quantization"], source)}
         loss_average = values.get("loss_average") or "tokens"
         if loss_average not in LOSS_AVERAGES:
             raise ConfigError(f"{source}: loss_average: {loss_average!r} is not one of {LOSS_AVERAGES}"

@@ -13,6 +13,7 @@ from asymlora.data.mixture import load_mixture
 from asymlora.errors import CheckpointError, ConfigError
 from asymlora.loading import load_model_and_processor
 from asymlora.model import format_param_report, get_model, param_report
+from asymlora.quantization import prepare_for_kbit_training
 from asymlora.train.checkpoints import checkpoint_problem, last_checkpoint
 from asymlora.train.config import TrainConfig
 from asymlora.train.dataset import build_datasets
@@ -41,7 +42,13 @@ def run_training(config: TrainConfig, resume: str | bool | None = None, callback
     set_up_processes(args)
     mixture_tasks = load_mixture(config.data.mixture).tasks
     adapter_config = config.adapter_config(mixture_tasks)
-    base, processor = load_model_and_processor(config.model.path, config.model.dtype, config.model.projector)
+    base, processor = load_model_and_processor(config.model.path, config.model.dtype, config.model.projector,
+                                               config.model.quantization)
+    if config.model.quantization:
+        checkpointing = getattr(args, "activation_checkpointing", None)
+        prefix = "gradient" if checkpointing is None else "activation"
+        prepare_for_kbit_training(base, bool(getattr(args, f"{prefix}_checkpointing", False)),
+                                  getattr(args, f"{prefix}_checkpointing_kwargs", None))
     # Seeded after loading: the adapter's initial values must not depend on how the base model was
     # loaded (ZeRO-3's zero.Init draws random numbers while loading, a plain load does not).
     transformers.set_seed(args.seed)
