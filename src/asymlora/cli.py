@@ -30,7 +30,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("asymlora.commands.train", "register_cli"),
     ("asymlora.commands.align", "register_cli"),
     ("asymlora.commands.analyze", "register_cli"),
-    ("asymlora.evaluate.run", "register_cli"),
+    ("asymlora.commands.evaluate", "register_cli"),
     ("asymlora.commands.adapter", "register_cli"),
     ("asymlora.commands.inference", "register_cli"),
     ("asymlora.commands.models", "register_tiny_cli"),

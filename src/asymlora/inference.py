@@ -229,7 +229,7 @@ class Pipeline:
 
 
 def load_pipeline(adapter: str | Path | None = None, model: str | None = None, projector: str | None = None,
-                  dtype: str = "float32", keep_base: bool = False) -> Pipeline:
+                  dtype: str = "float32", keep_base: bool = False, quantization: Any = "auto") -> Pipeline:
     """Load a base model and processor, and the adapter in ``adapter`` (a run dir or a ``checkpoint-N`` dir)
     on top, in eval mode, on the GPU when there is one.
 
@@ -241,7 +241,7 @@ def load_pipeline(adapter: str | Path | None = None, model: str | None = None, p
     import torch
 
     from asymlora.config import AsymLoraConfig
-    from asymlora.evaluate.run import base_for_adapter
+    from asymlora.evaluate.run import base_for_adapter, trained_config
     from asymlora.io import read_json
     from asymlora.loading import load_model_and_processor
     from asymlora.model import get_model, load
@@ -250,8 +250,10 @@ def load_pipeline(adapter: str | Path | None = None, model: str | None = None, p
     if adapter is not None and not (Path(adapter) / CONFIG_NAME).is_file():
         raise ConfigError(f"--adapter {adapter}: no {CONFIG_NAME} there; give the output dir of `asymlora train` "
                           "or one of its checkpoint-N dirs")
+    if quantization == "auto":  # the adapter's training config's, else a float base
+        quantization = (trained_config(adapter).get("model") or {}).get("quantization") if adapter else None
     model_path, projector = base_for_adapter(str(adapter) if adapter else None, model, projector)
-    base, processor = load_model_and_processor(model_path, dtype, projector)
+    base, processor = load_model_and_processor(model_path, dtype, projector, quantization)
     loaded: Any = base
     base_modules: dict[str, dict[str, Any]] = {}
     if adapter is not None:
@@ -265,5 +267,6 @@ def load_pipeline(adapter: str | Path | None = None, model: str | None = None, p
             loaded = load(wrapped, adapter, is_trainable=False)
         else:
             loaded = load(base, adapter, is_trainable=False)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Pipeline(loaded.to(device).eval(), processor, str(adapter) if adapter else None, base_modules)
+    if not quantization:  # bitsandbytes placed a quantized base's weights when loading
+        loaded = loaded.to("cuda" if torch.cuda.is_available() else "cpu")
+    return Pipeline(loaded.eval(), processor, str(adapter) if adapter else None, base_modules)

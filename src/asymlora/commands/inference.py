@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.errors import AsymLoraError, ConfigError, DataError
+from asymlora.quantization import add_quantization_argument, parse_quantization
 
 CHAT_EXAMPLES = """\
 commands in the interactive loop (a line that is not a command is a question about the current image):
@@ -65,6 +66,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser, adapter_required: bool
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype to load the model in")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="the longest answer, in tokens")
+    add_quantization_argument(parser, "the adapter's training config's, else a float base")
+
+
+def _quantization(args: argparse.Namespace) -> Any:
+    """``--quantization`` as load_pipeline takes it: "auto" (the adapter's recorded one) when not given."""
+    return "auto" if args.quantization is None else parse_quantization(args.quantization)
 
 
 def _check_image(path: str | None, where: str = "--image") -> str | None:
@@ -83,7 +90,7 @@ def _chat(args: argparse.Namespace) -> int:
     from asymlora.inference import answer, check_task, load_pipeline
 
     image = _check_image(args.image)
-    pipe = load_pipeline(args.adapter, args.model, args.projector, args.dtype)
+    pipe = load_pipeline(args.adapter, args.model, args.projector, args.dtype, quantization=_quantization(args))
     task = args.task
     check_task(pipe.model, task, "--task")
 
@@ -144,7 +151,7 @@ def _predict(args: argparse.Namespace) -> int:
     for sample in samples:
         if sample.task is None:
             sample.task = args.task
-    pipe = load_pipeline(args.adapter, args.model, args.projector, args.dtype)
+    pipe = load_pipeline(args.adapter, args.model, args.projector, args.dtype, quantization=_quantization(args))
     problems = []
     for sample in samples:
         if sample.task is None and needs_task(pipe.model):
@@ -179,7 +186,8 @@ def _web(args: argparse.Namespace) -> int:
     from asymlora.inference import load_pipeline
     from asymlora.web import build_app, builtin_examples, launch
 
-    pipe = load_pipeline(args.adapter, args.model, args.projector, args.dtype, keep_base=True)
+    pipe = load_pipeline(args.adapter, args.model, args.projector, args.dtype, keep_base=True,
+                         quantization=_quantization(args))
     examples = builtin_examples(per_task=args.examples_per_task)
     app = build_app(pipe, examples, max_new_tokens=args.max_new_tokens)
     launch(app, host=args.host, port=args.port)
