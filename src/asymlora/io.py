@@ -100,6 +100,41 @@ def check_output_dir(path: str | os.PathLike[str], what: str = "--out", force: b
     return target
 
 
+@contextlib.contextmanager
+def replacing_dir(target: str | os.PathLike[str], force: bool = False, flag: str = "--out") -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``target``; once the block completes it becomes ``target``.
+
+    At every moment ``target`` is either what it was before or the complete new directory: the new one is
+    written under a hidden ``.<name>.tmp-*`` name and renamed in; an existing ``target`` (replaced only with
+    ``force``; ConfigError otherwise) is swapped with it in one atomic step where the OS can (Linux
+    ``renameat2``), else set aside as ``.<name>.old-*`` first, and deleted after. Leftovers of interrupted
+    attempts are cleaned first (:func:`clean_leftovers`). An error in the block removes the temporary dir.
+    One writer per ``target`` at a time: a second one would clean the first one's temporary dir."""
+    import shutil
+    import uuid
+
+    target = Path(target)
+    clean_leftovers(target)
+    check_output_dir(target, flag, force=force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 dirs
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not target.exists():
+        tmp.rename(target)
+    elif _exchange(tmp, target):  # target is the new dir, tmp the old one
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
