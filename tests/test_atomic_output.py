@@ -145,5 +145,5 @@ def test_export_needs_force_to_replace(saved, tmp_path, capsys):
             "--out", str(out)]
     assert main(args) == 0
     capsys.readouterr()
-    assert main(args) == 1 and "--force" in capsys.readouterr().err
+    assert main(args) == 2 and "--force" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0

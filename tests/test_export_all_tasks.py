@@ -97,7 +97,7 @@ def test_router_gated_adapter_is_refused_in_one_line(tmp_path, capsys, command):
     out = tmp_path / "served"
     capsys.readouterr()
     assert main([*command, "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
-                 "--out", str(out)]) == 1
+                 "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "learned router" in err and "per-token mixture of LoRAs" in err
     assert not out.exists()

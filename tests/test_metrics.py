@@ -414,7 +414,7 @@ def test_task_registry_covers_builtin_datasets() -> None:
 
     assert set(TASK_METRICS) == set(BUILDERS) == {"easyvqa", "fashion", "digits", "emoji", "ocr"}
     assert TASK_METRICS["ocr"] is character_error_rate
-    assert TASK_METRICS["emoji"] is rouge_l
+    assert TASK_METRICS["emoji"] is exact_match  # one category word (docs/datasets.md)
 
 
 def test_score_task() -> None:
@@ -428,7 +428,8 @@ def test_score_task() -> None:
     assert easy["metric"] == "vqa_match" and easy["vqa_match"] == pytest.approx(2 / 3)
     assert easy["exact_match"] == pytest.approx(1 / 3)  # "a circle" != "circle" without VQA normalisation
     assert score_task("digits", ["13."], ["13"])["exact_match"] == 1.0
-    assert score_task("emoji", ["b a"], ["a b"])["rouge_l"] == pytest.approx(0.5)
+    assert score_task("emoji", ["Animals."], ["animals"])["exact_match"] == 1.0
+    assert score_task("emoji", ["b a"], ["a b"], metric="rouge_l")["rouge_l"] == pytest.approx(0.5)
     assert score_task("custom", ["x"], ["x"], metric="first_word_match")["first_word_match"] == 1.0
     with pytest.raises(ValueError, match="no metric registered"):
         score_task("custom", ["x"], ["x"])

@@ -117,6 +117,6 @@ def test_first_items_per_task_compare_an_all_items_eval_with_a_shorter_one(tmp_p
     # the CLI: without --reference the table alone, from the first items
     assert main(["compare", str(full), str(short), "--out", str(tmp_path / "cli"), "--max-items-per-task", "2"]) == 0
     assert "| 0.600 | 0.900 |" in (tmp_path / "cli" / "compare.md").read_text()  # (0.5 + 0.7) / 2, (1 + 0.8) / 2
-    assert main(["compare", str(full), str(short), "--out", str(tmp_path / "zero"), "--max-items-per-task", "0"]) == 1
+    assert main(["compare", str(full), str(short), "--out", str(tmp_path / "zero"), "--max-items-per-task", "0"]) == 2
     assert "--max-items-per-task: 0 must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "zero").exists()

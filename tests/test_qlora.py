@@ -138,7 +138,7 @@ def test_4bit_base_trains_saves_reloads_exports_and_merges(model_dir, tmp_path, 
     assert {p.name for p in (tmp_path / "peft").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
 
     capsys.readouterr()
-    assert main(["merge", *common, "--out", str(tmp_path / "merged")]) == 1
+    assert main(["merge", *common, "--out", str(tmp_path / "merged")]) == 2
     err = capsys.readouterr().err
     assert "4-bit" in err and "--dequantize" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "merged").exists()

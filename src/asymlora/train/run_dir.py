@@ -1,8 +1,9 @@
 """One run per output dir: `RunDir` guards ``training.output_dir`` for the run about to train in it.
 
 * A dir holds a run when it has a ``train_config.yaml``, a ``checkpoint-N`` dir or a final adapter. A run
-  whose config differs from the recorded one (:func:`~asymlora.train.checkpoints.config_differences`: the
-  checkpoint cadence, logging and ``resume`` aside; a run without a recorded config counts as different)
+  whose config differs from the recorded one (the dir's, else its newest checkpoint's;
+  :func:`~asymlora.train.checkpoints.config_differences`: the checkpoint cadence, logging and ``resume``
+  aside; a run without a recorded config counts as different)
   is refused with a ConfigError naming the dir and the differing keys, unless the config says
   ``replace_run: true``: the old run is then moved, whole, to ``<output_dir>.replaced-N`` (the first free
   N) right before training begins. Nothing is deleted.
@@ -54,6 +55,10 @@ class RunDir:
         self.replace = False
         if self._existed and holds_run(self.out):
             recorded = read_run_config(self.out)
+            for checkpoint in checkpoints(self.out) if recorded is None else []:
+                recorded = read_run_config(checkpoint)  # no run-level record (checkpoints copied in): the
+                if recorded is not None:               # newest checkpoint's config stands for the run
+                    break
             differences = ["its train_config.yaml is missing"] if recorded is None else \
                 config_differences(recorded, config)
             if differences:
