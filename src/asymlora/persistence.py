@@ -13,7 +13,8 @@ before any merge. Loading compares them with the model's own (to a relative :dat
 loading in bfloat16 or float16 an adapter saved on float32 weights matches) and warns, naming both models,
 where they differ: the layers' shapes are checked exactly anyway, so the samples tell apart models of the
 same architecture with other weights. Reading them costs a few scalar reads, whatever the model's size.
-Weights that are sharded (FSDP ``DTensor``, DeepSpeed ZeRO-3) or on the meta device are not sampled; where
+Weights that are sharded (FSDP ``DTensor``, DeepSpeed ZeRO-3), packed (a bitsandbytes 4/8-bit base) or on the
+meta device are not sampled; where
 either side has no samples the recorded ``name_or_path`` is compared instead.
 """
 
@@ -71,8 +72,8 @@ def adapter_manifest(config: AsymLoraConfig, base_model: nn.Module, family: Fami
 
 
 def base_weight_samples(layers: dict[str, AsymLoraLinear]) -> list[float] | None:
-    """A few values of the adapted layers' base weights (before any merge), or None where a weight is sharded
-    or not materialised; see the module docstring."""
+    """A few values of the adapted layers' base weights (before any merge), or None where a weight is sharded,
+    not materialised or quantized (packed integers); see the module docstring."""
     names = sorted(layers)
     if not names:
         return None
@@ -83,7 +84,7 @@ def base_weight_samples(layers: dict[str, AsymLoraLinear]) -> list[float] | None
         layer = layers[name]
         weight = layer._base_backup if layer.merged_task is not None else layer.base_layer.weight
         if (weight is None or hasattr(weight, "device_mesh") or hasattr(weight, "ds_id") or weight.is_meta
-                or weight.numel() == 0):
+                or weight.numel() == 0 or not weight.is_floating_point()):  # sharded, or packed (bitsandbytes)
             return None
         flat = weight.detach().reshape(-1)
         positions = [(k * 2_654_435_761) % flat.numel() for k in range(1, SAMPLES_PER_LAYER + 1)]
