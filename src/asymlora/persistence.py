@@ -14,8 +14,8 @@ loading in bfloat16 or float16 an adapter saved on float32 weights matches) and 
 where they differ: the layers' shapes are checked exactly anyway, so the samples tell apart models of the
 same architecture with other weights. Reading them costs a few scalar reads, whatever the model's size.
 Weights that are sharded (FSDP ``DTensor``, DeepSpeed ZeRO-3), packed (a bitsandbytes 4/8-bit base) or on the
-meta device are not sampled; where
-either side has no samples the recorded ``name_or_path`` is compared instead.
+meta device are not sampled; where either side has no samples the recorded ``name_or_path`` is compared
+instead.
 """
 
 from __future__ import annotations
