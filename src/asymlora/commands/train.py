@@ -6,28 +6,10 @@ import argparse
 from typing import Any
 
 from asymlora.errors import NonFiniteLossError
+from asymlora.train import config as train_config
 
-TRAIN_HELP = """One YAML file holds four sections and top-level keys::
-
-    model:    {path: default | LOCAL_HF_DIR, dtype: float32, projector: null | FILE.safetensors}
-    data:     {mixture: mix5 | FILE.yaml | {inline}, max_length: 1024, eval_split: val, ...}
-    adapter:  AsymLoraConfig fields (tasks default to the mixture's task names)
-    training: transformers.TrainingArguments fields (output_dir, learning_rate, bf16, ...)
-    projector_lr: 2.0e-5      # learning rate of modules_to_save (e.g. the projector); null = same as lr
-    router_lr: null           # learning rate of the routers and task biases; null = same as lr
-    loraplus_lr_ratio: null   # LoRA+: the B banks learn at lr * ratio (A at lr); null = same as lr
-    loss_average: tokens      # LM loss: mean over supervised tokens, or 'samples' (each sample's mean, then
-                              # the mean over samples: a one-word answer weighs as much as a long caption)
-    resume: false             # true = the newest complete checkpoint of this config in output_dir, or a path
-    replace_run: false        # true = move another run found in output_dir to <output_dir>.replaced-N
-                              # (otherwise a run of another config there is refused)
-
-Loss = LM loss (mean over supervised tokens only, across gradient accumulation and ranks; or over
-samples, with ``loss_average: samples``)
-+ adapter.balance_loss_weight * aux loss. Per-task LM loss, router entropy and expert load are
-logged every logging step. Every checkpoint holds the full adapter (asymlora's format), optimizer,
-scheduler, RNG and data position; resuming continues exactly.
-"""
+# The help shows the config schema as train/config.py documents it (its docstring after the first line).
+TRAIN_HELP = train_config.__doc__.split("\n", 2)[2]
 
 
 def _cli_train(args: argparse.Namespace) -> int:
