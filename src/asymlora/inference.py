@@ -241,7 +241,7 @@ def load_pipeline(adapter: str | Path | None = None, model: str | None = None, p
     import torch
 
     from asymlora.config import AsymLoraConfig
-    from asymlora.evaluate.run import base_for_adapter, trained_config
+    from asymlora.evaluate.run import base_for_adapter
     from asymlora.io import read_json
     from asymlora.loading import load_model_and_processor
     from asymlora.model import get_model, load
@@ -250,9 +250,8 @@ def load_pipeline(adapter: str | Path | None = None, model: str | None = None, p
     if adapter is not None and not (Path(adapter) / CONFIG_NAME).is_file():
         raise ConfigError(f"--adapter {adapter}: no {CONFIG_NAME} there; give the output dir of `asymlora train` "
                           "or one of its checkpoint-N dirs")
-    if quantization == "auto":  # the adapter's training config's, else a float base
-        quantization = (trained_config(adapter).get("model") or {}).get("quantization") if adapter else None
-    model_path, projector = base_for_adapter(str(adapter) if adapter else None, model, projector)
+    model_path, projector, quantization = base_for_adapter(str(adapter) if adapter else None, model, projector,
+                                                           quantization)
     base, processor = load_model_and_processor(model_path, dtype, projector, quantization)
     loaded: Any = base
     base_modules: dict[str, dict[str, Any]] = {}

@@ -71,6 +71,12 @@ def parse_quantization(text: str | None, flag: str = "--quantization") -> dict[s
     return check_quantization(value, source=flag, field="quantization")
 
 
+def quantization_argument(text: str | None) -> Any:
+    """``--quantization`` as the loaders take it: ``"auto"`` (the option the adapter's training config
+    records) when the flag is absent, else :func:`parse_quantization`'s value."""
+    return "auto" if text is None else parse_quantization(text)
+
+
 def add_quantization_argument(parser: argparse.ArgumentParser, default_help: str = "a float base") -> None:
     """Add ``--quantization`` to a command that loads a base model (eval, analyze, chat, predict)."""
     parser.add_argument(

@@ -8,7 +8,7 @@ from typing import Any
 
 from asymlora.analyze import run as analysis
 from asymlora.io import check_output_dir
-from asymlora.quantization import add_quantization_argument, parse_quantization
+from asymlora.quantization import add_quantization_argument, quantization_argument
 
 
 def _cli_analyze(args: argparse.Namespace) -> int:
@@ -17,7 +17,7 @@ def _cli_analyze(args: argparse.Namespace) -> int:
                           mixture=args.mixture, tasks=args.tasks, split=args.split,
                           samples_per_task=args.samples_per_task, batch_size=args.batch_size,
                           max_length=args.max_length, seed=args.seed, dtype=args.dtype,
-                          quantization="auto" if args.quantization is None else parse_quantization(args.quantization))
+                          quantization=quantization_argument(args.quantization))
     print(Path(args.out, "analysis.md").read_text(encoding="utf-8"))
     names = ["analysis.json", "analysis.md", "grad_cosine.png"]
     if result.get("routing_stats"):

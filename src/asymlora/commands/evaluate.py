@@ -10,7 +10,7 @@ from typing import Any
 from asymlora.errors import ConfigError
 from asymlora.evaluate import run as evaluation
 from asymlora.io import check_output_dir
-from asymlora.quantization import add_quantization_argument, parse_quantization
+from asymlora.quantization import add_quantization_argument, quantization_argument
 
 
 def _cli_eval(args: argparse.Namespace) -> int:
@@ -19,7 +19,7 @@ def _cli_eval(args: argparse.Namespace) -> int:
 
     start = time.time()
     out = check_output_dir(args.out, "--out")
-    quantization = "auto" if args.quantization is None else parse_quantization(args.quantization)
+    quantization = quantization_argument(args.quantization)
     model, processor, adapter_tasks = evaluation.load_for_eval(args.model, args.projector, args.adapter, args.merge_task,
                                                     args.dtype, quantization)
     setup = {"model": args.model, "projector": args.projector, "adapter": args.adapter,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.errors import AsymLoraError, ConfigError, DataError
-from asymlora.quantization import add_quantization_argument, parse_quantization
+from asymlora.quantization import add_quantization_argument, quantization_argument
 
 CHAT_EXAMPLES = """\
 commands in the interactive loop (a line that is not a command is a question about the current image):
@@ -69,11 +69,6 @@ def _add_model_arguments(parser: argparse.ArgumentParser, adapter_required: bool
     add_quantization_argument(parser, "the adapter's training config's, else a float base")
 
 
-def _quantization(args: argparse.Namespace) -> Any:
-    """``--quantization`` as load_pipeline takes it: "auto" (the adapter's recorded one) when not given."""
-    return "auto" if args.quantization is None else parse_quantization(args.quantization)
-
-
 def _check_image(path: str | None, where: str = "--image") -> str | None:
     if path is None or path.lower() == "none":
         return None
@@ -90,7 +85,7 @@ def _chat(args: argparse.Namespace) -> int:
     from asymlora.inference import answer, check_task, load_pipeline
 
     image = _check_image(args.image)
-    pipe = load_pipeline(args.adapter, args.model, args.projector, args.dtype, quantization=_quantization(args))
+    pipe = load_pipeline(args.adapter, args.model, args.projector, args.dtype, quantization=quantization_argument(args.quantization))
     task = args.task
     check_task(pipe.model, task, "--task")
 
@@ -151,7 +146,7 @@ def _predict(args: argparse.Namespace) -> int:
     for sample in samples:
         if sample.task is None:
             sample.task = args.task
-    pipe = load_pipeline(args.adapter, args.model, args.projector, args.dtype, quantization=_quantization(args))
+    pipe = load_pipeline(args.adapter, args.model, args.projector, args.dtype, quantization=quantization_argument(args.quantization))
     problems = []
     for sample in samples:
         if sample.task is None and needs_task(pipe.model):
@@ -187,7 +182,7 @@ def _web(args: argparse.Namespace) -> int:
     from asymlora.web import build_app, builtin_examples, launch
 
     pipe = load_pipeline(args.adapter, args.model, args.projector, args.dtype, keep_base=True,
-                         quantization=_quantization(args))
+                         quantization=quantization_argument(args.quantization))
     examples = builtin_examples(per_task=args.examples_per_task)
     app = build_app(pipe, examples, max_new_tokens=args.max_new_tokens)
     launch(app, host=args.host, port=args.port)

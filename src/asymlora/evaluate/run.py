@@ -49,17 +49,18 @@ def trained_config(adapter: str | Path) -> dict[str, Any]:
     return values
 
 
-def base_for_adapter(adapter: str | Path | None, model: str | None = None,
-                     projector: str | None = None) -> tuple[str, str | None]:
-    """(base model, projector) to load under ``adapter``: ``model`` and ``projector`` where given, else the
-    ones in the adapter's training config (:func:`trained_config`), else the default model without a
-    projector. ``model`` is a name of :func:`asymlora.loading.resolve_model_dir` ('default', 'tiny') or a
-    local dir."""
-    if adapter:
-        trained = trained_config(adapter).get("model") or {}
-        model = model if model is not None else trained.get("path")
-        projector = projector if projector is not None else trained.get("projector")
-    return model or "default", projector
+def base_for_adapter(adapter: str | Path | None, model: str | None = None, projector: str | None = None,
+                     quantization: Any = "auto") -> tuple[str, str | None, Any]:
+    """(base model, projector, quantization) to load under ``adapter``: ``model`` and ``projector`` where
+    given and ``quantization`` unless ``"auto"``, else the ones in the adapter's training config
+    (:func:`trained_config`), else the default model without a projector, in float. ``model`` is a name of
+    :func:`asymlora.loading.resolve_model_dir` ('default', 'tiny') or a local dir."""
+    trained = (trained_config(adapter).get("model") or {}) if adapter else {}
+    model = model if model is not None else trained.get("path")
+    projector = projector if projector is not None else trained.get("projector")
+    if quantization == "auto":
+        quantization = trained.get("quantization")
+    return model or "default", projector, quantization
 
 
 def load_for_eval(model: str | None = None, projector: str | None = None, adapter: str | None = None,
@@ -73,9 +74,7 @@ def load_for_eval(model: str | None = None, projector: str | None = None, adapte
     option."""
     from asymlora.loading import load_model_and_processor
 
-    if quantization == "auto":
-        quantization = (trained_config(adapter).get("model") or {}).get("quantization") if adapter else None
-    model, projector = base_for_adapter(adapter, model, projector)
+    model, projector, quantization = base_for_adapter(adapter, model, projector, quantization)
     base, processor = load_model_and_processor(model, dtype, projector, quantization)
     tasks: list[str] = []
     if adapter:
