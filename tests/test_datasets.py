@@ -224,7 +224,7 @@ def test_ocr_with_system_fonts(small_root: Path) -> None:
         for r in load_split("ocr", split, small_root):
             text = r["conversations"][1]["value"]
             assert text in words
-    assert len(words) == len(ocr.WORDS) == 40
+    assert len(words) == len(ocr.WORDS) == 12
     rng = np.random.default_rng(0)
     image = ocr.render("Hello", fonts[0], rng)
     assert (

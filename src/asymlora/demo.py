@@ -28,7 +28,7 @@ PRESET = Path(__file__).resolve().parent / "configs" / "default_asymlora.yaml"
 METHOD = "asymlora"
 MARGIN = 0.10  # how far "after" must beat the majority answer and the shuffled control
 MAX_NEW_TOKENS = 8  # the built-in answers are a word or two
-DEMO_STEPS, DEMO_BATCH, DEMO_LR = 120, 8, 1e-3
+DEMO_STEPS, DEMO_BATCH, DEMO_LR = 200, 8, 1e-3
 DEMO_ASSETS = ("smollm2", "gguf", "dinov2", "onnx", "ml_dtypes", "protobuf", "easyvqa", "mnist", "fashion",
                "twemoji")
 

@@ -42,7 +42,7 @@ from asymlora.io import read_json, write_json_atomic
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # Bump when the output of any builder changes for the same seed and sizes: old builds are then rebuilt.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 TOP_ANSWERS = 10
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
