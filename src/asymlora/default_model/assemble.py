@@ -229,6 +229,19 @@ def save_projector(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
+def state_mismatches(state: dict[str, Any], expected: dict[str, Any], source: str,
+                     limit: int | None = None) -> str | None:
+    """How ``state`` fails to fit ``expected`` (missing and unexpected keys, shape mismatches, each list cut
+    to ``limit`` items), or None when it fits; ``source`` names ``state``'s side in a shape mismatch."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: {source} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if not (missing or unexpected or shapes):
+        return None
+    return f"missing {missing[:limit]}, unexpected {unexpected[:limit]}, shape mismatches {shapes[:limit]}"
+
+
 def load_projector(model: nn.Module, path: str | Path) -> None:
     """Load projector weights from a safetensors file into ``model`` (strict: every key, every shape).
 
@@ -245,13 +258,9 @@ def load_projector(model: nn.Module, path: str | Path) -> None:
     loaded = {(k.split(marker, 1)[1] if marker in k else k): v for k, v in load_file(str(path)).items()}
     projector = find_projector(model)
     expected = projector.state_dict()
-    missing = sorted(set(expected) - set(loaded))
-    unexpected = sorted(set(loaded) - set(expected))
-    shapes = [f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(loaded) & set(expected)) if loaded[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"{path}: does not fit the model's projector: missing {missing}, "
-                              f"unexpected {unexpected}, shape mismatches {shapes}")
+    problem = state_mismatches(loaded, expected, "file")
+    if problem:
+        raise CheckpointError(f"{path}: does not fit the model's projector: {problem}")
     projector.load_state_dict({k: v.to(dtype=expected[k].dtype, device=expected[k].device)
                                for k, v in loaded.items()}, strict=True)
 

